@@ -1,0 +1,5 @@
+import sys
+
+from megavictor.cli import main
+
+sys.exit(main())

@@ -1,0 +1,17 @@
+"""`megavictor bench <what>`: each benchmark prints a human table and one JSON object as its last stdout line."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHES: dict[str, str] = {
+    "loader": "megavictor.data.bench",
+}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in BENCHES:
+        print(f"usage: megavictor bench {{{','.join(BENCHES)}}} [args]", file=sys.stderr)
+        return 2
+    return int(importlib.import_module(BENCHES[argv[0]]).main(argv[1:]) or 0)

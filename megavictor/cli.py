@@ -1,0 +1,36 @@
+"""`megavictor <verb>`: one command, one verb per job. Each verb lives in its own module and takes its argv."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# verb -> (module, help). Modules are imported only when their verb runs, so `megavictor plan` stays light.
+VERBS: dict[str, tuple[str, str]] = {
+    "plan": ("megavictor.plan", "pipeline stage split and predicted per-stage cost (even vs balanced)"),
+    "prep": ("data_prep.cli", "turn image-text data into WebDataset shards"),
+    "bench": ("megavictor.bench", "benchmarks (loader, ...) printing a JSON line last"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: megavictor <verb> [args]", "", "verbs:"]
+    lines += [f"  {verb:<8} {help_}" for verb, (_, help_) in VERBS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        print(f"megavictor: unknown verb {verb!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(VERBS[verb][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

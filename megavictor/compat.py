@@ -1,0 +1,83 @@
+"""CPU compatibility for megatron-core 0.16.x: the one place where we work around its CUDA assumptions.
+
+megatron-core has no CPU path. On a machine without CUDA, `enable_cpu_compat()` makes the pieces we use run on
+CPU tensors with the gloo backend, and does nothing where CUDA exists:
+
+- `torch.cuda.current_device()` returns "cpu" (p2p_communication allocates receive buffers and shape tensors
+  on it) and `torch.cuda.synchronize()` is a no-op.
+- The tensor-parallel RNG tracker (`tensor_parallel.random`) keeps CPU generator states instead of CUDA ones, so
+  `model_parallel_cuda_manual_seed`, `get_cuda_rng_tracker().fork()` and activation checkpointing work.
+- A `TorchFunctionMode` maps a literal CUDA device to the CPU: `schedules.py` builds `torch.zeros(...,
+  device="cuda")`, `CLIPViTModel` calls `.cuda()` on its position ids.
+
+Everything else in megavictor is device-agnostic; `tests/test_compat.py` pins each workaround down, so that a
+megatron-core upgrade that removes (or adds) a CUDA assumption shows up as a test failure here.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_lock = threading.Lock()
+_mode: "_CudaDeviceToCpu | None" = None
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, int) and not isinstance(device, bool)  # a bare index means a CUDA device
+
+
+class _CudaDeviceToCpu(TorchFunctionMode):
+    """Rewrites CUDA devices to the CPU in factory calls, `Tensor.to` and `Tensor.cuda`."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs = {**kwargs, "device": "cpu"}
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+def _cpu_get_rng_state(*_args: Any, clone: bool = False, **_kwargs: Any) -> torch.Tensor:
+    state = torch.get_rng_state()
+    return state.clone() if clone else state
+
+
+def _cpu_set_rng_state(new_state: torch.Tensor, *_args: Any, **_kwargs: Any) -> None:
+    torch.set_rng_state(new_state)
+
+
+def cpu_compat_active() -> bool:
+    return _mode is not None
+
+
+def enable_cpu_compat() -> bool:
+    """Install the CPU workarounds once per process when CUDA is absent; returns whether they are active."""
+    global _mode
+    if torch.cuda.is_available():
+        return False
+    with _lock:
+        if _mode is not None:
+            return True
+        from megatron.core.tensor_parallel import random as tp_random
+
+        torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+        torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
+        torch.cuda.get_rng_state = _cpu_get_rng_state  # type: ignore[assignment]
+        torch.cuda.set_rng_state = _cpu_set_rng_state  # type: ignore[assignment]
+        torch.cuda.manual_seed = torch.manual_seed  # type: ignore[assignment]
+        tp_random._get_cuda_rng_state = _cpu_get_rng_state
+        tp_random._set_cuda_rng_state = _cpu_set_rng_state
+        _mode = _CudaDeviceToCpu()
+        _mode.__enter__()
+    return True

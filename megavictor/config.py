@@ -1,0 +1,322 @@
+"""Typed run configuration: dataclasses, loaded from YAML, with dotted command-line overrides.
+
+Every section mirrors one YAML mapping (`model:`, `victor:`, ...). Unknown keys and inconsistent values raise
+`ConfigError` with a one-line message that names the offending key, before any process group or model exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, mistyped or inconsistent; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    """The LLaMA-style language decoder (RMSNorm, SwiGLU, RoPE, untied output layer)."""
+
+    num_layers: int = 4
+    hidden_size: int = 64
+    ffn_hidden_size: int = 176
+    num_attention_heads: int = 4
+    num_query_groups: int | None = None  # GQA groups; None means one per head (MHA)
+    vocab_size: int = 512
+    rotary_base: float = 10000.0
+    norm_epsilon: float = 1e-5
+    init_method_std: float = 0.02
+
+
+@dataclass
+class VisionConfig:
+    """A CLIP-style ViT on RGB images (pre-LayerNorm, class token, learned positions) + the LLaVA-1.5 projector.
+
+    The visual tokens handed to the LLM are the last ViT layer's patch outputs (class token dropped). To mirror
+    LLaVA's `vision_feature_layer=-2`, build the ViT with one layer fewer than the checkpoint has.
+    """
+
+    image_size: int = 32
+    patch_size: int = 8
+    num_layers: int = 2
+    hidden_size: int = 48
+    ffn_hidden_size: int = 192
+    num_attention_heads: int = 4
+    activation: str = "quick_gelu"  # quick_gelu (CLIP) | gelu
+    norm_epsilon: float = 1e-5
+    freeze: bool = True
+
+    @property
+    def num_visual_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class VictorConfig:
+    """Visual Compact Token Registers: R learnable registers after each image, visual tokens dropped at layer k."""
+
+    enabled: bool = True
+    num_registers: int = 8
+    drop_layer: int = 3
+    mask: str = "causal"  # causal | text_blind (text may not attend visual tokens in layers < k)
+
+    @property
+    def registers_per_image(self) -> int:
+        """Register slots the data pipeline reserves after each image (0 for the plain LLaVA baseline)."""
+        return self.num_registers if self.enabled else 0
+
+
+@dataclass
+class ParallelConfig:
+    """Model-parallel layout; data parallel is whatever is left of the world size."""
+
+    tp: int = 1
+    pp: int = 1
+    pp_split: str | list[int] = "even"  # even | balanced | explicit per-stage layer counts
+    sequence_parallel: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Where the WebDataset shards are and how samples are packed into sequences."""
+
+    path: str = "data/digits"
+    train_split: str = "vqa_train"
+    val_split: str = "vqa_val"
+    test_split: str = "vqa_test"
+    tokenizer: str | None = None  # HF tokenizer dir; None: the one stored beside the shards
+    prompt_format: str = "v1"  # plain (stage 1 captions) | v1 (stage 2 conversations)
+    seq_length: int = 256
+    text_length: int = 64  # typical text tokens per image sample; used by the pipeline cost model
+    micro_batch_size: int = 1
+    num_workers: int = 0
+    shuffle_buffer: int = 256
+    pack_buffer: int = 64
+    seed: int = 1234
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and run-directory settings."""
+
+    run_dir: str = "runs/default"
+    max_steps: int = 10
+    global_batch_size: int = 4  # packed sequences per optimizer step
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    seed: int = 1234
+    stage: int = 2  # LLaVA stage: 1 trains projector + registers, 2 also the LLM
+    init_from: str | None = None
+    save_interval: int = 0
+    keep_last: int = 2
+    eval_interval: int = 0
+    precision: str = "fp32"  # fp32 | bf16
+    fp8: str | None = None  # None | hybrid | e4m3 (Transformer Engine, GPU only)
+    attention_backend: str = "local"  # local (megatron-core layers) | te (Transformer Engine, GPU only)
+    recompute: str | None = None  # None | selective
+
+
+@dataclass
+class LogConfig:
+    wandb: bool = True
+    project: str = "megavictor"
+    log_interval: int = 1
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    victor: VictorConfig = field(default_factory=VictorConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> Any:
+    """Coerce `value` to the field's annotated type (int -> float allowed) or raise naming `key`."""
+    hints = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if value is None:
+        if type(None) in hints:
+            return None
+        raise ConfigError(f"{key}: null is not allowed (expected {_type_name(annotation)})")
+    for hint in hints:
+        origin = typing.get_origin(hint)
+        if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if hint is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if hint is bool and isinstance(value, bool):
+            return value
+        if hint is str and isinstance(value, str):
+            return value
+        if origin is list and isinstance(value, list):
+            (item,) = typing.get_args(hint)
+            return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(annotation)}")
+
+
+def _type_name(annotation: Any) -> str:
+    return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _apply(section: Any, values: dict[str, Any], prefix: str) -> None:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix}: expected a mapping, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    hints = typing.get_type_hints(type(section))
+    for name, value in values.items():
+        key = f"{prefix}.{name}"
+        if name not in fields:
+            raise ConfigError(f"unknown key {key} (known: {', '.join(sorted(fields))})")
+        setattr(section, name, _check_type(key, value, hints[name]))
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    cfg = Config()
+    sections = {f.name for f in dataclasses.fields(Config)}
+    for name, values in (data or {}).items():
+        if name not in sections:
+            raise ConfigError(f"unknown key {name} (known sections: {', '.join(sorted(sections))})")
+        _apply(getattr(cfg, name), values, name)
+    return cfg
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ["victor.num_registers=16", "parallel.tp=2"] into a nested dict; values are parsed as YAML."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(f"override key {dotted!r} must be section.key (e.g. parallel.tp=2)")
+        nested.setdefault(parts[0], {})[parts[1]] = yaml.safe_load(raw) if raw.strip() else None
+    return nested
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for section, values in extra.items():
+        if isinstance(out.get(section), dict) and isinstance(values, dict):
+            out[section].update(values)
+        else:
+            out[section] = values
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML recipe (or the defaults), apply dotted overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    cfg = config_from_dict(_merge(data, parse_overrides(overrides or [])))
+    validate(cfg)
+    return cfg
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Check cross-field consistency; with `world_size`, also that tp x pp divides it."""
+    m, v, vi, p, d, t = cfg.model, cfg.vision, cfg.victor, cfg.parallel, cfg.data, cfg.train
+    for key, value in [
+        ("model.num_layers", m.num_layers), ("model.hidden_size", m.hidden_size),
+        ("model.ffn_hidden_size", m.ffn_hidden_size), ("model.num_attention_heads", m.num_attention_heads),
+        ("model.vocab_size", m.vocab_size), ("vision.num_layers", v.num_layers),
+        ("vision.hidden_size", v.hidden_size), ("vision.num_attention_heads", v.num_attention_heads),
+        ("vision.ffn_hidden_size", v.ffn_hidden_size), ("parallel.tp", p.tp), ("parallel.pp", p.pp),
+        ("data.seq_length", d.seq_length), ("data.micro_batch_size", d.micro_batch_size),
+        ("train.global_batch_size", t.global_batch_size),
+    ]:
+        _require(value >= 1, f"{key}={value} must be >= 1")
+    _require(m.hidden_size % m.num_attention_heads == 0,
+             f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}")
+    groups = m.num_query_groups or m.num_attention_heads
+    _require(m.num_attention_heads % groups == 0,
+             f"model.num_query_groups={groups} does not divide model.num_attention_heads={m.num_attention_heads}")
+    _require(v.hidden_size % v.num_attention_heads == 0,
+             f"vision.hidden_size={v.hidden_size} is not divisible by vision.num_attention_heads={v.num_attention_heads}")
+    _require(v.image_size % v.patch_size == 0,
+             f"vision.image_size={v.image_size} is not divisible by vision.patch_size={v.patch_size}")
+    _require(v.activation in ("quick_gelu", "gelu"), f"vision.activation={v.activation!r} must be quick_gelu or gelu")
+
+    # Tensor parallel: every split dimension must divide.
+    for key, value in [
+        ("model.num_attention_heads", m.num_attention_heads), ("model.num_query_groups", groups),
+        ("model.ffn_hidden_size", m.ffn_hidden_size), ("model.vocab_size", m.vocab_size),
+        ("vision.num_attention_heads", v.num_attention_heads), ("vision.ffn_hidden_size", v.ffn_hidden_size),
+    ]:
+        _require(value % p.tp == 0, f"{key}={value} is not divisible by parallel.tp={p.tp}")
+
+    # Pipeline parallel.
+    _require(p.pp <= m.num_layers, f"parallel.pp={p.pp} is larger than model.num_layers={m.num_layers}")
+    if isinstance(p.pp_split, str):
+        _require(p.pp_split in ("even", "balanced"),
+                 f"parallel.pp_split={p.pp_split!r} must be even, balanced or a list of per-stage layer counts")
+    else:
+        _require(len(p.pp_split) == p.pp,
+                 f"parallel.pp_split has {len(p.pp_split)} entries but parallel.pp={p.pp}")
+        _require(all(n >= 1 for n in p.pp_split), f"parallel.pp_split={p.pp_split}: every stage needs >= 1 layer")
+        _require(sum(p.pp_split) == m.num_layers,
+                 f"parallel.pp_split={p.pp_split} sums to {sum(p.pp_split)}, not model.num_layers={m.num_layers}")
+    if world_size is not None:
+        _require(world_size % (p.tp * p.pp) == 0,
+                 f"parallel.tp={p.tp} x parallel.pp={p.pp} does not divide the world size {world_size}")
+
+    # Victor.
+    _require(vi.num_registers >= 0, f"victor.num_registers={vi.num_registers} must be >= 0")
+    _require(0 <= vi.drop_layer < m.num_layers,
+             f"victor.drop_layer={vi.drop_layer} must be in [0, model.num_layers={m.num_layers})")
+    _require(vi.mask in ("causal", "text_blind"), f"victor.mask={vi.mask!r} must be causal or text_blind")
+    _require(not (p.sequence_parallel and vi.enabled),
+             "parallel.sequence_parallel=true is not supported with victor.enabled=true yet "
+             "(the drop needs the whole sequence on each tensor-parallel rank)")
+
+    # Data and training.
+    image_slots = v.num_visual_tokens + vi.registers_per_image
+    _require(d.seq_length > image_slots,
+             f"data.seq_length={d.seq_length} must exceed one image's slots "
+             f"({v.num_visual_tokens} visual + {vi.registers_per_image} registers)")
+    _require(d.prompt_format in ("plain", "v1"), f"data.prompt_format={d.prompt_format!r} must be plain or v1")
+    _require(t.stage in (1, 2), f"train.stage={t.stage} must be 1 or 2")
+    _require(t.precision in ("fp32", "bf16"), f"train.precision={t.precision!r} must be fp32 or bf16")
+    _require(t.fp8 in (None, "hybrid", "e4m3"), f"train.fp8={t.fp8!r} must be null, hybrid or e4m3")
+    _require(t.attention_backend in ("local", "te"),
+             f"train.attention_backend={t.attention_backend!r} must be local or te")
+    _require(t.recompute in (None, "selective"),
+             f"train.recompute={t.recompute!r} must be null or selective (full recompute cannot carry the "
+             "per-micro-batch drop plan through megatron's checkpoint function)")
+    _require(t.max_steps >= 0, f"train.max_steps={t.max_steps} must be >= 0")

@@ -1,0 +1,68 @@
+"""`manifest.json`: the one file that says which tar shards of a prepared data set are complete.
+
+`megavictor prep` writes it last (atomically), so a directory without it is an unfinished prep run; the loader
+reads only the shards it lists. Shard names are relative to the directory holding the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "megavictor-shards/1"
+
+
+class DataError(ValueError):
+    """A prepared data set is missing, incomplete or inconsistent; the message names the file and the fix."""
+
+
+@dataclass
+class ShardEntry:
+    name: str  # path relative to the output root
+    split: str
+    samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    shards: list[ShardEntry]
+    source: dict[str, Any]
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
+    skipped_ids: dict[str, list[str]] = field(default_factory=dict)  # reason -> record ids
+    tokenizer: str | None = None  # HF tokenizer dir relative to the root, when prep built one
+    format: str = FORMAT
+
+    def split_shards(self, split: str) -> list[ShardEntry]:
+        """The shards of one split in write order; raises DataError naming the splits that exist."""
+        shards = [s for s in self.shards if s.split == split]
+        if not shards:
+            known = sorted({s.split for s in self.shards})
+            raise DataError(f"split {split!r} has no shards in this data set (splits: {', '.join(known) or 'none'})")
+        return shards
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, ensure_ascii=False) + "\n"
+
+    def save(self, root: Path) -> None:
+        """Write atomically (temp file + rename) so a crash never leaves a half-written manifest."""
+        tmp = root / (MANIFEST_NAME + ".tmp")
+        tmp.write_text(self.to_json(), encoding="utf-8")
+        os.replace(tmp, root / MANIFEST_NAME)
+
+
+def load_manifest(root: str | Path) -> Manifest:
+    path = Path(root) / MANIFEST_NAME
+    if not path.is_file():
+        raise DataError(f"{path} does not exist: {root} is not a prepared data set or its prep run did not finish "
+                        f"(run `megavictor prep digits --out {root}` or `megavictor prep llava ... --out {root}`)")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if data.get("format") != FORMAT:
+        raise DataError(f"{path}: format {data.get('format')!r} is not {FORMAT!r}; re-run megavictor prep")
+    data["shards"] = [ShardEntry(**s) for s in data["shards"]]
+    return Manifest(**data)

@@ -1,0 +1,90 @@
+"""Process-group setup: torch.distributed (nccl on GPU, gloo on CPU) and megatron's tp x pp x dp groups."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+from megavictor.compat import enable_cpu_compat
+from megavictor.config import ConfigError, validate
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """Where this process sits in the tp x pp x dp grid."""
+
+    world: int
+    rank: int
+    tp: int
+    pp: int
+    dp: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(tp: int, pp: int, seed: int, backend: str | None = None) -> ParallelDims:
+    """Initialise torch.distributed from the environment (torchrun, SLURM via submitit) or as a single process,
+    then megatron's model-parallel groups and RNG tracker."""
+    enable_cpu_compat()
+    if not dist.is_initialized():
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if "RANK" not in os.environ:  # a plain single process
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    world = dist.get_world_size()
+    if world % (tp * pp):
+        raise ConfigError(f"parallel.tp={tp} x parallel.pp={pp} does not divide the world size {world}")
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    model_parallel_cuda_manual_seed(seed)
+    return current_dims()
+
+
+def init_from_config(cfg) -> ParallelDims:
+    dims = init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed)
+    validate(cfg, world_size=dims.world)
+    return dims
+
+
+def current_dims() -> ParallelDims:
+    return ParallelDims(
+        world=dist.get_world_size(), rank=dist.get_rank(),
+        tp=parallel_state.get_tensor_model_parallel_world_size(),
+        pp=parallel_state.get_pipeline_model_parallel_world_size(),
+        dp=parallel_state.get_data_parallel_world_size(),
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+    )
+
+
+def shutdown() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,88 @@
+"""Where each parameter of the full (reference) model lives in a tensor- and pipeline-parallel `VictorVLM`.
+
+Full names are the reference model's (`decoder.layers.{global}`); a pipeline stage numbers its layers from 0.
+Tensor parallelism splits column-parallel weights on dim 0 and row-parallel ones on dim 1; the SwiGLU `linear_fc1`
+([gate; up]) is split per half, since each rank holds [gate_shard; up_shard]. Everything else is replicated.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+_DECODER_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_COLUMN = ("linear_qkv.weight", "linear_qkv.bias", "linear_fc1.weight", "linear_fc1.bias",
+           "word_embeddings.weight", "output_layer.weight")
+_ROW = ("linear_proj.weight", "linear_fc2.weight")
+
+
+def tp_split_dim(name: str) -> int | None:
+    if name.endswith(_COLUMN):
+        return 0
+    if name.endswith(_ROW):
+        return 1
+    return None
+
+
+def _is_swiglu(name: str) -> bool:
+    return name.startswith("decoder.") and ".mlp.linear_fc1." in name
+
+
+def shard(name: str, full: torch.Tensor, tp_rank: int, tp: int) -> torch.Tensor:
+    """This tensor-parallel rank's piece of a full parameter."""
+    dim = tp_split_dim(name)
+    if dim is None or tp == 1:
+        return full
+    if _is_swiglu(name):
+        return torch.cat([half.chunk(tp, dim=0)[tp_rank] for half in full.chunk(2, dim=0)], dim=0)
+    return full.chunk(tp, dim=dim)[tp_rank]
+
+
+def unshard(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
+    """Inverse of `shard`: the full parameter from all tensor-parallel ranks' pieces (in rank order)."""
+    dim = tp_split_dim(name)
+    if dim is None or len(shards) == 1:
+        return shards[0]
+    if _is_swiglu(name):
+        halves = [s.chunk(2, dim=0) for s in shards]
+        return torch.cat([torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])], dim=0)
+    return torch.cat(shards, dim=dim)
+
+
+def stage_offsets(layers_per_stage: list[int]) -> list[int]:
+    offsets = [0]
+    for n in layers_per_stage[:-1]:
+        offsets.append(offsets[-1] + n)
+    return offsets
+
+
+def full_name(local_name: str, layer_offset: int) -> str:
+    """A stage-local parameter name -> the full model's name."""
+    return _DECODER_LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + layer_offset}.", local_name)
+
+
+def local_name(name: str, layer_offset: int, num_layers: int) -> str | None:
+    """The full model's name -> this stage's name, or None when the stage does not hold that decoder layer."""
+    match = _DECODER_LAYER.match(name)
+    if match is None:
+        return name
+    index = int(match.group(1)) - layer_offset
+    if not 0 <= index < num_layers:
+        return None
+    return _DECODER_LAYER.sub(f"decoder.layers.{index}.", name)
+
+
+def load_full_state(model: torch.nn.Module, full: dict[str, torch.Tensor], tp_rank: int, tp: int,
+                    layer_offset: int) -> None:
+    """Copy a full state dict into one stage/rank of a parallel model; every local parameter must be covered."""
+    params = dict(model.named_parameters())
+    for name, param in params.items():
+        source = full.get(full_name(name, layer_offset))
+        if source is None:
+            raise KeyError(f"no full parameter for {name} (as {full_name(name, layer_offset)})")
+        piece = shard(full_name(name, layer_offset), source, tp_rank, tp)
+        if piece.shape != param.shape:
+            raise ValueError(f"{name}: full-model shard has shape {tuple(piece.shape)}, model has {tuple(param.shape)}")
+        with torch.no_grad():
+            param.copy_(piece)

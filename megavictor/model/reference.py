@@ -1,0 +1,208 @@
+"""A plain, single-process PyTorch twin of `VictorVLM`: same parameter names and layouts, no megatron.
+
+Parameter names are those of the unsharded megatron model (`decoder.layers.{global index}...`), with megatron's
+fused layouts: `linear_qkv` rows grouped per query group as [q heads of the group, k, v], `linear_fc1` of the
+SwiGLU MLP as [gate; up]. `megavictor.model.layout` maps these to and from tensor/pipeline-parallel shards.
+Used to check the parallel model numerically, and as the base of the HF export and the DeepSpeed engine.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megavictor.config import Config
+from megavictor.model.batch import VictorBatch
+from megavictor.model.victor import DropPlan, build_drop_plan, scatter_image_slots
+
+MASKED_SCORE = -10000.0  # megatron's attention_mask_func fill value
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_angles(position_ids: torch.Tensor, head_dim: int, base: float) -> torch.Tensor:
+    """[B, S] -> [B, S, 1, head_dim] angles, halves duplicated (non-interleaved RoPE)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    freqs = position_ids.float()[..., None] * inv_freq.to(position_ids.device)
+    return torch.cat((freqs, freqs), dim=-1).unsqueeze(2)
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden: int, heads: int, groups: int, bias: bool) -> None:
+        super().__init__()
+        self.heads, self.groups, self.head_dim = heads, groups, hidden // heads
+        self.linear_qkv = nn.Linear(hidden, (heads + 2 * groups) * self.head_dim, bias=bias)
+        self.linear_proj = nn.Linear(hidden, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, rope: torch.Tensor | None) -> torch.Tensor:
+        b, s, _ = x.shape
+        per_group = self.heads // self.groups
+        qkv = self.linear_qkv(x).view(b, s, self.groups, (per_group + 2) * self.head_dim)
+        q, k, v = qkv.split([per_group * self.head_dim, self.head_dim, self.head_dim], dim=-1)
+        q = q.reshape(b, s, self.heads, self.head_dim)
+        k = k.repeat_interleave(per_group, dim=2)
+        v = v.repeat_interleave(per_group, dim=2)
+        if rope is not None:
+            q = q * rope.cos() + rotate_half(q) * rope.sin()
+            k = k * rope.cos() + rotate_half(k) * rope.sin()
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(self.head_dim)
+        if mask is not None:
+            scores = scores.masked_fill(mask, MASKED_SCORE)
+        out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(dim=-1), v)
+        return self.linear_proj(out.reshape(b, s, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, ffn: int, gated: bool, bias: bool, activation, out: int | None = None) -> None:
+        super().__init__()
+        self.gated, self.activation = gated, activation
+        self.linear_fc1 = nn.Linear(hidden, ffn * (2 if gated else 1), bias=bias)
+        self.linear_fc2 = nn.Linear(ffn, out or hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.linear_fc1(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = self.activation(gate) * up
+        else:
+            h = self.activation(h)
+        return self.linear_fc2(h)
+
+
+class Layer(nn.Module):
+    """Pre-norm transformer layer with megatron's submodule names."""
+
+    def __init__(self, hidden: int, ffn: int, heads: int, groups: int, norm, gated: bool, bias: bool,
+                 activation) -> None:
+        super().__init__()
+        self.input_layernorm = norm()
+        self.self_attention = Attention(hidden, heads, groups, bias)
+        self.pre_mlp_layernorm = norm()
+        self.mlp = MLP(hidden, ffn, gated, bias, activation)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, rope: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.self_attention(self.input_layernorm(x), mask, rope)
+        return x + self.mlp(self.pre_mlp_layernorm(x))
+
+
+class Stack(nn.Module):
+    def __init__(self, layers: list[Layer], final_norm: nn.Module | None) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        if final_norm is not None:
+            self.final_layernorm = final_norm
+
+
+class VisionTower(nn.Module):
+    """CLIP ViT as megatron's CLIPViTModel builds it: patch conv (no bias), class token, ln_pre, no ln_post."""
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        v = cfg.vision
+        norm = lambda: nn.LayerNorm(v.hidden_size, eps=v.norm_epsilon)  # noqa: E731
+        act = quick_gelu if v.activation == "quick_gelu" else F.gelu
+        self.conv1 = nn.Conv2d(3, v.hidden_size, kernel_size=v.patch_size, stride=v.patch_size, bias=False)
+        self.class_token = nn.Parameter(torch.zeros(1, 1, v.hidden_size))
+        self.position_embeddings = nn.Embedding(v.num_visual_tokens + 1, v.hidden_size)
+        self.ln_pre = norm()
+        self.decoder = Stack([Layer(v.hidden_size, v.ffn_hidden_size, v.num_attention_heads, v.num_attention_heads,
+                                    norm, gated=False, bias=True, activation=act) for _ in range(v.num_layers)], None)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] -> patch features [N, V, hidden] (class token dropped)."""
+        x = self.conv1(images).flatten(2).transpose(1, 2)
+        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.ln_pre(x + self.position_embeddings.weight)
+        for layer in self.decoder.layers:
+            x = layer(x, None, None)
+        return x[:, 1:]
+
+
+class Projector(nn.Module):
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        # LLaVA's projector maps vision -> hidden, then hidden -> hidden.
+        self.encoder = MLP(cfg.vision.hidden_size, cfg.model.hidden_size, gated=False, bias=True, activation=F.gelu,
+                           out=cfg.model.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+
+class Embedding(nn.Module):
+    def __init__(self, vocab: int, hidden: int) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab, hidden)
+
+
+class ReferenceVLM(nn.Module):
+    """The whole Victor VLM in one process; batch-first throughout."""
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        m = cfg.model
+        self.cfg = cfg
+        norm = lambda: nn.RMSNorm(m.hidden_size, eps=m.norm_epsilon)  # noqa: E731
+        self.vision = VisionTower(cfg)
+        self.projector = Projector(cfg)
+        self.embedding = Embedding(m.vocab_size, m.hidden_size)
+        registers = cfg.victor.registers_per_image
+        self.registers = nn.Parameter(torch.zeros(registers, m.hidden_size)) if registers else None
+        groups = m.num_query_groups or m.num_attention_heads
+        self.decoder = Stack([Layer(m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, groups, norm,
+                                    gated=True, bias=False, activation=F.silu) for _ in range(m.num_layers)],
+                             norm())
+        self.output_layer = nn.Linear(m.hidden_size, m.vocab_size, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float | None = None) -> None:
+        """Normal(0, std) weights, unit norms, zero biases: a deterministic init given torch's seed."""
+        std = self.cfg.model.init_method_std if std is None else std
+        for name, param in self.named_parameters():
+            if "layernorm" in name or name.endswith("ln_pre.weight"):
+                param.fill_(1.0) if name.endswith("weight") else param.zero_()
+            elif name.endswith("bias"):
+                param.zero_()
+            else:
+                param.normal_(0.0, std)
+
+    def plan(self, batch: VictorBatch) -> DropPlan:
+        v = self.cfg.victor
+        return build_drop_plan(batch, v.enabled, v.drop_layer, v.mask == "text_blind")
+
+    def hidden_states(self, batch: VictorBatch, plan: DropPlan) -> torch.Tensor:
+        """Final-norm hidden states [B, S', H] of the slots that reach the loss."""
+        m = self.cfg.model
+        x = self.embedding.word_embeddings(batch.tokens)
+        visual = self.projector(self.vision(batch.images)) if batch.images.shape[0] else None
+        x = scatter_image_slots(x, batch.kinds, visual, self.registers)
+        head_dim = m.hidden_size // m.num_attention_heads
+        ropes = {id(view): rope_angles(view.position_ids, head_dim, m.rotary_base) for view in (plan.long, plan.short)}
+        for index, layer in enumerate(self.decoder.layers):
+            if plan.drop_layer == index:
+                x = plan.drop(x, seq_dim=1)
+            view = plan.view_for_layer(index)
+            x = layer(x, view.mask, ropes[id(view)])
+        return self.decoder.final_layernorm(x)
+
+    def forward(self, batch: VictorBatch, plan: DropPlan | None = None, return_logits: bool = False) -> torch.Tensor:
+        """Per-slot losses [B, S'] (zero where masked), or logits [B, S', V]; same contract as `VictorVLM`."""
+        plan = plan if plan is not None else self.plan(batch)
+        logits = self.output_layer(self.hidden_states(batch, plan))
+        if return_logits:
+            return logits
+        labels = plan.output_view.labels
+        mask = labels >= 0
+        losses = F.cross_entropy(logits.float().flatten(0, 1), torch.where(mask, labels, 0).flatten(), reduction="none")
+        return losses.view_as(labels) * mask

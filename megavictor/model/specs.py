@@ -1,0 +1,168 @@
+"""How megatron-core builds our layers: TransformerConfigs from our Config, and the layer specs (local or TE).
+
+The Victor drop lives in `VictorTransformerLayer`, a megatron `TransformerLayer` subclass selected by the spec, so
+the same drop works with the local layers (CPU) and the Transformer Engine layers (GPU).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from megatron.core.activations import quick_gelu
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_local_spec
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from megavictor.config import Config
+from megavictor.model.victor import DropPlan
+
+# Fusions that only exist as CUDA kernels; their unfused paths are numerically the reference.
+_UNFUSED = dict(masked_softmax_fusion=False, bias_activation_fusion=False, bias_dropout_fusion=False,
+                apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False)
+
+
+class VictorTransformerLayer(TransformerLayer):
+    """A decoder layer that reads the micro-batch's `DropPlan` (passed as `attention_mask`).
+
+    Layer k gathers the surviving slots before attending; layers >= k use the short view's mask and positions.
+    The plan travels through `TransformerBlock.forward` untouched, which is why megatron's full-layer recompute
+    (which saves only tensor arguments) is not supported with Victor; selective recompute is.
+    """
+
+    def forward(self, hidden_states, attention_mask=None, rotary_pos_emb=None, **kwargs):  # type: ignore[override]
+        plan = attention_mask
+        if isinstance(plan, DropPlan):
+            index = self.layer_number - 1  # layer_number is global and 1-based
+            if plan.drop_layer == index:
+                hidden_states = plan.drop(hidden_states)
+            view = plan.view_for_layer(index)
+            attention_mask, rotary_pos_emb = view.mask, view.rope
+        return super().forward(hidden_states, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb, **kwargs)
+
+
+def _with_mask_type(spec: ModuleSpec, mask_type: AttnMaskType) -> ModuleSpec:
+    spec = copy.deepcopy(spec)
+    spec.submodules.self_attention.params = {**spec.submodules.self_attention.params, "attn_mask_type": mask_type}
+    return spec
+
+
+def _require_te() -> None:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError as exc:
+        raise RuntimeError(
+            "train.attention_backend=te (or train.fp8) needs Transformer Engine: pip install -e '.[gpu]' on a "
+            "CUDA machine, or set train.attention_backend=local train.fp8=null"
+        ) from exc
+    if not torch.cuda.is_available():
+        raise RuntimeError("train.attention_backend=te needs a CUDA GPU; use train.attention_backend=local on CPU")
+
+
+def decoder_layer_spec(backend: str) -> ModuleSpec:
+    """LLaMA-style layer (RMSNorm, SwiGLU, RoPE) that performs the Victor drop.
+
+    Attention takes an explicit mask (block-diagonal causal over packed samples, plus the drop), hence
+    `arbitrary` rather than megatron's implicit causal mask.
+    """
+    if backend == "te":
+        _require_te()
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        spec = get_gpt_layer_with_transformer_engine_spec()
+    else:
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = _with_mask_type(spec, AttnMaskType.arbitrary)
+    spec.module = VictorTransformerLayer
+    return spec
+
+
+def vision_layer_spec(backend: str) -> ModuleSpec:
+    """CLIP ViT layer; bidirectional attention (megatron's local ViT spec says causal, which CLIP is not)."""
+    if backend == "te":
+        _require_te()
+        from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_transformer_engine_spec
+
+        spec = get_vit_layer_with_transformer_engine_spec()
+    else:
+        spec = get_vit_layer_with_local_spec()
+    return _with_mask_type(spec, AttnMaskType.no_mask)
+
+
+def vision_norm(backend: str) -> type:
+    """The ViT's ln_pre (CLIPViTModel's default is a bare torch LayerNorm, which megatron cannot build)."""
+    if backend == "te":
+        _require_te()
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        return TENorm
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    return WrappedTorchNorm
+
+
+def _dtype(cfg: Config) -> dict:
+    bf16 = cfg.train.precision == "bf16"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return dict(bf16=bf16, params_dtype=dtype, pipeline_dtype=dtype)
+
+
+def stage_layout(layers_per_stage: list[int]) -> list[list[str]]:
+    """megatron's `pipeline_model_parallel_layout` for an arbitrary per-stage decoder layer split."""
+    layout = [["decoder"] * n for n in layers_per_stage]
+    layout[0].insert(0, "embedding")
+    layout[-1].append("loss")
+    return layout
+
+
+def language_config(cfg: Config, layers_per_stage: list[int]) -> TransformerConfig:
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    return TransformerConfig(
+        num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
+        normalization="RMSNorm", layernorm_epsilon=m.norm_epsilon, gated_linear_unit=True,
+        activation_func=F.silu, add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
+        init_method_std=m.init_method_std,
+        tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp,
+        pipeline_model_parallel_layout=stage_layout(layers_per_stage) if p.pp > 1 else None,
+        sequence_parallel=p.sequence_parallel,
+        # Stages after the drop receive shorter sequences, and how much shorter depends on the images packed
+        # into each micro-batch: shapes are exchanged per send. megatron requires the alltoall dispatcher
+        # setting for this even in dense models.
+        variable_seq_lengths=True, moe_token_dispatcher_type="alltoall",
+        calculate_per_token_loss=True,
+        use_cpu_initialization=True,
+        fp8=t.fp8, fp8_recipe="delayed",
+        recompute_granularity="selective" if t.recompute == "selective" else None,
+        **_dtype(cfg), **_UNFUSED,
+    )
+
+
+def vision_config(cfg: Config) -> TransformerConfig:
+    v, p = cfg.vision, cfg.parallel
+    return TransformerConfig(
+        num_layers=v.num_layers, hidden_size=v.hidden_size, ffn_hidden_size=v.ffn_hidden_size,
+        num_attention_heads=v.num_attention_heads, normalization="LayerNorm", layernorm_epsilon=v.norm_epsilon,
+        gated_linear_unit=False, add_bias_linear=True, add_qkv_bias=True,
+        activation_func=quick_gelu if v.activation == "quick_gelu" else F.gelu,
+        hidden_dropout=0.0, attention_dropout=0.0, init_method_std=cfg.model.init_method_std,
+        # The ViT runs whole on the first pipeline stage: no pipeline split of its own.
+        tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=1, use_cpu_initialization=True,
+        **_dtype(cfg), **_UNFUSED,
+    )
+
+
+def projector_config(cfg: Config) -> TransformerConfig:
+    """LLaVA-1.5's projector: Linear(vision -> hidden), GELU, Linear(hidden -> hidden), with biases."""
+    m, p = cfg.model, cfg.parallel
+    return TransformerConfig(
+        num_layers=1, hidden_size=m.hidden_size, ffn_hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads, gated_linear_unit=False, add_bias_linear=True,
+        activation_func=F.gelu, hidden_dropout=0.0, attention_dropout=0.0, init_method_std=m.init_method_std,
+        tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=1, use_cpu_initialization=True,
+        **_dtype(cfg), **_UNFUSED,
+    )

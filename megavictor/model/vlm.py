@@ -1,0 +1,124 @@
+"""`VictorVLM`: a LLaVA-style VLM with Victor registers, assembled from megatron-core parts.
+
+Per pipeline stage it builds only what that stage runs: the first stage holds the CLIP ViT, the projector, the
+word embedding and the registers; the last stage the output layer and loss; every stage its decoder layers.
+The stage whose layers include k drops the visual slots (inside `VictorTransformerLayer`), so later stages
+receive shorter sequences.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.enums import ModelType
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.models.vision.clip_vit_model import CLIPViTModel
+from megatron.core.models.vision.multimodal_projector import MultimodalProjector
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.mlp import MLPSubmodules
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megavictor.config import Config
+from megavictor.model import specs
+from megavictor.model.batch import VictorBatch
+from megavictor.model.victor import DropPlan, build_drop_plan, scatter_image_slots
+
+
+def rope_for_positions(rotary: RotaryEmbedding, position_ids: torch.Tensor) -> torch.Tensor:
+    """RoPE angles for explicit positions, [B, S] -> [S, B, 1, D].
+
+    megatron derives positions 0..S-1 from a stage's input length; after the drop the retained slots must keep
+    their original positions, so we index megatron's table with the real ones.
+    """
+    table = rotary(int(position_ids.max()) + 1)[:, 0, 0, :]  # [P, D]
+    return table[position_ids.t()].unsqueeze(2)
+
+
+class VictorVLM(MegatronModule):
+    """One pipeline stage (or the whole model) of the Victor VLM."""
+
+    def __init__(self, cfg: Config, layers_per_stage: list[int], pre_process: bool = True,
+                 post_process: bool = True) -> None:
+        lm_config: TransformerConfig = specs.language_config(cfg, layers_per_stage)
+        super().__init__(config=lm_config)
+        self.cfg = cfg
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
+        self.pre_process, self.post_process = pre_process, post_process
+        backend = cfg.train.attention_backend
+        if pre_process:
+            v = cfg.vision
+            self.vision = CLIPViTModel(specs.vision_config(cfg), specs.vision_layer_spec(backend),
+                                       ln_pre_impl=specs.vision_norm(backend), ln_post_impl=None,
+                                       add_class_token=True, class_token_len=1,
+                                       patch_dim=v.patch_size, img_h=v.image_size, img_w=v.image_size)
+            self.projector = MultimodalProjector(
+                specs.projector_config(cfg),
+                MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+                projector_type="mlp", input_size=v.hidden_size)
+            self.embedding = LanguageModelEmbedding(lm_config, vocab_size=cfg.model.vocab_size,
+                                                    max_sequence_length=cfg.data.seq_length,
+                                                    position_embedding_type="rope")
+            registers = cfg.victor.registers_per_image
+            self.registers = (torch.nn.Parameter(torch.empty(registers, cfg.model.hidden_size,
+                                                             dtype=lm_config.params_dtype))
+                              if registers else None)
+            if self.registers is not None:
+                lm_config.init_method(self.registers.data)
+        self.rotary = RotaryEmbedding(kv_channels=lm_config.kv_channels, rotary_percent=1.0,
+                                      rotary_base=cfg.model.rotary_base, use_cpu_initialization=True)
+        self.decoder = TransformerBlock(lm_config, specs.decoder_layer_spec(backend),
+                                        pre_process=pre_process, post_process=post_process)
+        if post_process:
+            self.output_layer = ColumnParallelLinear(
+                cfg.model.hidden_size, cfg.model.vocab_size, config=lm_config, init_method=lm_config.init_method,
+                bias=False, gather_output=False, skip_bias_add=False)
+        self.freeze(vision=cfg.vision.freeze, language=cfg.train.stage == 1)
+
+    def freeze(self, vision: bool, language: bool) -> None:
+        """LLaVA's stages: the ViT is frozen by default; stage 1 also freezes the LLM (projector + registers train)."""
+        for name, param in self.named_parameters():
+            if name.startswith("vision."):
+                param.requires_grad_(not vision)
+            elif not (name.startswith("projector.") or name == "registers"):
+                param.requires_grad_(not language)
+
+    def set_input_tensor(self, input_tensor: torch.Tensor | list | None) -> None:
+        """Called by megatron's pipeline schedule with the activation received from the previous stage."""
+        if isinstance(input_tensor, list):
+            input_tensor = input_tensor[0]
+        self.decoder.set_input_tensor(input_tensor)
+
+    def plan(self, batch: VictorBatch) -> DropPlan:
+        v = self.cfg.victor
+        align = 16 if self.cfg.train.fp8 else 1
+        return build_drop_plan(batch, v.enabled, v.drop_layer, v.mask == "text_blind", align)
+
+    def embed(self, batch: VictorBatch) -> torch.Tensor:
+        """First stage: word embeddings with image and register slots filled in; [S, B, H]."""
+        words = self.embedding(input_ids=batch.tokens, position_ids=None)  # [S, B, H]
+        visual = None
+        if batch.images.shape[0]:
+            features = self.vision(batch.images.to(words.dtype))[:, 1:]  # drop the class token
+            visual = self.projector(features)
+        return scatter_image_slots(words.transpose(0, 1), batch.kinds, visual, self.registers).transpose(0, 1)
+
+    def forward(self, batch: VictorBatch, plan: DropPlan | None = None, return_logits: bool = False) -> torch.Tensor:
+        """Hidden states to send on (inner stages), or on the last stage per-slot losses [B, S'] (masked by the
+        plan's loss mask), or with `return_logits` the full-vocabulary logits [B, S', V]."""
+        plan = plan if plan is not None else self.plan(batch)
+        for view in {id(plan.long): plan.long, id(plan.short): plan.short}.values():
+            view.rope = rope_for_positions(self.rotary, view.position_ids)
+        hidden = self.embed(batch) if self.pre_process else None
+        hidden = self.decoder(hidden_states=hidden, attention_mask=plan)
+        if not self.post_process:
+            return hidden
+        logits, _ = self.output_layer(hidden)  # [S', B, V / tp]
+        if return_logits:
+            return tensor_parallel.gather_from_tensor_model_parallel_region(logits).transpose(0, 1)
+        labels = plan.output_view.labels
+        mask = labels >= 0
+        losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), torch.where(mask, labels, 0).t())
+        return losses.t() * mask

@@ -1,0 +1,35 @@
+"""megavictor: distributed training of Victor (visual compact token register) VLMs on megatron-core."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megavictor",
+    version="0.1.0",
+    description="Train LLaVA-style VLMs with Victor visual registers on megatron-core (TP/PP/DP), CPU-testable.",
+    python_requires=">=3.11,<3.12",
+    packages=find_packages(include=["megavictor", "megavictor.*", "data_prep", "data_prep.*", "launch", "launch.*"]),
+    include_package_data=True,
+    install_requires=[
+        # The CPU wheel of this exact version is on the project's machines; a looser pin would let pip
+        # fetch a multi-GB CUDA build.
+        "torch==2.13.0",
+        # Python 3.11 caps megatron-core at 0.16.x.
+        "megatron-core>=0.16.1,<0.17",
+        "psutil",  # megatron dist_checkpointing's writer needs it but does not declare it
+        "einops",
+        "numpy",
+        "pyyaml",
+        "pillow",
+        "scikit-learn",  # ships the handwritten digits behind the embedded demo data set
+        "tokenizers",
+        "transformers>=4.50,<5",
+        "safetensors",
+        "webdataset>=0.2.100",
+        "tqdm",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout"],
+        "gpu": ["transformer-engine[pytorch]", "flash-attn"],
+    },
+    entry_points={"console_scripts": ["megavictor=megavictor.cli:main"]},
+)
