@@ -71,8 +71,7 @@ class ShardSetWriter:
             self._verify_completed()
         else:
             self._remove_previous(progress)
-        for stale in out.glob("*.tar.tmp"):  # a shard that was being written when the last run stopped
-            stale.unlink()
+        self._remove_partial()
 
     @property
     def resumed_shards(self) -> int:
@@ -117,6 +116,11 @@ class ShardSetWriter:
         progress.skipped += [[s.index, s.record_id, s.reason] for s in pending_skips]
         progress.done = True
         self._write_progress()
+
+    def discard(self) -> None:
+        """Remove what this run (and an unfinished run it resumed) wrote, e.g. after a --strict failure."""
+        self._remove_previous(self._read_progress())
+        self._remove_partial()
 
     def finish(self, source: dict[str, Any], tokenizer: str | None = None) -> Manifest:
         """Write the manifest (last, atomically) and drop the progress file."""
@@ -166,3 +170,8 @@ class ShardSetWriter:
         for name in names:
             (self.out / name).unlink(missing_ok=True)
         (self.out / PROGRESS_NAME).unlink(missing_ok=True)
+
+    def _remove_partial(self) -> None:
+        """Shards that were being written when a run stopped (never renamed, so never counted)."""
+        for stale in self.out.glob("*.tar.tmp"):
+            stale.unlink()

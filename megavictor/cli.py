@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from megavictor.config import ConfigError
+
 # verb -> (module, help). Modules are imported only when their verb runs, so `megavictor plan` stays light.
 VERBS: dict[str, tuple[str, str]] = {
     "plan": ("megavictor.plan", "pipeline stage split and predicted per-stage cost (even vs balanced)"),
@@ -29,7 +31,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"megavictor: unknown verb {verb!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(VERBS[verb][0])
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except ConfigError as exc:  # a user error: one line naming the key, no traceback
+        print(f"megavictor {verb}: config error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -161,6 +161,11 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
         origin = typing.get_origin(hint)
         if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if hint is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if hint is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if hint is bool and isinstance(value, bool):

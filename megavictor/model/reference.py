@@ -16,6 +16,7 @@ from torch import nn
 
 from megavictor.config import Config
 from megavictor.model.batch import VictorBatch
+from megavictor.model.recipe import apply_freezing
 from megavictor.model.victor import DropPlan, build_drop_plan, scatter_image_slots
 
 MASKED_SCORE = -10000.0  # megatron's attention_mask_func fill value
@@ -164,6 +165,7 @@ class ReferenceVLM(nn.Module):
                              norm())
         self.output_layer = nn.Linear(m.hidden_size, m.vocab_size, bias=False)
         self.reset_parameters()
+        apply_freezing(self, cfg)
 
     @torch.no_grad()
     def reset_parameters(self, std: float | None = None) -> None:

@@ -24,6 +24,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megavictor.config import Config
 from megavictor.model import specs
 from megavictor.model.batch import VictorBatch
+from megavictor.model.recipe import apply_freezing
 from megavictor.model.victor import DropPlan, build_drop_plan, scatter_image_slots
 
 
@@ -75,15 +76,7 @@ class VictorVLM(MegatronModule):
             self.output_layer = ColumnParallelLinear(
                 cfg.model.hidden_size, cfg.model.vocab_size, config=lm_config, init_method=lm_config.init_method,
                 bias=False, gather_output=False, skip_bias_add=False)
-        self.freeze(vision=cfg.vision.freeze, language=cfg.train.stage == 1)
-
-    def freeze(self, vision: bool, language: bool) -> None:
-        """LLaVA's stages: the ViT is frozen by default; stage 1 also freezes the LLM (projector + registers train)."""
-        for name, param in self.named_parameters():
-            if name.startswith("vision."):
-                param.requires_grad_(not vision)
-            elif not (name.startswith("projector.") or name == "registers"):
-                param.requires_grad_(not language)
+        apply_freezing(self, cfg)
 
     def set_input_tensor(self, input_tensor: torch.Tensor | list | None) -> None:
         """Called by megatron's pipeline schedule with the activation received from the previous stage."""

@@ -1,0 +1,56 @@
+"""`megavictor prep <source>` (also `python -m data_prep`): turn image-text data into WebDataset shards."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from data_prep.shards import PrepError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megavictor prep", description=__doc__)
+    sub = parser.add_subparsers(dest="source", required=True)
+
+    llava = sub.add_parser("llava", help="LLaVA-format JSON + image folder -> tar shards + manifest.json")
+    llava.add_argument("--json", type=Path, required=True, help="LLaVA JSON list of records")
+    llava.add_argument("--images", type=Path, required=True, help="folder the records' 'image' paths are under")
+    llava.add_argument("--out", type=Path, required=True, help="output folder (shards, manifest.json)")
+    llava.add_argument("--split", default="train", help="split name of the shards (default: train)")
+    llava.add_argument("--maxcount", type=int, default=10000, help="samples per shard at most (default 10000)")
+    llava.add_argument("--maxsize", type=int, default=1_000_000_000,
+                       help="start a new shard once this many payload bytes are written (default 1e9)")
+    llava.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="image-checking processes")
+    llava.add_argument("--strict", action="store_true", help="fail on the first bad record instead of skipping")
+    llava.add_argument("--restart", action="store_true", help="discard an interrupted run in --out, do not resume")
+
+    digits = sub.add_parser("digits", help="the embedded handwritten-digit grids (captions + VQA) + tokenizer")
+    digits.add_argument("--out", type=Path, default=Path("data/digits"), help="output folder (default data/digits)")
+    digits.add_argument("--seed", type=int, default=0, help="seed of the scan split and the grids (default 0)")
+    digits.add_argument("--maxcount", type=int, default=1000, help="samples per shard at most (default 1000)")
+    digits.add_argument("--restart", action="store_true", help="discard an interrupted run in --out, do not resume")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.source == "llava":
+            from data_prep.llava import prep_llava
+
+            prep_llava(args.json, args.images, args.out, split=args.split, maxcount=args.maxcount,
+                       maxsize=args.maxsize, workers=args.workers, strict=args.strict, restart=args.restart)
+        else:
+            from data_prep.digits import prep_digits
+
+            prep_digits(args.out, maxcount=args.maxcount, seed=args.seed, restart=args.restart)
+    except PrepError as exc:
+        print(f"megavictor prep {args.source}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"megavictor prep {args.source}: interrupted; run the same command again to resume "
+              f"(or pass --restart)", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,130 @@
+"""The embedded default data set: 2x2 grids of real handwritten digits (scikit-learn's 1797 8x8 scans).
+
+Every image is 32x32 RGB with 1-4 of its 4 cells holding a digit (8x8 upscaled to 16x16, empty cells black), so
+answers need the image. Captions (stage 1) list the digits in reading order ("two, seven"); VQA (stage 2) asks
+for the digit in a cell, the count, the count of odd digits or the sum, with one-word answers so exact match is
+meaningful. The source scans are split 70/15/15 into train/val/test pools and each split draws only from its
+pool, so no scan leaks across splits. Training VQA records have 1-3 turns (LLaVA v1 multi-turn); val/test have
+one, so each record is one exact-match question.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from sklearn.datasets import load_digits
+from tqdm import tqdm
+
+from data_prep.shards import ShardSetWriter
+from data_prep.tokenizer import build_word_tokenizer
+from megavictor.data.tokenizer import IMAGE_TOKEN, PROMPT_FORMATS, render
+
+NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+CELLS = ["top left", "top right", "bottom left", "bottom right"]
+TOKENIZER_DIR = "tokenizer"
+VOCAB_LIMIT = 512  # ModelConfig.vocab_size's default
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    name: str
+    pool: str  # train | val | test: which source scans it may use
+    size: int
+    kind: str  # caption | vqa
+    max_turns: int
+
+
+SPLITS = [
+    SplitSpec("caption_train", "train", 4000, "caption", 1),
+    SplitSpec("caption_val", "val", 500, "caption", 1),
+    SplitSpec("vqa_train", "train", 4000, "vqa", 3),
+    SplitSpec("vqa_val", "val", 500, "vqa", 1),
+    SplitSpec("vqa_test", "test", 500, "vqa", 1),
+]
+
+
+def source_pools(labels: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """Disjoint scan indices per pool (70/15/15), fixed by `seed`."""
+    perm = np.random.default_rng(seed).permutation(len(labels))
+    a, b = int(0.7 * len(perm)), int(0.85 * len(perm))
+    return {"train": np.sort(perm[:a]), "val": np.sort(perm[a:b]), "test": np.sort(perm[b:])}
+
+
+def grid_image(scans: np.ndarray, cells: list[int | None]) -> bytes:
+    """PNG bytes of a 32x32 RGB grid; `cells[i]` is a scan index or None for an empty cell."""
+    canvas = np.zeros((32, 32), dtype=np.uint8)
+    for pos, scan in enumerate(cells):
+        if scan is None:
+            continue
+        digit = Image.fromarray((scans[scan] * (255 / 16)).round().astype(np.uint8)).resize((16, 16),
+                                                                                          Image.Resampling.BILINEAR)
+        row, col = divmod(pos, 2)
+        canvas[16 * row:16 * row + 16, 16 * col:16 * col + 16] = np.asarray(digit)
+    out = io.BytesIO()
+    Image.fromarray(np.stack([canvas] * 3, axis=-1)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def questions(digits: list[int | None]) -> list[tuple[str, str]]:
+    """Every question this grid can answer, with its one-word answer."""
+    present = [d for d in digits if d is not None]
+    qa = [(f"What is the digit in the {CELLS[i]}?", str(d)) for i, d in enumerate(digits) if d is not None]
+    qa += [("How many digits are there?", str(len(present))),
+           ("How many digits are odd?", str(sum(d % 2 for d in present))),
+           ("What is their sum?", str(sum(present)))]
+    return qa
+
+
+def split_records(spec: SplitSpec, scans: np.ndarray, labels: np.ndarray, pool: np.ndarray,
+                  seed: int) -> Iterator[dict[str, Any]]:
+    """The split's records, as shard samples ({__key__, png, json}); deterministic in (split, seed)."""
+    rng = np.random.default_rng([seed, SPLITS.index(spec)])
+    for i in range(spec.size):
+        cells: list[int | None] = [None] * 4
+        for pos in rng.choice(4, size=int(rng.integers(1, 5)), replace=False):
+            cells[int(pos)] = int(pool[rng.integers(len(pool))])
+        digits = [None if c is None else int(labels[c]) for c in cells]
+        if spec.kind == "caption":
+            conversations = [{"from": "human", "value": "<image>\nWhich digits are shown?"},
+                             {"from": "gpt", "value": ", ".join(NAMES[d] for d in digits if d is not None)}]
+        else:
+            qa = questions(digits)
+            picks = rng.choice(len(qa), size=min(len(qa), int(rng.integers(1, spec.max_turns + 1))), replace=False)
+            conversations = []
+            for turn, k in enumerate(picks):
+                question, answer = qa[int(k)]
+                conversations += [{"from": "human", "value": ("<image>\n" if turn == 0 else "") + question},
+                                  {"from": "gpt", "value": answer}]
+        record = {"id": f"{spec.name}-{i:05d}", "conversations": conversations, "images": ["png"],
+                  "digits": digits, "scans": cells}
+        yield {"__key__": f"{i:06d}", "png": grid_image(scans, cells),
+               "json": json.dumps(record, sort_keys=True).encode("utf-8")}
+
+
+def prep_digits(out: Path, maxcount: int = 1000, seed: int = 0, restart: bool = False) -> None:
+    data = load_digits()
+    scans, labels = data.images, data.target
+    pools = source_pools(labels, seed)
+    writer = ShardSetWriter(out, fingerprint=f"digits/v1/seed={seed}/maxcount={maxcount}", maxcount=maxcount,
+                            maxsize=1 << 40, restart=restart)
+    corpus: list[str] = []
+    for spec in SPLITS:
+        records = list(split_records(spec, scans, labels, pools[spec.pool], seed))
+        corpus += [render(json.loads(r["json"])["conversations"], fmt, "</s>")[0].replace(IMAGE_TOKEN, " ")
+                   for r in records for fmt in PROMPT_FORMATS]
+        start = writer.start_index(spec.name)
+        if start is not None:
+            writer.write_split(spec.name, tqdm(enumerate(records[start:], start), desc=spec.name, unit=" samples",
+                                               total=len(records) - start))
+    build_word_tokenizer(corpus, out / TOKENIZER_DIR, VOCAB_LIMIT)
+    manifest = writer.finish(source={"kind": "digits", "dataset": "sklearn.datasets.load_digits", "seed": seed,
+                                     "pools": {k: len(v) for k, v in pools.items()}}, tokenizer=TOKENIZER_DIR)
+    counts = {s.name: sum(e.samples for e in manifest.shards if e.split == s.name) for s in SPLITS}
+    print(f"wrote {len(manifest.shards)} shards to {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))

@@ -1,0 +1,44 @@
+"""Tiny configs and hand-built packed batches shared by the model tests."""
+
+from __future__ import annotations
+
+import torch
+
+from megavictor.config import Config, load_config
+from megavictor.model.batch import IMAGE_PLACEHOLDER, Sample, VictorBatch, collate_rows, layout_sample
+
+SEQ_LENGTH = 128
+
+
+def tiny_config(overrides: list[str] | None = None) -> Config:
+    """4-layer decoder, 2-layer ViT with 16 visual tokens, 8 registers, k=3: the model at test size."""
+    return load_config(None, [f"data.seq_length={SEQ_LENGTH}", "log.wandb=false", *(overrides or [])])
+
+
+def samples(seed: int = 0) -> dict[str, Sample]:
+    g = torch.Generator().manual_seed(seed)
+
+    def image() -> torch.Tensor:
+        return torch.randn(3, 32, 32, generator=g)
+
+    def text(n: int) -> list[int]:
+        return torch.randint(3, 500, (n,), generator=g).tolist()
+
+    one_image = text(3) + [IMAGE_PLACEHOLDER] + text(6)
+    text_only = text(9)
+    two_images = [IMAGE_PLACEHOLDER] + text(2) + [IMAGE_PLACEHOLDER] + text(7)
+    return {
+        "one_image": Sample(one_image, [i >= 5 for i in range(len(one_image))], [image()]),
+        "text_only": Sample(text_only, [i >= 3 for i in range(len(text_only))], []),
+        "two_images": Sample(two_images, [i >= 4 for i in range(len(two_images))], [image(), image()]),
+    }
+
+
+def packed_batches(cfg: Config) -> list[VictorBatch]:
+    """Two micro-batches of packed samples with different image counts (so the short lengths differ)."""
+    s = samples()
+    v, r = cfg.vision.num_visual_tokens, cfg.victor.registers_per_image
+    lay = lambda name: layout_sample(s[name], v, r)  # noqa: E731
+    first = collate_rows([[lay("one_image"), lay("text_only"), lay("two_images")]], cfg.data.seq_length)
+    second = collate_rows([[lay("text_only"), lay("one_image")]], cfg.data.seq_length)
+    return [first, second]
