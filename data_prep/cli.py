@@ -7,8 +7,6 @@ import os
 import sys
 from pathlib import Path
 
-from data_prep.shards import PrepError
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megavictor prep", description=__doc__)
@@ -36,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from data_prep.shards import PrepError  # after parsing, so --help does not import webdataset/torch
+
     try:
         if args.source == "llava":
             from data_prep.llava import prep_llava

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from sklearn.datasets import load_digits
 from tqdm import tqdm
 
 from data_prep.shards import ShardSetWriter
-from data_prep.tokenizer import build_word_tokenizer
+from data_prep.tokenizer import SPECIAL_TOKENS, build_word_tokenizer
 from megavictor.data.tokenizer import IMAGE_TOKEN, PROMPT_FORMATS, render
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -82,10 +81,10 @@ def questions(digits: list[int | None]) -> list[tuple[str, str]]:
     return qa
 
 
-def split_records(spec: SplitSpec, scans: np.ndarray, labels: np.ndarray, pool: np.ndarray,
-                  seed: int) -> Iterator[dict[str, Any]]:
-    """The split's records, as shard samples ({__key__, png, json}); deterministic in (split, seed)."""
+def split_records(spec: SplitSpec, labels: np.ndarray, pool: np.ndarray, seed: int) -> list[dict[str, Any]]:
+    """The split's records (grid cells as scan indices + conversation); deterministic in (split, seed)."""
     rng = np.random.default_rng([seed, SPLITS.index(spec)])
+    records = []
     for i in range(spec.size):
         cells: list[int | None] = [None] * 4
         for pos in rng.choice(4, size=int(rng.integers(1, 5)), replace=False):
@@ -102,10 +101,15 @@ def split_records(spec: SplitSpec, scans: np.ndarray, labels: np.ndarray, pool: 
                 question, answer = qa[int(k)]
                 conversations += [{"from": "human", "value": ("<image>\n" if turn == 0 else "") + question},
                                   {"from": "gpt", "value": answer}]
-        record = {"id": f"{spec.name}-{i:05d}", "conversations": conversations, "images": ["png"],
-                  "digits": digits, "scans": cells}
-        yield {"__key__": f"{i:06d}", "png": grid_image(scans, cells),
-               "json": json.dumps(record, sort_keys=True).encode("utf-8")}
+        records.append({"id": f"{spec.name}-{i:05d}", "conversations": conversations, "images": ["png"],
+                        "digits": digits, "scans": cells})
+    return records
+
+
+def shard_sample(index: int, record: dict[str, Any], scans: np.ndarray) -> dict[str, Any]:
+    """The tar sample of a record: {__key__, png, json} (the layout `megavictor prep llava` writes too)."""
+    return {"__key__": f"{index:06d}", "png": grid_image(scans, record["scans"]),
+            "json": json.dumps(record, sort_keys=True).encode("utf-8")}
 
 
 def prep_digits(out: Path, maxcount: int = 1000, seed: int = 0, restart: bool = False) -> None:
@@ -116,13 +120,13 @@ def prep_digits(out: Path, maxcount: int = 1000, seed: int = 0, restart: bool = 
                             maxsize=1 << 40, restart=restart)
     corpus: list[str] = []
     for spec in SPLITS:
-        records = list(split_records(spec, scans, labels, pools[spec.pool], seed))
-        corpus += [render(json.loads(r["json"])["conversations"], fmt, "</s>")[0].replace(IMAGE_TOKEN, " ")
+        records = split_records(spec, labels, pools[spec.pool], seed)
+        corpus += [render(r["conversations"], fmt, SPECIAL_TOKENS["eos_token"])[0].replace(IMAGE_TOKEN, " ")
                    for r in records for fmt in PROMPT_FORMATS]
         start = writer.start_index(spec.name)
         if start is not None:
-            writer.write_split(spec.name, tqdm(enumerate(records[start:], start), desc=spec.name, unit=" samples",
-                                               total=len(records) - start))
+            indices = tqdm(range(start, len(records)), desc=spec.name, unit=" samples")
+            writer.write_split(spec.name, ((i, shard_sample(i, records[i], scans)) for i in indices))
     build_word_tokenizer(corpus, out / TOKENIZER_DIR, VOCAB_LIMIT)
     manifest = writer.finish(source={"kind": "digits", "dataset": "sklearn.datasets.load_digits", "seed": seed,
                                      "pools": {k: len(v) for k, v in pools.items()}}, tokenizer=TOKENIZER_DIR)

@@ -33,7 +33,7 @@ def load_records(path: Path) -> list[Any]:
     if not path.is_file():
         raise PrepError(f"--json {path} does not exist")
     try:
-        data = json.loads(path.read_bytes().decode("utf-8", errors="surrogateescape"))
+        data = json.loads(path.read_bytes().decode("utf-8-sig", errors="surrogateescape"))
     except json.JSONDecodeError as exc:
         raise PrepError(f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(data, list):
@@ -144,7 +144,7 @@ def prep_llava(json_path: Path, images_dir: Path, out: Path, split: str = "train
             results = pool.imap(check, jobs, chunksize=32) if pool else map(check, jobs)
             bar = tqdm(results, total=len(jobs), desc=f"prep {split}", unit=" records")
             try:
-                writer.write_split(split, _reported(zip(range(start, len(records)), bar), strict, out))
+                writer.write_split(split, _reported(enumerate(bar, start), strict, out))
             except PrepError:
                 writer.discard()  # --strict: leave nothing that could pass for (part of) a data set
                 raise

@@ -101,16 +101,22 @@ class ShardSetWriter:
             self._write_progress()
 
         writer: wds.ShardWriter | None = None
-        for index, item in items:
-            if isinstance(item, Skip):
-                pending_skips.append(item)
-                continue
-            if writer is None:
-                writer = wds.ShardWriter(str(self.out / f"{split}-%06d.tar.tmp"), maxcount=self.maxcount,
-                                         maxsize=self.maxsize, post=shard_done, start_shard=len(progress.shards),
-                                         verbose=0, **TAR_METADATA)
-            writer.write(item)
-            last_written = index
+        try:
+            for index, item in items:
+                if isinstance(item, Skip):
+                    pending_skips.append(item)
+                    continue
+                if writer is None:
+                    writer = wds.ShardWriter(str(self.out / f"{split}-%06d.tar.tmp"), maxcount=self.maxcount,
+                                             maxsize=self.maxsize, post=shard_done,
+                                             start_shard=len(progress.shards), verbose=0, **TAR_METADATA)
+                writer.write(item)
+                last_written = index
+        except BaseException:  # interrupted or failed: the shard in progress stays *.tmp, never renamed or listed
+            if writer is not None:
+                writer.post = None
+                writer.close()
+            raise
         if writer is not None:
             writer.close()
         progress.skipped += [[s.index, s.record_id, s.reason] for s in pending_skips]

@@ -25,7 +25,7 @@ def build_word_tokenizer(texts: Iterable[str], out: Path, max_vocab: int) -> Pre
         raise ValueError(f"the corpus needs {len(vocab)} tokens, more than the vocab limit {max_vocab}")
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
     tok.pre_tokenizer = pre
-    tok.decoder = decoders.WordPiece()  # joins words with spaces, glues punctuation-free pieces back
+    tok.decoder = decoders.WordPiece()  # joins words with spaces and drops the space before punctuation
     tok.add_special_tokens(specials)
     bos = SPECIAL_TOKENS["bos_token"]
     tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])

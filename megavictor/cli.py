@@ -9,6 +9,8 @@ from megavictor.config import ConfigError
 
 # verb -> (module, help). Modules are imported only when their verb runs, so `megavictor plan` stays light.
 VERBS: dict[str, tuple[str, str]] = {
+    "train": ("megavictor.trainer", "train (single process, or under torchrun / SLURM for tp x pp x dp)"),
+    "eval": ("megavictor.evaluate", "greedy VQA answers from a checkpoint, exact-match accuracy as JSON"),
     "plan": ("megavictor.plan", "pipeline stage split and predicted per-stage cost (even vs balanced)"),
     "prep": ("data_prep.cli", "turn image-text data into WebDataset shards"),
     "bench": ("megavictor.bench", "benchmarks (loader, ...) printing a JSON line last"),

@@ -8,7 +8,9 @@ CPU tensors with the gloo backend, and does nothing where CUDA exists:
 - The tensor-parallel RNG tracker (`tensor_parallel.random`) keeps CPU generator states instead of CUDA ones, so
   `model_parallel_cuda_manual_seed`, `get_cuda_rng_tracker().fork()` and activation checkpointing work.
 - A `TorchFunctionMode` maps a literal CUDA device to the CPU: `schedules.py` builds `torch.zeros(...,
-  device="cuda")`, `CLIPViTModel` calls `.cuda()` on its position ids.
+  device="cuda")`, `CLIPViTModel` calls `.cuda()` on its position ids, the optimizer and `clip_grads.py`
+  allocate `device='cuda'` buffers. The same mode reports CPU tensors' `Tensor.type()` under CUDA names,
+  because the fp32 optimizer path and `clip_grad_by_total_norm_fp32` assert `'torch.cuda.FloatTensor'`.
 
 Everything else in megavictor is device-agnostic; `tests/test_compat.py` pins each workaround down, so that a
 megatron-core upgrade that removes (or adds) a CUDA assumption shows up as a test failure here.
@@ -41,6 +43,9 @@ class _CudaDeviceToCpu(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
         if _is_cuda_device(kwargs.get("device")):
             kwargs = {**kwargs, "device": "cpu"}
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):

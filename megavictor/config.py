@@ -119,7 +119,8 @@ class TrainConfig:
     init_from: str | None = None
     save_interval: int = 0
     keep_last: int = 2
-    eval_interval: int = 0
+    eval_interval: int = 0  # steps between validation-loss evaluations (0: only at the end)
+    eval_batches: int = 4  # micro-batches of the val split per evaluation
     precision: str = "fp32"  # fp32 | bf16
     fp8: str | None = None  # None | hybrid | e4m3 (Transformer Engine, GPU only)
     attention_backend: str = "local"  # local (megatron-core layers) | te (Transformer Engine, GPU only)
@@ -325,3 +326,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
              f"train.recompute={t.recompute!r} must be null or selective (full recompute cannot carry the "
              "per-micro-batch drop plan through megatron's checkpoint function)")
     _require(t.max_steps >= 0, f"train.max_steps={t.max_steps} must be >= 0")
+    _require(t.fp8 is None or t.attention_backend == "te",
+             f"train.fp8={t.fp8} needs train.attention_backend=te (Transformer Engine on a CUDA GPU)")
+    per_step = d.micro_batch_size * (world_size // (p.tp * p.pp) if world_size else 1)
+    _require(t.global_batch_size % per_step == 0,
+             f"train.global_batch_size={t.global_batch_size} is not a multiple of data.micro_batch_size="
+             f"{d.micro_batch_size} x data-parallel size")

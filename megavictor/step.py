@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_attr_wrapped_model
 
 from megavictor.model.batch import VictorBatch
-from megavictor.model.vlm import VictorVLM
 
 
 @dataclass
@@ -24,9 +24,9 @@ class StepResult:
     num_tokens: int
 
 
-def _forward_step(data_iterator: Iterator[VictorBatch], model: VictorVLM) -> tuple[torch.Tensor, Callable]:
+def _forward_step(data_iterator: Iterator[VictorBatch], model: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
     batch = next(data_iterator)
-    plan = model.plan(batch)
+    plan = get_attr_wrapped_model(model, "plan")(batch)  # `model` may be wrapped in megatron's DDP
     output = model(batch, plan)
     mask = plan.loss_mask()
 
@@ -38,7 +38,7 @@ def _forward_step(data_iterator: Iterator[VictorBatch], model: VictorVLM) -> tup
     return output, loss_func
 
 
-def forward_backward(model: VictorVLM, micro_batches: list[VictorBatch], forward_only: bool = False) -> StepResult:
+def forward_backward(model: torch.nn.Module, micro_batches: list[VictorBatch], forward_only: bool = False) -> StepResult:
     """Run all micro-batches; gradients (unless `forward_only`) accumulate as per-token sums."""
     b, s = micro_batches[0].shape
     outputs = get_forward_backward_func()(

@@ -10,9 +10,11 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the compatibi
 
 @pytest.fixture(scope="module", autouse=True)
 def compat():
-    from megavictor.compat import enable_cpu_compat
+    from megavictor.compat import cpu_compat_active
+    from megavictor.distributed import init_distributed
 
-    assert enable_cpu_compat()
+    init_distributed(tp=1, pp=1, seed=123)  # a world of one gloo process, as `megavictor train` alone starts
+    assert cpu_compat_active()
 
 
 def test_cuda_devices_map_to_cpu() -> None:
@@ -46,3 +48,8 @@ def test_megatron_activation_checkpoint_runs_on_cpu() -> None:
     tensor_parallel.checkpoint(lambda t: torch.tanh(layer(t)), False, x).sum().backward()
     expected = torch.autograd.grad(torch.tanh(layer(x)).sum(), x)[0]
     assert torch.allclose(x.grad, expected)
+
+
+def test_tensor_type_reports_cuda_names() -> None:
+    assert torch.ones(1).type() == "torch.cuda.FloatTensor"  # what megatron's fp32 optimizer checks
+    assert torch.ones(1).type(torch.float64).dtype == torch.float64  # conversions still work

@@ -30,8 +30,8 @@ from megavictor.data.manifest import DataError, ShardEntry, load_manifest
 from megavictor.data.order import epoch_order
 from megavictor.data.packing import Packer, PackItem
 from megavictor.data.reader import ShardReader
-from megavictor.data.tokenizer import ChatTokenizer, TemplateError, load_tokenizer
-from megavictor.model.batch import Sample, VictorBatch, collate_rows, layout_sample, truncate_sample
+from megavictor.data.tokenizer import PROMPT_FORMATS, ChatTokenizer, TemplateError, load_tokenizer
+from megavictor.model.batch import VictorBatch, collate_rows, layout_sample, truncate_sample
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -204,6 +204,11 @@ class VictorLoader:
             if manifest.tokenizer is None:
                 raise DataError(f"{path} stores no tokenizer: pass data.tokenizer=<your LLM's HF tokenizer dir>")
             tokenizer = Path(path) / manifest.tokenizer
+        if not Path(tokenizer).is_dir():
+            raise DataError(f"tokenizer dir {tokenizer} does not exist (pass data.tokenizer=<your LLM's HF tokenizer "
+                            "dir>, or re-run the prep that stores one)")
+        if prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"prompt_format={prompt_format!r} must be one of {PROMPT_FORMATS}")
         self.spec = LoaderSpec(
             root=str(path), split=split, shards=tuple(shards), tokenizer=str(tokenizer), prompt_format=prompt_format,
             system=system, seq_length=seq_length, micro_batch_size=micro_batch_size, visual_tokens=visual_tokens,
@@ -220,7 +225,7 @@ class VictorLoader:
 
     @classmethod
     def from_config(cls, cfg: Any, split: str, dp_rank: int = 0, dp_size: int = 1, **overrides: Any
-                    ) -> "VictorLoader":
+                    ) -> VictorLoader:
         """A loader from a `megavictor.config.Config` (data, vision and victor sections); checks the vocab fits."""
         d = cfg.data
         kwargs: dict[str, Any] = dict(

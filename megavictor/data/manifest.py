@@ -2,6 +2,10 @@
 
 `megavictor prep` writes it last (atomically), so a directory without it is an unfinished prep run; the loader
 reads only the shards it lists. Shard names are relative to the directory holding the manifest.
+
+Every tar sample is `{__key__, json, image members}`: `json` holds {"id", "conversations" (LLaVA turns with
+`<image>` markers), "images": [the image members' suffixes, in marker order]}; the images keep their encoded bytes
+(`jpg`/`png`, or `0.jpg`, `1.png`, ... for several).
 """
 
 from __future__ import annotations

@@ -15,6 +15,13 @@ _DECODER_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _COLUMN = ("linear_qkv.weight", "linear_qkv.bias", "linear_fc1.weight", "linear_fc1.bias",
            "word_embeddings.weight", "output_layer.weight")
 _ROW = ("linear_proj.weight", "linear_fc2.weight")
+# Transformer Engine fuses the pre-attention / pre-MLP norms into the following linear layer.
+_TE_NORMS = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
+}
 
 
 def tp_split_dim(name: str) -> int | None:
@@ -58,7 +65,11 @@ def stage_offsets(layers_per_stage: list[int]) -> list[int]:
 
 
 def full_name(local_name: str, layer_offset: int) -> str:
-    """A stage-local parameter name -> the full model's name."""
+    """A stage-local parameter name (local or TE layers) -> the full model's name."""
+    for te_name, name in _TE_NORMS.items():
+        if local_name.endswith(te_name):
+            local_name = local_name[: -len(te_name)] + name
+            break
     return _DECODER_LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + layer_offset}.", local_name)
 
 

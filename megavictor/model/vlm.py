@@ -113,5 +113,5 @@ class VictorVLM(MegatronModule):
             return tensor_parallel.gather_from_tensor_model_parallel_region(logits).transpose(0, 1)
         labels = plan.output_view.labels
         mask = labels >= 0
-        losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), torch.where(mask, labels, 0).t())
+        losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), torch.where(mask, labels, 0).t().contiguous())
         return losses.t() * mask

@@ -1,0 +1,126 @@
+"""`megavictor launch`: submit a training run to SLURM (or run it locally) through submitit.
+
+    megavictor launch --config configs/X.yaml --nodes 4 --gpus-per-node 8 --partition P [--time MIN]
+                      [--account A] [--qos Q] [--cluster slurm|local] [--dry-run] [--wait] [section.key=value ...]
+
+Prints the job id and the run directory, then returns; `--wait` blocks and exits with the job's status (1 on
+failure, after printing the failing rank's traceback). The run directory (`train.run_dir`, made absolute) holds
+config.yaml (the resolved config), submitit/ (sbatch script, per-rank logs <job>_<rank>_log.{out,err}) and whatever
+the trainer writes (checkpoints/). `--dry-run` prints the sbatch script and submits nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import submitit
+import yaml
+from submitit.core.utils import FailedJobError
+from submitit.slurm.slurm import _make_sbatch_string
+
+from launch.job import DEFAULT_ENTRY, TrainJob
+from megavictor.config import load_config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megavictor launch", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="YAML recipe (defaults when omitted)")
+    p.add_argument("--cluster", choices=["slurm", "local"], default="slurm",
+                   help="local: the same job through submitit's local executor (one node)")
+    p.add_argument("--nodes", type=int, default=1)
+    per_node = p.add_mutually_exclusive_group(required=True)
+    per_node.add_argument("--gpus-per-node", type=int, help="GPU nodes: one task per GPU (nccl)")
+    per_node.add_argument("--tasks-per-node", type=int, help="CPU nodes: this many tasks per node (gloo)")
+    p.add_argument("--cpus-per-task", type=int, help="CPU cores per task (data loader workers)")
+    p.add_argument("--partition", help="SLURM partition (required with --cluster slurm)")
+    p.add_argument("--time", type=int, default=60, help="time limit in minutes")
+    p.add_argument("--account")
+    p.add_argument("--qos")
+    p.add_argument("--signal-delay", type=int, default=90,
+                   help="seconds before the time limit at which USR2 asks the run to checkpoint and requeue")
+    p.add_argument("--entry", default=DEFAULT_ENTRY, help="module:function that trains (and has request_stop())")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
+    p.add_argument("--wait", action="store_true", help="block until the job ends; exit with its status")
+    p.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
+    return p
+
+
+def slurm_parameters(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
+    """sbatch parameters in submitit's SlurmExecutor names; both --dry-run and submission render from these."""
+    tasks = args.gpus_per_node or args.tasks_per_node
+    params: dict[str, Any] = {
+        "job_name": run_dir.name,
+        "partition": args.partition,
+        "time": args.time,
+        "nodes": args.nodes,
+        "ntasks_per_node": tasks,
+        "gpus_per_node": args.gpus_per_node,
+        "cpus_per_task": args.cpus_per_task,
+        "account": args.account,
+        "qos": args.qos,
+        "signal_delay_s": args.signal_delay,
+        # A rank that dies must end the job: otherwise the others wait in a collective until its timeout.
+        "srun_args": ["--kill-on-bad-exit=1"],
+        # Requeue (by the job itself, or by SLURM on preemption / node failure) even where JobRequeue=0.
+        "additional_parameters": {"requeue": True},
+    }
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def sbatch_script(args: argparse.Namespace, run_dir: Path) -> str:
+    """The script submitit would submit (rendered by submitit itself; needs no srun on this machine)."""
+    folder = run_dir / "submitit"
+    # What SlurmExecutor._submitit_command_str runs on every task:
+    command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
+    return _make_sbatch_string(command=command, folder=folder, **slurm_parameters(args, run_dir))
+
+
+def make_executor(args: argparse.Namespace, run_dir: Path) -> submitit.AutoExecutor:
+    executor = submitit.AutoExecutor(folder=run_dir / "submitit", cluster=args.cluster)
+    if args.cluster == "slurm":
+        executor.update_parameters(**{f"slurm_{k}": v for k, v in slurm_parameters(args, run_dir).items()})
+    else:
+        executor.update_parameters(timeout_min=args.time, nodes=1,
+                                   tasks_per_node=args.gpus_per_node or args.tasks_per_node,
+                                   gpus_per_node=args.gpus_per_node or 0, local_signal_delay_s=args.signal_delay)
+    return executor
+
+
+def wait_for(job: submitit.Job) -> int:
+    """Block until every task ends; print rank 0's summary, or the failing rank's traceback first."""
+    errors = [job.task(rank).exception() for rank in range(job.num_tasks)]
+    failed = [e for e in errors if e is not None]
+    if not failed:
+        print(json.dumps(job.task(0).result(), default=str))
+        return 0
+    failed.sort(key=lambda e: not isinstance(e, FailedJobError))  # tracebacks first
+    print(f"job {job.job_id} failed:\n{failed[0]}", file=sys.stderr)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.cluster == "slurm" and not args.partition:
+        print("megavictor launch: --partition is required with --cluster slurm", file=sys.stderr)
+        return 2
+    if args.cluster == "local" and args.nodes != 1:
+        print("megavictor launch: --cluster local runs on one node (--nodes 1)", file=sys.stderr)
+        return 2
+    cfg = load_config(args.config, args.overrides)
+    run_dir = Path(cfg.train.run_dir).resolve()
+    cfg.train.run_dir = str(run_dir)
+    if args.dry_run:
+        print(sbatch_script(args, run_dir))
+        return 0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    executor = make_executor(args, run_dir)
+    job = executor.submit(TrainJob(cfg, entry=args.entry, gpus=bool(args.gpus_per_node)))
+    print(f"job {job.job_id}")
+    print(f"run dir {run_dir}", flush=True)
+    return wait_for(job) if args.wait else 0

@@ -1,0 +1,154 @@
+"""Distributed checkpoints with megatron's `dist_checkpointing`: atomic, resumable, reshardable.
+
+Layout under `RUN_DIR/checkpoints/`:
+    step_000012/      a complete checkpoint (model, optimizer, scheduler, loader, RNG, step, resolved config)
+    step_000014.tmp/  one being written; never read
+    latest            the name of the newest complete checkpoint, replaced atomically after the rename
+
+Model and optimizer tensors are saved as megatron ShardedTensors keyed by global layer index, so a checkpoint
+written with one tp/pp layout loads into another. Per-rank RNG states are ShardedObjects and are restored only
+when the layout is unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from megavictor.config import Config, config_from_dict
+
+LATEST = "latest"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def latest_checkpoint(checkpoints_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint named by `latest`, or None. A half-written one is never returned."""
+    pointer = Path(checkpoints_dir) / LATEST
+    if not pointer.is_file():
+        return None
+    path = Path(checkpoints_dir) / pointer.read_text().strip()
+    if not (path / "metadata.json").is_file():
+        raise RuntimeError(f"{pointer} names {path.name}, which is not a complete checkpoint; remove {pointer} "
+                           "to start over or point it at a complete step_* directory")
+    return path
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint given as a step directory, a `checkpoints/` directory or a run directory."""
+    path = Path(path)
+    if (path / "metadata.json").is_file():
+        return path
+    for root in (path, path / "checkpoints"):
+        found = latest_checkpoint(root)
+        if found is not None:
+            return found
+    raise FileNotFoundError(f"{path} is not a checkpoint, nor a run or checkpoints directory with a 'latest' file")
+
+
+def _layout() -> dict[str, int]:
+    return {"tp": parallel_state.get_tensor_model_parallel_world_size(),
+            "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+            "dp": parallel_state.get_data_parallel_world_size()}
+
+
+def _rng_object(data: Any) -> ShardedObject:
+    layout = _layout()
+    return ShardedObject(
+        "rng", data, (layout["pp"], layout["tp"], layout["dp"]),
+        (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank(),
+         parallel_state.get_data_parallel_rank()), replica_id=0)
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save(checkpoints_dir: str | Path, step: int, model: torch.nn.Module, optimizer=None, scheduler=None,
+         extra: dict[str, Any] | None = None, cfg: Config | None = None, keep_last: int = 0) -> Path:
+    """Write `step_XXXXXX` atomically (temp dir, rename, then `latest`), keeping the newest `keep_last`."""
+    root = Path(checkpoints_dir)
+    final = root / step_dir_name(step)
+    tmp = root / (final.name + ".tmp")
+    if dist.get_rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    _barrier()
+    model_sd = model.sharded_state_dict()
+    state: dict[str, Any] = {"model": model_sd, "step": step, "layout": _layout(), "rng": _rng_object(_rng_state()),
+                             "config": cfg.to_dict() if cfg is not None else None, "extra": extra or {}}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd)
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    dist_checkpointing.save(state, str(tmp))
+    _barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        pointer = root / (LATEST + ".tmp")
+        pointer.write_text(final.name + "\n")
+        os.replace(pointer, root / LATEST)
+        if keep_last > 0:
+            done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+            for old in done[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def read_common(path: str | Path) -> dict[str, Any]:
+    """The non-sharded part (step, layout, config, extra, scheduler) without building a model."""
+    return dist_checkpointing.load_common_state_dict(str(path))
+
+
+def load(path: str | Path, model: torch.nn.Module, optimizer=None, scheduler=None) -> dict[str, Any]:
+    """Load into a (possibly differently laid out) model; optimizer/scheduler/RNG only when given and possible.
+
+    Returns the common state (step, config, extra).
+    """
+    common = read_common(path)
+    model_sd = model.sharded_state_dict()
+    template: dict[str, Any] = {"model": model_sd}
+    same_layout = common.get("layout") == _layout()
+    if optimizer is not None:
+        template["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
+    if same_layout:
+        template["rng"] = _rng_object(None)
+    loaded = dist_checkpointing.load(template, str(path))
+    model.load_state_dict(loaded["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if scheduler is not None and "scheduler" in common:
+        scheduler.load_state_dict(common["scheduler"])
+    if same_layout:
+        rng = loaded["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+    return common
+
+
+def config_of(path: str | Path) -> Config:
+    """The resolved config a checkpoint was written with."""
+    data = read_common(path).get("config")
+    if data is None:
+        raise ValueError(f"checkpoint {path} carries no config")
+    return config_from_dict(data)

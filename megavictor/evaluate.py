@@ -1,0 +1,141 @@
+"""`megavictor eval`: greedy answers to a VQA split and their exact-match accuracy.
+
+Each record's first question is rendered with the training chat template up to where the answer starts; the
+model answers greedily (until eos or `--max-new-tokens`) and the answer must match the reference exactly
+(case and surrounding space ignored). `chance` is the accuracy of always giving the most common answer to each
+question text of the split, the floor a model that ignores the image can reach.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megavictor.config import Config
+from megavictor.data.images import load_image
+from megavictor.data.manifest import load_manifest
+from megavictor.data.reader import ShardReader
+from megavictor.data.tokenizer import ChatTokenizer, load_tokenizer
+from megavictor.model.batch import Sample, VictorBatch, collate_rows, layout_sample
+from megavictor.model.victor import DropPlan, build_drop_plan
+
+
+@dataclass
+class Question:
+    key: str
+    text: str  # the human turn, for the chance baseline
+    prompt: Sample  # tokens up to where the answer starts
+    answer: str
+
+
+def load_questions(cfg: Config, data_path: str | Path, split: str, limit: int | None = None) -> tuple[list[Question], ChatTokenizer]:
+    manifest = load_manifest(data_path)
+    tokenizer_dir = cfg.data.tokenizer or Path(data_path) / manifest.tokenizer
+    chat = ChatTokenizer(load_tokenizer(tokenizer_dir), cfg.data.prompt_format)
+    reader = ShardReader(data_path, manifest.split_shards(split))
+    n = len(reader) if limit is None else min(limit, len(reader))
+    questions = []
+    for _, raw in reader.read(range(n)):
+        record = json.loads(raw["json"])
+        images = [load_image(raw[member], cfg.vision.image_size) for member in record["images"]]
+        first_turns = record["conversations"][:2]
+        sample = chat.sample(first_turns, images)
+        start = sample.trainable.index(True)
+        questions.append(Question(
+            key=raw["__key__"], text=first_turns[0]["value"].replace("<image>", "").strip(),
+            prompt=Sample(sample.tokens[:start], [False] * start, images), answer=first_turns[1]["value"].strip()))
+    return questions, chat
+
+
+LogitsFn = Callable[[VictorBatch, DropPlan], torch.Tensor]
+
+
+@torch.no_grad()
+def greedy_generate(logits_fn: LogitsFn, cfg: Config, prompts: list[Sample], max_new_tokens: int,
+                    eos_id: int, pad_id: int) -> list[list[int]]:
+    """Greedy decoding without a KV cache: each step re-runs the packed batch (one prompt per row)."""
+    v, r = cfg.vision.num_visual_tokens, cfg.victor.registers_per_image
+    longest = max(p.num_slots(v, r) for p in prompts)
+    seq_length = longest + max_new_tokens
+    generated: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for _ in range(max_new_tokens):
+        rows = [[layout_sample(Sample(p.tokens + g, p.trainable + [False] * len(g), p.images), v, r, pad_id)]
+                for p, g in zip(prompts, generated)]
+        batch = collate_rows(rows, seq_length, pad_id)
+        plan = build_drop_plan(batch, cfg.victor.enabled, cfg.victor.drop_layer, cfg.victor.mask == "text_blind")
+        logits = logits_fn(batch, plan)
+        for i, row in enumerate(rows):
+            if done[i]:
+                continue
+            last = len(row[0]) - 1
+            column = int((plan.keep_index[i] == last).nonzero()[0])
+            token = int(logits[i, column].argmax())
+            if token == eos_id:
+                done[i] = True
+            else:
+                generated[i].append(token)
+        if all(done):
+            break
+    return generated
+
+
+def accuracy(questions: list[Question], answers: list[str]) -> dict:
+    correct = sum(a.strip().lower() == q.answer.lower() for q, a in zip(questions, answers))
+    by_text: dict[str, Counter] = defaultdict(Counter)
+    for q in questions:
+        by_text[q.text][q.answer.lower()] += 1
+    chance = sum(c.most_common(1)[0][1] for c in by_text.values()) / max(len(questions), 1)
+    return {"accuracy": correct / max(len(questions), 1), "n": len(questions), "chance": chance}
+
+
+def evaluate(logits_fn: LogitsFn, cfg: Config, data_path: str | Path, split: str, limit: int | None = None,
+             batch_size: int = 32, max_new_tokens: int = 8) -> dict:
+    questions, chat = load_questions(cfg, data_path, split, limit)
+    eos = chat.tokenizer.eos_token_id
+    answers = []
+    for start in range(0, len(questions), batch_size):
+        chunk = questions[start:start + batch_size]
+        for ids in greedy_generate(logits_fn, cfg, [q.prompt for q in chunk], max_new_tokens, eos, chat.pad_id):
+            answers.append(chat.tokenizer.decode(ids, skip_special_tokens=True))
+    return accuracy(questions, answers)
+
+
+def megatron_logits_fn(checkpoint_path: str | Path, data_path: str | Path) -> tuple[LogitsFn, Config]:
+    """A single-process (tp=1, pp=1) VictorVLM with the checkpoint's weights, whatever layout saved them."""
+    from megavictor import checkpoint
+    from megavictor.distributed import init_distributed
+    from megavictor.model.vlm import VictorVLM
+
+    path = checkpoint.resolve(checkpoint_path)
+    cfg = checkpoint.config_of(path)
+    cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.pp_split = 1, 1, "even"
+    cfg.data.path = str(data_path)
+    init_distributed(tp=1, pp=1, seed=cfg.train.seed)
+    model = VictorVLM(cfg, [cfg.model.num_layers])
+    checkpoint.load(path, model)
+    model.eval()
+    return (lambda batch, plan: model(batch, plan, return_logits=True)), cfg
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="megavictor eval", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="megavictor checkpoint (step, checkpoints or run dir)")
+    parser.add_argument("--data", default="data/digits")
+    parser.add_argument("--split", default="test", help="split name, or test/val for the config's data.*_split")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N records")
+    parser.add_argument("--max-new-tokens", type=int, default=8)
+    args = parser.parse_args(argv)
+    logits_fn, cfg = megatron_logits_fn(args.checkpoint, args.data)
+    split = {"test": cfg.data.test_split, "val": cfg.data.val_split}.get(args.split, args.split)
+    result = evaluate(logits_fn, cfg, args.data, split, args.limit, max_new_tokens=args.max_new_tokens)
+    result["split"] = split
+    print(f"{split}: accuracy {result['accuracy']:.3f} on {result['n']} questions (chance {result['chance']:.3f})")
+    print(json.dumps(result))
+    return 0

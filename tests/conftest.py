@@ -1,0 +1,19 @@
+"""Session fixtures shared by the data tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+DIGITS_MAXCOUNT = 170  # small shards: every split has several, and counts that do not divide by 4 readers
+
+
+@pytest.fixture(scope="session")
+def digits_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded digits data set, prepared once per session (via the CLI entry point)."""
+    from data_prep.cli import main
+
+    out = tmp_path_factory.mktemp("digits")
+    assert main(["digits", "--out", str(out), "--maxcount", str(DIGITS_MAXCOUNT)]) == 0
+    return out

@@ -1,0 +1,257 @@
+"""`megavictor prep`: digits and LLaVA data to tar shards; manifest vs tar contents, bad records, determinism,
+resume after an interruption."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import data_prep.llava
+from data_prep.digits import SPLITS
+from megavictor.cli import main as megavictor_main
+from megavictor.data.manifest import load_manifest
+from megavictor.data.tokenizer import load_tokenizer
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def tar_samples(path: Path) -> dict[str, dict[str, bytes]]:
+    """Samples of a tar shard read with plain tarfile (key = name up to the first dot), checking tar metadata."""
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tar:
+        for member in tar:
+            assert (member.mtime, member.uname, member.gname, member.uid) == (0, "megavictor", "megavictor", 0)
+            key, suffix = member.name.split(".", 1)
+            samples.setdefault(key, {})[suffix] = tar.extractfile(member).read()
+    return samples
+
+
+def check_manifest_matches_tars(root: Path) -> dict[str, int]:
+    """Every listed shard exists with the listed size, checksum and sample count; nothing unlisted or partial."""
+    manifest = load_manifest(root)
+    per_split: dict[str, int] = {}
+    for shard in manifest.shards:
+        path = root / shard.name
+        assert path.stat().st_size == shard.bytes
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == shard.sha256
+        assert len(tar_samples(path)) == shard.samples > 0
+        per_split[shard.split] = per_split.get(shard.split, 0) + shard.samples
+    assert sorted(p.name for p in root.glob("*.tar")) == sorted(s.name for s in manifest.shards)
+    assert not list(root.glob("*.tmp")) and not (root / ".prep-progress.json").exists()
+    return per_split
+
+
+def checksums(root: Path) -> list[tuple[str, str]]:
+    return [(s.name, s.sha256) for s in load_manifest(root).shards]
+
+
+# ----------------------------------------------------------------------------------------------- digits
+
+
+def test_digits_manifest_matches_tar_contents(digits_data: Path) -> None:
+    assert check_manifest_matches_tars(digits_data) == {s.name: s.size for s in SPLITS}
+    assert {s.name for s in SPLITS} >= {"caption_train", "caption_val", "vqa_train", "vqa_val", "vqa_test"}
+    tokenizer = load_tokenizer(digits_data / load_manifest(digits_data).tokenizer)
+    assert len(tokenizer) <= 512
+    assert None not in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+
+def _records(root: Path, split: str) -> list[tuple[dict, np.ndarray]]:
+    out = []
+    for shard in load_manifest(root).split_shards(split):
+        for sample in tar_samples(root / shard.name).values():
+            out.append((json.loads(sample["json"]), np.asarray(Image.open(io.BytesIO(sample["png"])))))
+    return out
+
+
+def test_digits_splits_use_disjoint_scans(digits_data: Path) -> None:
+    pools = {}
+    for pool in ("train", "val", "test"):
+        scans: set[int] = set()
+        for split in (s.name for s in SPLITS if s.pool == pool):
+            scans |= {c for record, _ in _records(digits_data, split) for c in record["scans"] if c is not None}
+        pools[pool] = scans
+    assert pools["train"] and pools["val"] and pools["test"]
+    assert not pools["train"] & pools["val"] and not pools["train"] & pools["test"] and not pools["val"] & pools["test"]
+
+
+def test_digits_answers_match_the_image(digits_data: Path) -> None:
+    cells = {"top left": 0, "top right": 1, "bottom left": 2, "bottom right": 3}
+    kinds = set()
+    for record, image in _records(digits_data, "vqa_val"):
+        assert image.shape == (32, 32, 3)
+        digits = record["digits"]
+        for pos, digit in enumerate(digits):  # empty cells are blank, occupied ones are not
+            row, col = divmod(pos, 2)
+            assert (image[16 * row:16 * row + 16, 16 * col:16 * col + 16].max() > 0) == (digit is not None)
+        (human, gpt) = record["conversations"]
+        question, answer = human["value"].removeprefix("<image>\n"), gpt["value"]
+        present = [d for d in digits if d is not None]
+        if question.startswith("What is the digit in the "):
+            kinds.add("cell")
+            assert answer == str(digits[cells[question.removeprefix("What is the digit in the ")[:-1]]])
+        else:
+            expected = {"How many digits are there?": len(present), "What is their sum?": sum(present),
+                        "How many digits are odd?": sum(d % 2 for d in present)}[question]
+            kinds.add(question)
+            assert answer == str(expected)
+    assert len(kinds) == 4
+
+
+def test_digits_prep_is_byte_identical_on_rerun(digits_data: Path, tmp_path: Path) -> None:
+    from tests.conftest import DIGITS_MAXCOUNT
+
+    assert megavictor_main(["prep", "digits", "--out", str(tmp_path), "--maxcount", str(DIGITS_MAXCOUNT)]) == 0
+    assert checksums(tmp_path) == checksums(digits_data)
+    for f in (digits_data / "tokenizer").iterdir():
+        assert (tmp_path / "tokenizer" / f.name).read_bytes() == f.read_bytes()
+
+
+# ----------------------------------------------------------------------------------------------- LLaVA
+
+BAD_TEXT = "@@NOT-UTF8@@"
+EXPECTED_SKIPS = {"missing_image": ["missing-img"], "unreadable_image": ["broken-img"],
+                  "no_conversations": ["no-conv"], "image_count_mismatch": ["count-mismatch"],
+                  "duplicate_id": ["good-jpg"], "non_utf8_text": ["bad-utf8"]}
+GOOD_IDS = ["good-jpg", "good-two", "text-only", "good-png", "extra-0", "extra-1", "extra-2", "extra-3"]
+
+
+def _turns(*values: str) -> list[dict[str, str]]:
+    return [{"from": "human" if i % 2 == 0 else "gpt", "value": v} for i, v in enumerate(values)]
+
+
+@pytest.fixture(scope="module")
+def llava_source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A LLaVA JSON + image folder: good records (jpg, png, gif, two images, text only) and planted bad ones."""
+    root = tmp_path_factory.mktemp("llava")
+    images = root / "images"
+    (images / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(images / "sub" / "a.jpg")
+    Image.fromarray(rng.integers(0, 255, (20, 20, 4), dtype=np.uint8)).save(images / "b.png")
+    Image.fromarray(rng.integers(0, 255, (16, 24), dtype=np.uint8)).convert("P").save(images / "c.gif")
+    (images / "broken.jpg").write_bytes((images / "sub" / "a.jpg").read_bytes()[:200])
+    one = _turns("<image>\nWhat is shown?", "noise")
+    records = [
+        {"id": "good-jpg", "image": "sub/a.jpg", "conversations": one},
+        {"id": "good-two", "image": ["b.png", "c.gif"],
+         "conversations": _turns("<image> and <image>: same?", "no", "Sure?", "yes")},
+        {"id": "text-only", "conversations": _turns("Say hi", "hi")},
+        {"id": "missing-img", "image": "nope.jpg", "conversations": one},
+        {"id": "broken-img", "image": "broken.jpg", "conversations": one},
+        {"id": "no-conv", "image": "sub/a.jpg"},
+        {"id": "count-mismatch", "image": "sub/a.jpg", "conversations": _turns("no marker here", "A")},
+        {"id": "good-jpg", "image": "b.png", "conversations": one},
+        {"id": "bad-utf8", "image": "sub/a.jpg", "conversations": _turns("<image>\n" + BAD_TEXT, "A")},
+        {"id": "good-png", "image": "b.png", "conversations": one},
+    ] + [{"id": f"extra-{i}", "image": "sub/a.jpg", "conversations": one} for i in range(4)]
+    path = root / "llava.json"
+    path.write_bytes(json.dumps(records, indent=1).encode().replace(BAD_TEXT.encode(), b"caf\xe9 \xff"))
+    return path, images
+
+
+def _prep_llava(source: tuple[Path, Path], out: Path, *extra: str) -> int:
+    json_path, images = source
+    return megavictor_main(["prep", "llava", "--json", str(json_path), "--images", str(images), "--out", str(out),
+                            "--maxcount", "3", *extra])
+
+
+def test_llava_prep_skips_bad_records_by_id(llava_source: tuple[Path, Path], tmp_path: Path,
+                                            capsys: pytest.CaptureFixture) -> None:
+    assert _prep_llava(llava_source, tmp_path, "--workers", "2") == 0
+    err = capsys.readouterr().err
+    manifest = load_manifest(tmp_path)
+    assert manifest.skipped_ids == EXPECTED_SKIPS
+    assert manifest.skipped == {reason: 1 for reason in EXPECTED_SKIPS}
+    for ids in EXPECTED_SKIPS.values():
+        assert f"record {ids[0]!r}" in err
+    assert check_manifest_matches_tars(tmp_path) == {"train": len(GOOD_IDS)}
+    samples = {}
+    for shard in manifest.shards:
+        for sample in tar_samples(tmp_path / shard.name).values():
+            samples[json.loads(sample["json"])["id"]] = sample
+    assert sorted(samples) == sorted(GOOD_IDS)
+    _, images = llava_source
+    assert samples["good-jpg"]["jpg"] == (images / "sub" / "a.jpg").read_bytes()  # original bytes kept
+    two = samples["good-two"]
+    assert json.loads(two["json"])["images"] == ["0.png", "1.png"] and {"0.png", "1.png"} < set(two)
+    assert Image.open(io.BytesIO(two["1.png"])).size == (24, 16)  # the gif, re-encoded as PNG
+    assert set(samples["text-only"]) == {"json"}
+
+
+def test_llava_strict_fails_on_first_bad_record(llava_source: tuple[Path, Path], tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    assert _prep_llava(llava_source, tmp_path, "--strict", "--workers", "1") == 1
+    err = capsys.readouterr().err
+    assert "'missing-img'" in err and "nope.jpg" in err and "not found" in err
+    assert not list(tmp_path.iterdir())  # nothing left that could pass for a data set
+
+
+def test_llava_prep_is_byte_identical_on_rerun(llava_source: tuple[Path, Path], tmp_path: Path) -> None:
+    assert _prep_llava(llava_source, tmp_path / "a", "--workers", "2") == 0
+    assert _prep_llava(llava_source, tmp_path / "b", "--workers", "1") == 0
+    assert _prep_llava(llava_source, tmp_path / "b", "--workers", "2") == 0  # over a finished run
+    assert checksums(tmp_path / "a") == checksums(tmp_path / "b")
+    assert len(checksums(tmp_path / "a")) == 3
+
+
+def test_llava_interrupted_run_resumes_to_identical_shards(llava_source: tuple[Path, Path], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    assert _prep_llava(llava_source, tmp_path / "clean", "--workers", "1") == 0
+    check = data_prep.llava.check_record
+
+    def interrupted(job, images_dir):  # Ctrl-C while record #12 is being read
+        if job[0] == 12:
+            raise KeyboardInterrupt
+        return check(job, images_dir)
+
+    monkeypatch.setattr(data_prep.llava, "check_record", interrupted)
+    out = tmp_path / "run"
+    assert _prep_llava(llava_source, out, "--workers", "1") == 130
+    assert not (out / "manifest.json").exists()
+    progress = json.loads((out / ".prep-progress.json").read_text())
+    done = [e["name"] for e in progress["splits"]["train"]["shards"]]
+    assert done and sorted(p.name for p in out.glob("*.tar")) == done  # the shard being written is still *.tmp
+    monkeypatch.setattr(data_prep.llava, "check_record", check)
+
+    other = tmp_path / "other.json"
+    other.write_text("[]")
+    assert megavictor_main(["prep", "llava", "--json", str(other), "--images", str(llava_source[1]),
+                            "--out", str(out), "--maxcount", "3"]) == 1
+    assert "--restart" in capsys.readouterr().err
+
+    assert _prep_llava(llava_source, out, "--workers", "1") == 0
+    assert f"{len(done)} shards already complete" in capsys.readouterr().err
+    assert checksums(out) == checksums(tmp_path / "clean")
+    assert load_manifest(out).skipped_ids == EXPECTED_SKIPS
+    check_manifest_matches_tars(out)
+
+
+def test_python_dash_m_data_prep() -> None:
+    result = subprocess.run([sys.executable, "-m", "data_prep", "llava", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--strict" in result.stdout and "--maxsize" in result.stdout
+
+
+def test_llava_shards_load_into_packed_batches(llava_source: tuple[Path, Path], digits_data: Path,
+                                               tmp_path: Path) -> None:
+    from megavictor.data import VictorLoader
+
+    assert _prep_llava(llava_source, tmp_path, "--workers", "1") == 0
+    loader = VictorLoader(tmp_path, "train", tokenizer=digits_data / "tokenizer", seq_length=128,
+                          micro_batch_size=2, visual_tokens=16, registers=8, image_size=32, epochs=1)
+    batches = list(loader.iter_with_keys())
+    keys = sorted(k for _, rows in batches for row in rows for k in row)
+    assert keys == sorted(f"{i:09d}" for i in (0, 1, 2, 9, 10, 11, 12, 13))
+    for batch, _ in batches:
+        batch.validate(16, 8)
+    assert sum(b.images.shape[0] for b, _ in batches) == 8  # 1 + 2 + 0 (text only) + 1 + 4
