@@ -87,19 +87,27 @@ def make_executor(args: argparse.Namespace, run_dir: Path) -> submitit.AutoExecu
     else:
         executor.update_parameters(timeout_min=args.time, nodes=1,
                                    tasks_per_node=args.gpus_per_node or args.tasks_per_node,
-                                   gpus_per_node=args.gpus_per_node or 0, local_signal_delay_s=args.signal_delay)
+                                   gpus_per_node=args.gpus_per_node or 0)
+        # AutoExecutor rejects local_signal_delay_s (submitit 1.5.4 lists only "setup"); LocalExecutor takes it.
+        executor._executor.update_parameters(signal_delay_s=args.signal_delay)
     return executor
 
 
 def wait_for(job: submitit.Job) -> int:
-    """Block until every task ends; print rank 0's summary, or the failing rank's traceback first."""
-    errors = [job.task(rank).exception() for rank in range(job.num_tasks)]
-    failed = [e for e in errors if e is not None]
+    """Block until every task ends; print rank 0's summary, or the traceback of the rank that failed first.
+
+    When one rank raises, its peers fail too (gloo: "connection closed by peer") or are killed (srun
+    --kill-on-bad-exit). The root cause is the earliest result file holding a traceback; ranks without one
+    (killed) only have their logs."""
+    errors = {rank: job.task(rank).exception() for rank in range(job.num_tasks)}
+    failed = {rank: e for rank, e in errors.items() if e is not None}
     if not failed:
         print(json.dumps(job.task(0).result(), default=str))
         return 0
-    failed.sort(key=lambda e: not isinstance(e, FailedJobError))  # tracebacks first
-    print(f"job {job.job_id} failed:\n{failed[0]}", file=sys.stderr)
+    raised = [r for r, e in failed.items() if isinstance(e, FailedJobError)]
+    first = min(raised, key=lambda r: job.task(r).paths.result_pickle.stat().st_mtime) if raised else min(failed)
+    print(f"job {job.job_id}: rank {first} failed first (failed ranks: {sorted(failed)}):\n{failed[first]}",
+          file=sys.stderr)
     return 1
 
 

@@ -9,6 +9,7 @@ from megavictor.config import ConfigError
 
 # verb -> (module, help). Modules are imported only when their verb runs, so `megavictor plan` stays light.
 VERBS: dict[str, tuple[str, str]] = {
+    "demo": ("megavictor.demo", "prepare the digits data, train stage 1 + 2 on CPU, print test accuracy"),
     "train": ("megavictor.trainer", "train (single process, or under torchrun / SLURM for tp x pp x dp)"),
     "eval": ("megavictor.evaluate", "greedy VQA answers from a checkpoint, exact-match accuracy as JSON"),
     "plan": ("megavictor.plan", "pipeline stage split and predicted per-stage cost (even vs balanced)"),

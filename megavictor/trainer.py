@@ -47,6 +47,7 @@ def request_stop(*_args: Any) -> None:
 class Summary:
     final_step: int
     final_loss: float | None
+    val_loss: float | None
     stopped_by_signal: bool
     checkpoint: str | None
 
@@ -178,7 +179,8 @@ class Trainer:
         if saved is None or checkpoint.step_dir_name(self.step) != saved.name:
             saved = self.save()
         self.metrics.close()
-        return Summary(self.step, last_loss, stopped, str(saved))
+        val_loss = None if stopped else self.evaluate()
+        return Summary(self.step, last_loss, val_loss, stopped, str(saved))
 
 
 def run(cfg: Config, install_signal_handlers: bool = True) -> Summary:
@@ -208,6 +210,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20 parallel.tp=2")
     args = parser.parse_args(argv)
     summary = run(load_config(args.config, args.overrides))
-    if dist.get_rank() == 0:
-        print(json.dumps(summary.__dict__))
+    if parallel_state.is_pipeline_last_stage() and parallel_state.get_data_parallel_rank() == 0 \
+            and parallel_state.get_tensor_model_parallel_rank() == 0:
+        print(json.dumps(summary.__dict__))  # the rank that holds the loss
     return 0

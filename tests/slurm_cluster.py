@@ -25,6 +25,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 STATE_DIR = Path(os.environ.get("MEGAVICTOR_SLURM_DIR", "/tmp/megavictor-slurm"))
 CLUSTER = "megavictor"
 ACCOUNT = "megavictor"
@@ -341,6 +343,14 @@ def session() -> Iterator[Paths]:
             others = [p for p in PATHS.users.glob("*") if _alive(int(p.name))]
             if PATHS.auto.exists() and not others:
                 down()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[Paths]:
+    """The running cluster, or one started for this session (stopped at its end). Errors, never skips, if SLURM
+    cannot start: CI must not pass without these tests."""
+    with session() as paths:
+        yield paths
 
 
 def main(argv: list[str]) -> int:

@@ -1,0 +1,66 @@
+"""`megavictor convert from-hf|to-hf`: Hugging Face checkpoints <-> megatron distributed checkpoints.
+
+    megavictor convert from-hf --llm DIR --vision DIR --out CKPT [--tp N --pp N] [--config YAML] [key=value ...]
+    megavictor convert from-hf --llava DIR --out CKPT ...
+    megavictor convert to-hf --checkpoint CKPT --out DIR [--tokenizer DIR] [--max-shard-size 5GB]
+
+The megatron side (`megavictor.checkpoint`) is imported only when a conversion runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megavictor.hf.convert import complete_state, config_from_sections, from_hf, from_hf_llava, to_hf
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="megavictor convert", description=__doc__.split("\n\n")[0])
+    sub = top.add_subparsers(dest="direction", required=True)
+    imp = sub.add_parser("from-hf", help="HF LLM + CLIP (or a LLaVA dir) -> megatron checkpoint")
+    imp.add_argument("--llm", help="LlamaForCausalLM dir (safetensors)")
+    imp.add_argument("--vision", help="CLIP or CLIPVisionModel dir; LLaVA's feature layer (-2) is kept")
+    imp.add_argument("--llava", help="LlavaForConditionalGeneration or exported Victor LLaVA dir (instead of the two)")
+    imp.add_argument("--out", required=True, help="megatron checkpoint dir to write")
+    imp.add_argument("--tp", type=int, help="tensor-parallel size to shard for (default: the config's)")
+    imp.add_argument("--pp", type=int, help="pipeline-parallel size to shard for (default: the config's)")
+    imp.add_argument("--config", help="YAML recipe for everything the HF weights do not fix")
+    imp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. victor.num_registers=16")
+    exp = sub.add_parser("to-hf", help="megatron checkpoint -> HF dir (Victor: with remote code)")
+    exp.add_argument("--checkpoint", required=True, help="megatron checkpoint dir")
+    exp.add_argument("--out", required=True, help="HF dir to write")
+    exp.add_argument("--tokenizer", help="tokenizer dir to ship (default: the config's data.tokenizer)")
+    exp.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    cli = parser()
+    args = cli.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.direction == "from-hf":
+        if args.llava and not (args.llm or args.vision):
+            sections, state = from_hf_llava(args.llava)
+        elif args.llm and args.vision and not args.llava:
+            sections, state = from_hf(args.llm, args.vision)
+        else:
+            cli.error("give either --llm and --vision, or --llava")
+        parallel = [f"parallel.{key}={value}" for key, value in (("tp", args.tp), ("pp", args.pp)) if value]
+        cfg = config_from_sections(sections, args.config, args.overrides + parallel)
+        state = complete_state(cfg, state, seed=cfg.train.seed)
+        from megavictor.checkpoint import save_full_state
+
+        save_full_state(cfg, state, args.out, cfg.parallel.tp, cfg.parallel.pp)
+        print(f"wrote {args.out} (tp={cfg.parallel.tp}, pp={cfg.parallel.pp}, {len(state)} tensors)")
+    else:
+        from megavictor.checkpoint import load_full_state
+
+        cfg, state = load_full_state(args.checkpoint)
+        out = to_hf(cfg, state, args.out, tokenizer_dir=args.tokenizer or cfg.data.tokenizer,
+                    max_shard_size=args.max_shard_size)
+        print(f"wrote {out} ({'Victor LLaVA, trust_remote_code' if cfg.victor.enabled else 'stock LLaVA'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""Processor of a Victor LLaVA model (standalone: imports only transformers, so it ships with exports).
+
+A `LlavaProcessor` whose `<image>` expands to the image's visual tokens followed by `num_registers` register
+tokens: the slot layout megavictor trains on (`megavictor.model.batch.layout_sample`), so its output goes straight
+into `model.generate(**inputs)`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from transformers import LlavaProcessor
+from transformers.feature_extraction_utils import BatchFeature
+
+
+class VictorLlavaProcessor(LlavaProcessor):
+    def __init__(self, image_processor: Any = None, tokenizer: Any = None, num_registers: int = 0,
+                 register_token: str = "<register>", **kwargs: Any) -> None:
+        self.num_registers = num_registers
+        self.register_token = register_token
+        super().__init__(image_processor, tokenizer, **kwargs)
+
+    def __call__(self, images: Any = None, text: Optional[str | list[str]] = None, audio: Any = None,
+                 videos: Any = None, **kwargs: Any) -> BatchFeature:
+        if images is not None and text is not None and self.num_registers:
+            # LlavaProcessor then expands each `<image>` in place, so the registers land right after its tokens.
+            registers = self.register_token * self.num_registers
+            texts = [text] if isinstance(text, str) else text
+            text = [t.replace(self.image_token, self.image_token + registers) for t in texts]
+        return super().__call__(images=images, text=text, audio=audio, videos=videos, **kwargs)
+
+
+__all__ = ["VictorLlavaProcessor"]
