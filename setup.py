@@ -26,6 +26,7 @@ setup(
         "safetensors",
         "webdataset>=0.2.100",
         "tqdm",
+        "wandb",  # offline by default (WANDB_MODE=offline); `wandb sync` uploads a run later
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout"],

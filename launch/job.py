@@ -16,11 +16,12 @@ there, and calling `request_stop()` from `checkpoint()` would be pointless. So, 
 3. every rank exits without a result file (SystemExit passes submitit's `except Exception`), so the client keeps
    waiting for the requeued run, which resumes from `RUN_DIR/checkpoints/latest`.
 
-Before the entry point installs nothing yet (imports, unpickling), submitit's handler still applies: rank 0 requeues
-at once, which loses nothing since no step has run, and `Checkpointable.checkpoint()` resubmits this same job.
+Before our handlers are installed (unpickling, imports), submitit's handler still applies: rank 0 requeues at once,
+which loses nothing since no step has run, and `Checkpointable.checkpoint()` resubmits this same job.
 
-A rank that raises ends the job: submitit writes its traceback to that rank's log (RUN_DIR/submitit/<job>_<rank>_log.err)
-and srun's --kill-on-bad-exit (set by the launcher) stops the ranks left waiting in a collective.
+A rank that raises ends the job: submitit writes its traceback to that rank's log
+(RUN_DIR/submitit/<job>_<rank>_log.err) and srun's --kill-on-bad-exit (set by the launcher) stops the ranks left
+waiting in a collective.
 """
 
 from __future__ import annotations

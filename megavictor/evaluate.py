@@ -87,12 +87,16 @@ def greedy_generate(logits_fn: LogitsFn, cfg: Config, prompts: list[Sample], max
 
 
 def accuracy(questions: list[Question], answers: list[str]) -> dict:
-    correct = sum(a.strip().lower() == q.answer.lower() for q, a in zip(questions, answers))
+    hits = [a.strip().lower() == q.answer.lower() for q, a in zip(questions, answers)]
     by_text: dict[str, Counter] = defaultdict(Counter)
-    for q in questions:
+    per_question: dict[str, list[bool]] = defaultdict(list)
+    for q, hit in zip(questions, hits):
         by_text[q.text][q.answer.lower()] += 1
-    chance = sum(c.most_common(1)[0][1] for c in by_text.values()) / max(len(questions), 1)
-    return {"accuracy": correct / max(len(questions), 1), "n": len(questions), "chance": chance}
+        per_question[q.text].append(hit)
+    n = max(len(questions), 1)
+    return {"accuracy": sum(hits) / n, "n": len(questions),
+            "chance": sum(c.most_common(1)[0][1] for c in by_text.values()) / n,
+            "by_question": {text: round(sum(h) / len(h), 4) for text, h in sorted(per_question.items())}}
 
 
 def evaluate(logits_fn: LogitsFn, cfg: Config, data_path: str | Path, split: str, limit: int | None = None,

@@ -1,10 +1,11 @@
 """A real single-node SLURM cluster on this machine (munge, MariaDB, slurmdbd, slurmctld, slurmd) for the launcher
 tests: real sbatch/srun/sacct, no mocks.
 
-CLI: `python -m tests.slurm_cluster up|down|status` (what `.ci/slurm-up.sh` / `.ci/slurm-down.sh` call); the pytest
-fixture `slurm_cluster` reuses a running cluster or starts one. Needs root (apt, daemons). Everything lives in
-STATE_DIR (one cluster per machine: the ports are fixed); clients find it through SLURM_CONF. No systemd here, so the
-daemons run in the foreground as children in their own sessions, and are stopped by their recorded PIDs.
+CLI: `python -m tests.slurm_cluster up|down|status` (what `.ci/slurm-up.sh` / `.ci/slurm-down.sh` call);
+`session()`, behind the `slurm_cluster` fixture in tests/test_launch.py, reuses a running cluster or starts one.
+Needs root (apt, daemons). Everything lives in STATE_DIR (one cluster per machine: the ports are fixed); clients
+find it through SLURM_CONF. No systemd here, so the daemons run in the foreground as children in their own
+sessions, and are stopped by their recorded PIDs.
 
 Settings that matter (measured): without slurmdbd submitit cannot see a job that died without a result and
 `results()` hangs; requeue took ~160 s until cred_expire=10, bf_interval/sched_interval=2 and KillWait=5.
@@ -21,11 +22,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import pytest
 
 STATE_DIR = Path(os.environ.get("MEGAVICTOR_SLURM_DIR", "/tmp/megavictor-slurm"))
 CLUSTER = "megavictor"
@@ -90,11 +89,12 @@ def _pid(name: str) -> int | None:
     return int(path.read_text()) if path.is_file() else None
 
 
-def _spawn(name: str, argv: list[str]) -> None:
+def _spawn(name: str, argv: list[str], user: str | None = None) -> None:
     """Start a foreground daemon detached from our session, its output in log/<name>.out, its PID recorded."""
     out = open(PATHS.log / f"{name}.out", "ab")
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True, env=dict(os.environ, SLURM_CONF=str(PATHS.conf)))
+                            start_new_session=True, env=dict(os.environ, SLURM_CONF=str(PATHS.conf)),
+                            user=user, group=user, extra_groups=[] if user else None)
     out.close()
     (PATHS.pids / f"{name}.pid").write_text(str(proc.pid))
 
@@ -130,7 +130,7 @@ def _run(argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str
     return proc
 
 
-def _wait(what: str, ready, daemon: str, timeout: float = 60) -> None:
+def _wait(what: str, ready: Callable[[], bool], daemon: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if ready():
@@ -223,7 +223,7 @@ def _start_munge() -> None:
         key.chmod(0o400)
     Path("/run/munge").mkdir(mode=0o755, exist_ok=True)
     shutil.chown("/run/munge", "munge", "munge")
-    _spawn("munged", ["runuser", "-u", "munge", "--", "munged", "--foreground"])
+    _spawn("munged", ["munged", "--foreground"], user="munge")
     _wait("munged", lambda: subprocess.run(["munge", "-n"], capture_output=True).returncode == 0, "munged")
 
 
@@ -295,9 +295,13 @@ def up() -> float:
         (PATHS.root / sub).mkdir(parents=True)
     host = socket.gethostname()
     _write_configs(host)
-    _start_munge()
-    _start_mariadb()
-    _start_slurm(host)
+    try:
+        _start_munge()
+        _start_mariadb()
+        _start_slurm(host)
+    except BaseException:
+        down()  # leave no half-started daemons behind; the logs stay in STATE_DIR/log
+        raise
     return time.monotonic() - t0
 
 
@@ -343,14 +347,6 @@ def session() -> Iterator[Paths]:
             others = [p for p in PATHS.users.glob("*") if _alive(int(p.name))]
             if PATHS.auto.exists() and not others:
                 down()
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster() -> Iterator[Paths]:
-    """The running cluster, or one started for this session (stopped at its end). Errors, never skips, if SLURM
-    cannot start: CI must not pass without these tests."""
-    with session() as paths:
-        yield paths
 
 
 def main(argv: list[str]) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,19 @@ import submitit
 import yaml
 
 from launch.cli import main
-from tests.slurm_cluster import PARTITION, slurm_cluster  # noqa: F401  (session fixture)
+from tests.slurm_cluster import PARTITION, Paths, session
 from tests.slurm_payload import expected_total
 
 STEPS = 40  # x 0.25 s per step: long enough to interrupt mid-run
 PAYLOAD = ["--entry", "tests.slurm_payload:run", "--tasks-per-node", "2", "--time", "5", "--signal-delay", "15"]
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[Paths]:
+    """The running test cluster, or one started for this session and stopped at its end. Errors, never skips,
+    when SLURM cannot start: CI must not pass without these tests."""
+    with session() as paths:
+        yield paths
 
 
 def launch(capsys: pytest.CaptureFixture[str], run_dir: Path, *extra: str, steps: int = STEPS) -> tuple[int, str, str]:
@@ -36,15 +45,17 @@ def launch(capsys: pytest.CaptureFixture[str], run_dir: Path, *extra: str, steps
 
 
 def sacct_state(job_id: str, timeout: float = 60) -> str:
-    """The job's final accounting state (waits while it is still pending/running/completing)."""
+    """The job's accounting state once SLURM is done with it: squeue no longer lists it (its processes are gone)
+    and slurmdbd has recorded the end (that lags squeue by a moment)."""
     deadline = time.monotonic() + timeout
     while True:
+        queued = subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True, check=True).stdout
         state = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "State"],
                                capture_output=True, text=True, check=True).stdout.strip()
-        if state and state.split()[0] not in ("PENDING", "RUNNING", "COMPLETING", "REQUEUED") or \
-                time.monotonic() > deadline:
+        if not queued.strip() and state.split(" ")[0] not in ("", "PENDING", "RUNNING", "REQUEUED"):
             return state
-        time.sleep(1)
+        assert time.monotonic() < deadline, f"job {job_id} not finished after {timeout:.0f} s: {state}"
+        time.sleep(0.5)
 
 
 def wait_for_steps(run_dir: Path, steps: int, timeout: float = 60) -> None:
@@ -78,7 +89,7 @@ def test_dry_run_renders_the_sbatch_script(capsys: pytest.CaptureFixture[str], t
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(slurm_cluster, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:  # noqa: F811
+def uninterrupted(slurm_cluster: Paths, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A 2-task job run to completion through `launch.cli.main(... --wait)`."""
     run_dir = tmp_path_factory.mktemp("uninterrupted")
     rc = main([*PAYLOAD, "--partition", PARTITION, "--wait", f"train.run_dir={run_dir}", f"train.max_steps={STEPS}"])
@@ -134,21 +145,21 @@ def test_scontrol_requeue_checkpoints_and_resumes(uninterrupted: dict[str, Any],
 
 
 @pytest.mark.timeout(90)
-def test_scancel_saves_and_stays_cancelled(slurm_cluster, capsys: pytest.CaptureFixture[str],  # noqa: F811
+def test_scancel_saves_and_stays_cancelled(slurm_cluster: Paths, capsys: pytest.CaptureFixture[str],
                                            tmp_path: Path) -> None:
     rc, job_id, _ = launch(capsys, tmp_path, "--partition", PARTITION)
     assert rc == 0
     wait_for_steps(tmp_path, 5)
     subprocess.run(["scancel", job_id], check=True)
     assert sacct_state(job_id).startswith("CANCELLED")
-    saved = (tmp_path / "checkpoints" / "latest").read_text()
+    saved = (tmp_path / "checkpoints" / "latest").read_text()  # saved within KillWait, at a step boundary
     assert 5 <= int(saved.removeprefix("step_").removesuffix(".json")) < STEPS
-    time.sleep(3)  # a requeue would show up as PENDING by now
-    assert subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip() == ""
+    # not resurrected: a requeue would have kept it in squeue (PENDING), and the job logs it
+    assert "requeueing job" not in (tmp_path / "submitit" / f"{job_id}_0_log.out").read_text()
 
 
 @pytest.mark.timeout(90)
-def test_failing_rank_ends_the_job_with_its_traceback(slurm_cluster, capsys: pytest.CaptureFixture[str],  # noqa: F811
+def test_failing_rank_ends_the_job_with_its_traceback(slurm_cluster: Paths, capsys: pytest.CaptureFixture[str],
                                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MEGAVICTOR_TEST_FAIL", "1:3")  # sbatch exports the environment to the job
     rc, job_id, err = launch(capsys, tmp_path, "--partition", PARTITION, "--wait")

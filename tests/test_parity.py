@@ -93,7 +93,8 @@ UNFROZEN = ["vision.freeze=false"]
 @pytest.mark.parametrize("layout,world,cases", [
     pytest.param(["parallel.tp=2"], 2, [["victor.drop_layer=3"], ["victor.enabled=false"],
                                         ["victor.mask=text_blind"], ["train.stage=1"],
-                                        ["model.num_query_groups=2"]], id="tp2"),
+                                        ["model.num_query_groups=2"], ["train.recompute=selective"]],
+                 id="tp2"),
     # With the even split [2, 2]: k=1 inside stage 0, k=2 at the boundary, k=3 inside stage 1.
     pytest.param(["parallel.pp=2"], 2, VICTOR_K, id="pp2"),
     pytest.param(["parallel.tp=2", "parallel.pp=2"], 4, VICTOR_K, id="tp2xpp2"),

@@ -129,3 +129,14 @@ def test_demo_runs_both_stages_and_prints_accuracy_json(digits_data: Path, tmp_p
     assert 0.0 < result["chance"] < 1.0
     assert (tmp_path / "stage1" / "checkpoints" / "latest").is_file()
     assert (tmp_path / "stage2" / "checkpoints" / "latest").is_file()
+
+
+def test_wandb_writes_a_real_offline_run(digits_data: Path, tmp_path: Path) -> None:
+    """log.wandb defaults to on, in offline mode: a run directory that `wandb sync` would upload."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    proc = subprocess.run(train_cmd(1, digits_data, tmp_path, "train.max_steps=2", "log.wandb=true"),
+                          capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, list((tmp_path / "wandb").iterdir())
+    assert list(runs[0].glob("*.wandb")), "no wandb event file in the offline run"

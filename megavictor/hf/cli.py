@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
+from megavictor.config import Config
+from megavictor.data.manifest import DataError, load_manifest
 from megavictor.hf.convert import complete_state, config_from_sections, from_hf, from_hf_llava, to_hf
 
 
@@ -30,9 +33,20 @@ def parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("to-hf", help="megatron checkpoint -> HF dir (Victor: with remote code)")
     exp.add_argument("--checkpoint", required=True, help="megatron checkpoint dir")
     exp.add_argument("--out", required=True, help="HF dir to write")
-    exp.add_argument("--tokenizer", help="tokenizer dir to ship (default: the config's data.tokenizer)")
+    exp.add_argument("--tokenizer", help="tokenizer dir to ship (default: the one training used, if found)")
     exp.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
     return top
+
+
+def training_tokenizer(cfg: Config) -> str | None:
+    """The tokenizer the model was trained with: `data.tokenizer`, else the one stored beside the data set."""
+    if cfg.data.tokenizer:
+        return cfg.data.tokenizer
+    try:
+        stored = load_manifest(cfg.data.path).tokenizer
+    except DataError:
+        return None
+    return str(Path(cfg.data.path) / stored) if stored else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             sections, state = from_hf(args.llm, args.vision)
         else:
             cli.error("give either --llm and --vision, or --llava")
-        parallel = [f"parallel.{key}={value}" for key, value in (("tp", args.tp), ("pp", args.pp)) if value]
+        parallel = [f"parallel.{key}={value}" for key, value in (("tp", args.tp), ("pp", args.pp))
+                    if value is not None]
         cfg = config_from_sections(sections, args.config, args.overrides + parallel)
         state = complete_state(cfg, state, seed=cfg.train.seed)
         from megavictor.checkpoint import save_full_state
@@ -56,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         from megavictor.checkpoint import load_full_state
 
         cfg, state = load_full_state(args.checkpoint)
-        out = to_hf(cfg, state, args.out, tokenizer_dir=args.tokenizer or cfg.data.tokenizer,
+        out = to_hf(cfg, state, args.out, tokenizer_dir=args.tokenizer or training_tokenizer(cfg),
                     max_shard_size=args.max_shard_size)
         print(f"wrote {out} ({'Victor LLaVA, trust_remote_code' if cfg.victor.enabled else 'stock LLaVA'})")
     return 0

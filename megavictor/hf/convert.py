@@ -299,13 +299,12 @@ def config_from_sections(sections: dict, path: str | Path | None = None, overrid
 # --------------------------------------------------------------------------- export
 
 
-def _special_token_ids(tokenizer: PreTrainedTokenizerBase | None, tokens: list[str], vocab_size: int) -> list[int]:
+def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase | None, tokens: list[str], vocab_size: int) -> list[int]:
     """Ids of `tokens`, added to the tokenizer where missing (after its vocabulary) or, without one, after the
-    model's vocabulary. The tokenizer is also set up for batched generation (left padding, a pad token)."""
+    model's vocabulary. A tokenizer without a pad token pads with eos."""
     if tokenizer is None:
         return [vocab_size + i for i in range(len(tokens))]
     tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in tokens], special_tokens=True)
-    tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer.convert_tokens_to_ids(tokens)
@@ -363,9 +362,12 @@ def to_hf(cfg: Config, full_state: dict[str, Tensor], out_dir: str | Path, token
         raise NotImplementedError(f"victor.mask={vi.mask!r} has no HF implementation (only causal)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir)) if tokenizer_dir is not None else None
+    # Set up for `generate(**processor(...))` (init arguments, so they are saved): left padding for batches, and
+    # only the inputs the model takes.
+    tokenizer = None if tokenizer_dir is None else AutoTokenizer.from_pretrained(
+        str(tokenizer_dir), padding_side="left", model_input_names=["input_ids", "attention_mask"])
     registers = vi.enabled and vi.num_registers > 0
-    token_ids = _special_token_ids(tokenizer, [IMAGE_TOKEN] + [REGISTER_TOKEN] * registers, cfg.model.vocab_size)
+    token_ids = _prepare_tokenizer(tokenizer, [IMAGE_TOKEN] + [REGISTER_TOKEN] * registers, cfg.model.vocab_size)
 
     tensors = _scatter(_llava_params(cfg.model, cfg.vision, registers), full_state)
     dtype = full_state["embedding.word_embeddings.weight"].dtype

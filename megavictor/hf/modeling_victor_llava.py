@@ -80,7 +80,7 @@ def keep_index(visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     L is the largest number of non-visual slots in a row; a row with fewer is filled on the left with its own
     last dropped visual slots (to be masked out).
     """
-    b, s = visual.shape
+    s = visual.shape[1]
     kept = (~visual).sum(dim=1)
     length = int(kept.max())
     order = torch.arange(s, device=visual.device)
@@ -108,12 +108,11 @@ class VictorLlavaModel(LlavaModel):
     config_class = VictorLlavaConfig
 
     def __init__(self, config: VictorLlavaConfig) -> None:
-        super().__init__(config)
-        hidden = config.text_config.hidden_size
-        std = config.text_config.initializer_range
-        self.registers = nn.Parameter(torch.randn(config.num_registers, hidden) * std)
         if config.num_registers and config.register_token_id is None:
             raise ValueError("VictorLlavaConfig.register_token_id is required when num_registers > 0")
+        super().__init__(config)
+        text = config.text_config
+        self.registers = nn.Parameter(torch.randn(config.num_registers, text.hidden_size) * text.initializer_range)
 
     def embed(self, input_ids: torch.LongTensor, pixel_values: Optional[torch.FloatTensor],
               vision_feature_layer: Optional[Union[int, list[int]]],
@@ -247,7 +246,9 @@ class VictorLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         loss = None
         if labels is not None:
             cfg = self.config
-            special = (input_ids == cfg.image_token_id) | (input_ids == cfg.register_token_id)
+            special = input_ids == cfg.image_token_id
+            if cfg.num_registers:
+                special |= input_ids == cfg.register_token_id
             labels = labels.masked_fill(special, IGNORE_INDEX).gather(1, out.kept_index)
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=cfg.text_config.vocab_size, **kwargs)
         return VictorLlavaCausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,

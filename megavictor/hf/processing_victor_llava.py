@@ -14,11 +14,16 @@ from transformers.feature_extraction_utils import BatchFeature
 
 
 class VictorLlavaProcessor(LlavaProcessor):
-    def __init__(self, image_processor: Any = None, tokenizer: Any = None, num_registers: int = 0,
+    # LlavaProcessor's arguments are spelled out: ProcessorMixin saves exactly the `__init__` parameters.
+    def __init__(self, image_processor: Any = None, tokenizer: Any = None, patch_size: Optional[int] = None,
+                 vision_feature_select_strategy: Optional[str] = None, chat_template: Optional[str] = None,
+                 image_token: str = "<image>", num_additional_image_tokens: int = 0, num_registers: int = 0,
                  register_token: str = "<register>", **kwargs: Any) -> None:
         self.num_registers = num_registers
         self.register_token = register_token
-        super().__init__(image_processor, tokenizer, **kwargs)
+        super().__init__(image_processor, tokenizer, patch_size=patch_size,
+                         vision_feature_select_strategy=vision_feature_select_strategy, chat_template=chat_template,
+                         image_token=image_token, num_additional_image_tokens=num_additional_image_tokens, **kwargs)
 
     def __call__(self, images: Any = None, text: Optional[str | list[str]] = None, audio: Any = None,
                  videos: Any = None, **kwargs: Any) -> BatchFeature:

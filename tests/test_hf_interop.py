@@ -1,0 +1,403 @@
+"""HF interop: HF checkpoints <-> megavictor's full state, and the exported (Victor) LLaVA against ReferenceVLM.
+
+Everything is built here at tiny size with random weights (norms and biases randomised too, so a swapped or
+dropped tensor shows); nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import ast
+import fcntl
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from PIL import Image
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaForConditionalGeneration,
+)
+
+from data_prep.tokenizer import build_word_tokenizer
+from megavictor.config import Config
+from megavictor.data.images import load_image
+from megavictor.data.tokenizer import ChatTokenizer, render
+from megavictor.hf.convert import (
+    REMOTE_CODE,
+    complete_state,
+    config_from_sections,
+    from_hf,
+    from_hf_llava,
+    read_safetensors,
+    to_hf,
+)
+from megavictor.model.batch import (
+    IMAGE_PLACEHOLDER,
+    KIND_REGISTER,
+    KIND_TEXT,
+    KIND_VISUAL,
+    Sample,
+    collate_rows,
+    layout_sample,
+)
+from megavictor.model.reference import ReferenceVLM
+
+CLIP_LAYERS = 3  # the import keeps 2 (LLaVA reads the penultimate layer)
+WORDS = "USER ASSISTANT : ? . what digit is this it a seven three and which one bigger hello there the left"
+PROMPTS = {
+    "one": "USER: <image>\nwhat digit is this ? ASSISTANT:",
+    "two": "USER: <image> and <image>\nwhich one is bigger ? ASSISTANT:",
+    "none": "USER: hello there ASSISTANT:",
+}
+
+
+def randomise(model: torch.nn.Module, seed: int) -> None:
+    """Weights ~ N(0, 0.1), norm weights ~ 1 + N(0, 0.1), biases too: every tensor matters to the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g) * 0.1
+            p.copy_(noise + 1 if "norm" in name and name.endswith("weight") else noise)
+
+
+def image(seed: int, size: tuple[int, int] = (40, 48)) -> Image.Image:
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8)
+    return Image.fromarray(pixels.numpy())
+
+
+def png(img: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A GQA Llama (with a word tokenizer beside it, as in a real LLM dir) and a CLIP vision tower."""
+    root = tmp_path_factory.mktemp("hf_sources")
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=4,
+                                         num_attention_heads=4, num_key_value_heads=2, rope_theta=5000.0,
+                                         tie_word_embeddings=False))
+    randomise(llama, 0)
+    llama.save_pretrained(root / "llm")
+    build_word_tokenizer([WORDS], root / "llm", max_vocab=512)
+    clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=48, intermediate_size=192, num_hidden_layers=CLIP_LAYERS,
+                                            num_attention_heads=4, image_size=32, patch_size=8))
+    randomise(clip, 1)
+    clip.save_pretrained(root / "clip")
+    return {"llm": root / "llm", "clip": root / "clip"}
+
+
+def imported(sources: dict[str, Path], victor: bool) -> tuple[Config, dict[str, torch.Tensor]]:
+    """from_hf + complete_state, with the fresh projector and registers scaled up so they matter."""
+    sections, state = from_hf(sources["llm"], sources["clip"])
+    cfg = config_from_sections(sections, None, ["data.seq_length=256", "log.wandb=false",
+                                                f"victor.enabled={str(victor).lower()}"])
+    state = complete_state(cfg, state)
+    g = torch.Generator().manual_seed(2)
+    for name in state:
+        if name.startswith("projector.") or name == "registers":
+            state[name] = torch.randn(state[name].shape, generator=g) * 0.1
+    return cfg, state
+
+
+@pytest.fixture(scope="module")
+def victor(sources: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The Victor model exported with the tokenizer, loaded back through remote code, and its ReferenceVLM twin."""
+    cfg, state = imported(sources, victor=True)
+    out = to_hf(cfg, state, tmp_path_factory.mktemp("victor_export"), tokenizer_dir=sources["llm"])
+    reference = ReferenceVLM(cfg).eval()
+    reference.load_state_dict(state)
+    return {"cfg": cfg, "dir": out, "reference": reference,
+            "model": AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True).eval(),
+            "processor": AutoProcessor.from_pretrained(out, trust_remote_code=True)}
+
+
+def to_sample(input_ids: list[int], image_id: int, register_id: int, images: list[torch.Tensor]) -> Sample:
+    """Processor ids -> megavictor Sample: each image's run of image + register tokens becomes one placeholder."""
+    tokens: list[int] = []
+    for i, tok in enumerate(input_ids):
+        if tok == image_id and (i == 0 or input_ids[i - 1] != image_id):
+            tokens.append(IMAGE_PLACEHOLDER)
+        elif tok not in (image_id, register_id):
+            tokens.append(tok)
+    return Sample(tokens, [False] * len(tokens), images)
+
+
+def reference_logits(ref: ReferenceVLM, sample: Sample) -> torch.Tensor:
+    cfg = ref.cfg
+    laid = layout_sample(sample, cfg.vision.num_visual_tokens, cfg.victor.registers_per_image)
+    with torch.no_grad():
+        return ref(collate_rows([[laid]], len(laid)), return_logits=True)[0]
+
+
+def reference_greedy(ref: ReferenceVLM, sample: Sample, steps: int, eos: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy decoding without a cache (the whole sequence again at every step): tokens and each step's logits."""
+    generated: list[int] = []
+    logits = []
+    for _ in range(steps):
+        tokens = sample.tokens + generated
+        logits.append(reference_logits(ref, Sample(tokens, [False] * len(tokens), sample.images))[-1])
+        generated.append(int(logits[-1].argmax()))
+        if generated[-1] == eos:
+            break
+    return generated, torch.stack(logits)
+
+
+def generate(model: torch.nn.Module, inputs: dict, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy `generate` with the KV cache: sequences [B, S + steps] and each step's logits [B, steps, V]."""
+    out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True)
+    return out.sequences, torch.stack(out.logits, dim=1)
+
+
+def generated_tokens(row: torch.Tensor, prompt_length: int, pad: int) -> list[int]:
+    """New tokens of one `generate` output row, without the padding after an early eos."""
+    new = row[prompt_length:].tolist()
+    while new and new[-1] == pad:
+        new.pop()
+    return new
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+@pytest.mark.parametrize("victor_on", [False, True], ids=["baseline", "victor"])
+def test_round_trip_is_bit_exact(sources: dict[str, Path], tmp_path: Path, victor_on: bool) -> None:
+    """HF -> full state -> HF keeps every tensor megavictor uses; HF -> full state is recovered exactly."""
+    cfg, state = imported(sources, victor=victor_on)
+    out = to_hf(cfg, state, tmp_path / "export", max_shard_size="200KB")  # no tokenizer: tokens after the vocab
+    assert (out / "model.safetensors.index.json").exists()
+    exported = read_safetensors(out)
+
+    llm = read_safetensors(sources["llm"])
+    for name, tensor in llm.items():
+        hf_name = "lm_head.weight" if name == "lm_head.weight" else name.replace("model.", "model.language_model.", 1)
+        got = exported[hf_name]
+        if not victor_on and name in ("lm_head.weight", "model.embed_tokens.weight"):
+            # The stock model must embed <image> (id 512): one zero row is appended.
+            assert got.shape[0] == 513 and not got[512].any()
+            got = got[:512]
+        assert torch.equal(got, tensor), name
+    dropped = f"vision_model.encoder.layers.{CLIP_LAYERS - 1}."
+    for name, tensor in read_safetensors(sources["clip"]).items():
+        hf_name = "model.vision_tower." + name
+        if name.startswith(dropped):
+            assert hf_name not in exported, name
+        elif "post_layernorm" not in name:  # unused by LLaVA; exported as identity
+            assert torch.equal(exported[hf_name], tensor), name
+    assert ("model.registers" in exported) == victor_on
+
+    sections, back = from_hf_llava(out)
+    assert back.keys() == state.keys()
+    for name, tensor in state.items():
+        expected = tensor if victor_on or name not in ("embedding.word_embeddings.weight", "output_layer.weight") \
+            else torch.cat([tensor, tensor.new_zeros(1, tensor.shape[1])])
+        assert torch.equal(back[name], expected), name
+    assert sections["vision"]["num_layers"] == CLIP_LAYERS - 1
+    assert ("victor" in sections) == victor_on
+
+
+def test_complete_state_rejects_a_config_the_weights_do_not_fit(sources: dict[str, Path]) -> None:
+    sections, state = from_hf(sources["llm"], sources["clip"])
+    cfg = config_from_sections(sections, None, ["data.seq_length=256", "model.ffn_hidden_size=128"])
+    with pytest.raises(ValueError, match=r"decoder\.layers\.0\.mlp\.linear_fc1\.weight has shape \(352, 64\)"):
+        complete_state(cfg, state)
+
+
+def test_baseline_matches_stock_llava(sources: dict[str, Path], tmp_path: Path) -> None:
+    """The mapping itself: ReferenceVLM on the imported state == transformers' own LLaVA on the exported dir."""
+    cfg, state = imported(sources, victor=False)
+    out = to_hf(cfg, state, tmp_path / "export")
+    model, info = LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    reference = ReferenceVLM(cfg).eval()
+    reference.load_state_dict(state)
+    images = [load_image(png(image(s, (32, 32))), 32) for s in (3, 4)]
+    sample = Sample([1, 5, IMAGE_PLACEHOLDER, 6, 7, IMAGE_PLACEHOLDER, 8, 9, 10], [False] * 9, images)
+    image_id, v = model.config.image_token_id, cfg.vision.num_visual_tokens
+    ids = [t for tok in sample.tokens for t in ([image_id] * v if tok == IMAGE_PLACEHOLDER else [tok])]
+    with torch.no_grad():
+        logits = model.eval()(input_ids=torch.tensor([ids]), pixel_values=torch.stack(images)).logits[0]
+    expected = reference_logits(reference, sample)
+    assert logits.shape[0] == expected.shape[0] == len(ids)
+    torch.testing.assert_close(logits[:, :cfg.model.vocab_size], expected, atol=1e-4, rtol=0)
+
+    # With the tokenizer, the stock processor's output goes straight into generate (V image tokens, no registers).
+    with_tokenizer = to_hf(cfg, state, tmp_path / "with_tokenizer", tokenizer_dir=sources["llm"])
+    processor = AutoProcessor.from_pretrained(with_tokenizer)
+    model = LlavaForConditionalGeneration.from_pretrained(with_tokenizer).eval()
+    inputs = processor(images=[image(3)], text=PROMPTS["one"], return_tensors="pt")
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == cfg.vision.num_visual_tokens
+    assert model.generate(**inputs, max_new_tokens=4, do_sample=False).shape[1] > inputs["input_ids"].shape[1]
+
+
+# --------------------------------------------------------------------------- the exported Victor model
+
+
+def test_processor_matches_the_training_layout(victor: dict) -> None:
+    """Same slots (text ids, V visual then R register slots per image) and pixels as megavictor's data pipeline."""
+    cfg, processor = victor["cfg"], victor["processor"]
+    tokenizer = processor.tokenizer
+    conversation = [{"from": "human", "value": PROMPTS["two"].split("USER: ")[1].split(" ASSISTANT:")[0]},
+                    {"from": "gpt", "value": "it is a seven"}]
+    text, _ = render(conversation, "v1", tokenizer.eos_token)
+    pictures = [image(5), image(6, (50, 36))]
+    inputs = processor(images=pictures, text=text, return_tensors="pt")
+
+    images = [load_image(png(p), cfg.vision.image_size) for p in pictures]
+    laid = layout_sample(ChatTokenizer(tokenizer, "v1").sample(conversation, images),
+                         cfg.vision.num_visual_tokens, cfg.victor.num_registers)
+    ids = inputs["input_ids"][0].tolist()
+    config = victor["model"].config
+    kinds = [KIND_VISUAL if t == config.image_token_id else KIND_REGISTER if t == config.register_token_id
+             else KIND_TEXT for t in ids]
+    assert kinds == laid.kinds
+    assert [t for t, k in zip(ids, kinds) if k == KIND_TEXT] == [t for t, k in zip(laid.tokens, laid.kinds)
+                                                                 if k == KIND_TEXT]
+    torch.testing.assert_close(inputs["pixel_values"], torch.stack(images), atol=1e-5, rtol=0)
+
+
+def test_victor_matches_reference(victor: dict) -> None:
+    """Logits, loss, KV cache lengths and 16 greedy tokens of the HF model against ReferenceVLM (no cache)."""
+    cfg, model, processor = victor["cfg"], victor["model"], victor["processor"]
+    config = model.config
+    assert config.text_config._attn_implementation == "sdpa"
+    pictures = [image(7), image(8)]
+    inputs = processor(images=pictures, text=PROMPTS["two"], return_tensors="pt")
+    ids = inputs["input_ids"]
+    sample = to_sample(ids[0].tolist(), config.image_token_id, config.register_token_id,
+                       list(inputs["pixel_values"]))
+    expected = reference_logits(victor["reference"], sample)
+
+    labels = ids.clone()
+    labels[:, :-4] = -100
+    with torch.no_grad():
+        out = model(**inputs, labels=labels, use_cache=True)
+    torch.testing.assert_close(out.logits[0], expected, atol=1e-4, rtol=0)
+    kept = out.kept_index[0]
+    assert bool((ids[0, kept] != config.image_token_id).all())
+    # HF labels are unshifted: the last four tokens are predicted by the logits of the four slots before them.
+    targets = ids[0, -4:]
+    positions = [int((kept == p).nonzero()) for p in range(ids.shape[1] - 5, ids.shape[1] - 1)]
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(expected[positions], targets),
+                               atol=1e-5, rtol=0)
+
+    v, r, n_images = cfg.vision.num_visual_tokens, cfg.victor.num_registers, 2
+    text = ids.shape[1] - n_images * (v + r)
+    lengths = [out.past_key_values.get_seq_length(i) for i in range(cfg.model.num_layers)]
+    k = cfg.victor.drop_layer
+    assert lengths == [text + n_images * (v + r)] * k + [text + n_images * r] * (cfg.model.num_layers - k)
+
+    sequences, step_logits = generate(model, inputs, 16)
+    new = generated_tokens(sequences[0], ids.shape[1], processor.tokenizer.pad_token_id)
+    assert len(new) >= 8  # a real continuation, not an immediate eos
+    expected_tokens, expected_logits = reference_greedy(victor["reference"], sample, 16,
+                                                        processor.tokenizer.eos_token_id)
+    assert new == expected_tokens
+    # Every decode step through the cache (positions, short-layer mask) matches the full recomputation.
+    torch.testing.assert_close(step_logits[0, :len(new)], expected_logits, atol=1e-4, rtol=0)
+
+
+def test_batched_left_padded_generation_equals_one_by_one(victor: dict) -> None:
+    """Rows with 1, 2 and 0 images (so different lengths before and after the drop) in one left-padded batch."""
+    model, processor = victor["model"], victor["processor"]
+    pad = processor.tokenizer.pad_token_id
+    order = ["one", "two", "none"]
+    pictures = {"one": [image(9)], "two": [image(10), image(11)], "none": []}
+    batch = processor(images=[p for name in order for p in pictures[name]], text=[PROMPTS[n] for n in order],
+                      padding=True, return_tensors="pt")
+    assert (batch["attention_mask"] == 0).any(dim=1).tolist() == [True, False, True]
+    together, together_logits = generate(model, batch, 10)
+    for row, name in enumerate(order):
+        alone = processor(images=pictures[name] or None, text=PROMPTS[name], return_tensors="pt")
+        single, single_logits = generate(model, alone, 10)
+        expected = generated_tokens(single[0], alone["input_ids"].shape[1], pad)
+        assert len(expected) >= 4, name
+        assert generated_tokens(together[row], batch["input_ids"].shape[1], pad) == expected, name
+        steps = len(expected)
+        torch.testing.assert_close(together_logits[row, :steps], single_logits[0, :steps], atol=1e-4, rtol=0)
+
+
+def test_exported_code_imports_only_torch_and_transformers(victor: dict) -> None:
+    """The remote-code files must run where megavictor is not installed."""
+    for name in REMOTE_CODE:
+        tree = ast.parse((victor["dir"] / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level:  # relative: a sibling shipped alongside
+                assert f"{node.module}.py" in REMOTE_CODE, (name, node.module)
+                continue
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) else []
+            for module in modules:
+                assert module.split(".")[0] in {"torch", "transformers", "typing", "dataclasses", "__future__"}, \
+                    (name, module)
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("flash_attn") is not None, reason="flash-attn installed")
+def test_flash_attention_without_flash_attn_is_a_clear_error(victor: dict) -> None:
+    with pytest.raises(ImportError, match="flash_attn"):
+        AutoModelForImageTextToText.from_pretrained(victor["dir"], trust_remote_code=True,
+                                                    attn_implementation="flash_attention_2")
+
+
+# --------------------------------------------------------------------------- fresh environment
+
+VENV = Path(f"/tmp/megavictor-hf-venv-torch{torch.__version__}-transformers{transformers.__version__}")
+VENV_SCRIPT = """
+import importlib.util, json, sys
+import torch
+from transformers import AutoModelForImageTextToText
+assert importlib.util.find_spec("megavictor") is None, "megavictor must not be importable here"
+model = AutoModelForImageTextToText.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+inputs = torch.load(sys.argv[2])
+print(json.dumps(model.generate(**inputs, max_new_tokens=8, do_sample=False).tolist()))
+"""
+
+
+def fresh_venv() -> Path:
+    """A venv with only torch + transformers (+ their deps) at this environment's versions, built once and kept
+    under /tmp; pip installs from the configured indexes (torch from the local CPU wheel)."""
+    VENV.parent.mkdir(exist_ok=True)
+    with open(f"{VENV}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (VENV / "ready").exists():
+            shutil.rmtree(VENV, ignore_errors=True)
+            env = {**os.environ, "PYTHONNOUSERSITE": "1"}
+            env.pop("PYTHONPATH", None)
+            subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True, env=env)
+            pip = subprocess.run([str(VENV / "bin" / "pip"), "install", "-q", f"torch=={torch.__version__}",
+                                  f"transformers=={transformers.__version__}"], env=env, capture_output=True,
+                                 text=True, timeout=900)
+            assert pip.returncode == 0, f"could not build the fresh venv (no network?):\n{pip.stderr[-3000:]}"
+            (VENV / "ready").touch()
+    return VENV
+
+
+def test_export_loads_and_generates_in_a_fresh_venv_without_megavictor(victor: dict, tmp_path: Path) -> None:
+    """Runs the exported dir in a separate venv (torch + transformers only): trust_remote_code must suffice.
+    The first run builds the venv (about a minute); later runs reuse it."""
+    model, processor = victor["model"], victor["processor"]
+    inputs = dict(processor(images=[image(12)], text=PROMPTS["one"], return_tensors="pt"))
+    torch.save(inputs, tmp_path / "inputs.pt")
+    expected = model.generate(**inputs, max_new_tokens=8, do_sample=False).tolist()
+    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), "PYTHONNOUSERSITE": "1",
+           "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([str(fresh_venv() / "bin" / "python"), "-c", VENV_SCRIPT, str(victor["dir"]),
+                          str(tmp_path / "inputs.pt")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == expected
