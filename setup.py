@@ -26,6 +26,7 @@ setup(
         "safetensors",
         "webdataset>=0.2.100",
         "tqdm",
+        "submitit>=1.5.4,<1.6",  # SLURM / local job submission (megavictor launch)
         "wandb",  # offline by default (WANDB_MODE=offline); `wandb sync` uploads a run later
     ],
     extras_require={

@@ -12,6 +12,7 @@ the trainer writes (checkpoints/). `--dry-run` prints the sbatch script and subm
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import sys
@@ -102,7 +103,7 @@ def wait_for(job: submitit.Job) -> int:
     errors = {rank: job.task(rank).exception() for rank in range(job.num_tasks)}
     failed = {rank: e for rank, e in errors.items() if e is not None}
     if not failed:
-        print(json.dumps(job.task(0).result(), default=str))
+        print(json.dumps(dataclasses.asdict(job.task(0).result()), default=str))
         return 0
     raised = [r for r, e in failed.items() if isinstance(e, FailedJobError)]
     first = min(raised, key=lambda r: job.task(r).paths.result_pickle.stat().st_mtime) if raised else min(failed)

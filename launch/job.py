@@ -7,8 +7,8 @@ other ranks ignore the signal. That kills training mid-step, so a trainer that s
 there, and calling `request_stop()` from `checkpoint()` would be pointless. So, while the entry point runs:
 
 1. every rank replaces submitit's USR2 (and its ignoring SIGTERM) handler with one that calls the entry module's
-   `request_stop()`; the trainer (which may install the same handlers itself) saves a checkpoint at the next step
-   boundary and returns `summary["stopped_by_signal"] = True`;
+   `request_stop()`; the trainer (which installs the same handlers itself) saves a checkpoint at the next step
+   boundary and returns a summary with `stopped_by_signal` True;
 2. rank 0 then requeues the job, but only if SLURM still has it RUNNING: that is the USR2 sent `--signal` seconds
    before the time limit, or a preemption warning (`scancel --signal`). After `scancel` or `scontrol requeue`, SLURM
    already marks the job COMPLETING and ends or requeues it itself; a `scontrol requeue` then would resurrect a
@@ -41,7 +41,7 @@ from megavictor.config import Config
 DEFAULT_ENTRY = "megavictor.trainer:run"
 
 
-def resolve_entry(entry: str) -> tuple[Callable[[Config], dict[str, Any]], Callable[[], None]]:
+def resolve_entry(entry: str) -> tuple[Callable[[Config], Any], Callable[[], None]]:
     """`module:function` -> (run, the module's request_stop)."""
     module_name, _, function = entry.partition(":")
     if not module_name or not function:
@@ -58,7 +58,8 @@ class TrainJob(Checkpointable):
         self.entry = entry
         self.gpus = gpus
 
-    def __call__(self) -> dict[str, Any]:
+    def __call__(self) -> Any:
+        """The entry point's summary (megavictor.trainer.Summary); exits without one when stopped and requeued."""
         job_env = submitit.JobEnvironment()
         if not self.gpus:  # CPU tasks: hide any GPU so the trainer picks gloo
             os.environ["CUDA_VISIBLE_DEVICES"] = ""
@@ -68,7 +69,7 @@ class TrainJob(Checkpointable):
         for sig in (signal.SIGUSR2, signal.SIGTERM):
             signal.signal(sig, lambda *_: request_stop())
         summary = run(self.cfg)
-        if summary.get("stopped_by_signal"):
+        if summary.stopped_by_signal:
             if job_env.global_rank == 0 and _still_running(job_env):
                 print(f"stopped by signal at a step boundary: requeueing job {job_env.job_id}", flush=True)
                 job_env._requeue(0)  # slurm: `scontrol requeue`; local: exit code 144, which the controller reruns

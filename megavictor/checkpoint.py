@@ -152,3 +152,40 @@ def config_of(path: str | Path) -> Config:
     if data is None:
         raise ValueError(f"checkpoint {path} carries no config")
     return config_from_dict(data)
+
+
+def _single_process_model(cfg: Config):
+    """A tp=1, pp=1 VictorVLM in this process: the layout every checkpoint can be resharded into."""
+    import copy
+
+    from megavictor.distributed import init_distributed
+    from megavictor.model.vlm import VictorVLM
+
+    whole = copy.deepcopy(cfg)
+    whole.parallel.tp, whole.parallel.pp, whole.parallel.pp_split = 1, 1, "even"
+    init_distributed(tp=1, pp=1, seed=cfg.train.seed)
+    return VictorVLM(whole, [whole.model.num_layers])
+
+
+def load_full_state(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
+    """The unsharded parameters (reference-model names) of any checkpoint, with the config it was saved with."""
+    from megavictor.model.layout import full_name
+
+    path = resolve(path)
+    cfg = config_of(path)
+    model = _single_process_model(cfg)
+    load(path, model)
+    return cfg, {full_name(name, 0): param.detach().clone() for name, param in model.named_parameters()}
+
+
+def save_full_state(cfg: Config, full: dict[str, torch.Tensor], out: str | Path, tp: int = 1, pp: int = 1) -> Path:
+    """Write full parameters as a step-0 checkpoint in `out` (weights only), loadable into any tp/pp layout.
+
+    `tp`/`pp` are recorded in the config as the intended layout; the files themselves reshard on load.
+    """
+    from megavictor.model.layout import shard_into
+
+    model = _single_process_model(cfg)
+    shard_into(model, full, tp_rank=0, tp=1, layer_offset=0)
+    cfg.parallel.tp, cfg.parallel.pp = tp, pp
+    return save(out, 0, model, cfg=cfg)

@@ -12,6 +12,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "demo": ("megavictor.demo", "prepare the digits data, train stage 1 + 2 on CPU, print test accuracy"),
     "train": ("megavictor.trainer", "train (single process, or under torchrun / SLURM for tp x pp x dp)"),
     "eval": ("megavictor.evaluate", "greedy VQA answers from a checkpoint, exact-match accuracy as JSON"),
+    "convert": ("megavictor.hf.cli", "HF checkpoints <-> megavictor checkpoints (from-hf, to-hf)"),
+    "launch": ("launch.cli", "submit a training run to SLURM (or --cluster local) via submitit"),
     "plan": ("megavictor.plan", "pipeline stage split and predicted per-stage cost (even vs balanced)"),
     "prep": ("data_prep.cli", "turn image-text data into WebDataset shards"),
     "bench": ("megavictor.bench", "benchmarks (loader, ...) printing a JSON line last"),

@@ -190,8 +190,10 @@ def run(cfg: Config, install_signal_handlers: bool = True) -> Summary:
     if install_signal_handlers and threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGUSR2):
             signal.signal(sig, request_stop)
-    _stop.clear()
-    return Trainer(cfg).fit()
+    try:
+        return Trainer(cfg).fit()
+    finally:
+        _stop.clear()  # after, not before: a signal that arrives while the job starts up must still count
 
 
 def _pad_segments(batch: VictorBatch) -> int:

@@ -1,5 +1,5 @@
 """A tiny but real distributed payload with the trainer's contract (`run(cfg) -> summary`, `request_stop()`), so the
-launcher's submit / preempt / requeue / resume path runs for real before `megavictor.trainer` exists.
+launcher's submit / preempt / requeue / resume path runs for real in seconds (megavictor.trainer needs minutes).
 
 Each step all-reduces (gloo) a value that depends on rank and step and adds it to a running total; the total after
 `train.max_steps` steps is therefore fixed whatever the interruptions. Stop requests are all-reduced at every step
@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,6 +23,18 @@ from megavictor.config import Config
 
 STEP_SECONDS = 0.25
 _stop_requested = False
+
+
+@dataclass
+class Summary:
+    """Like megavictor.trainer.Summary: `stopped_by_signal` is what the job reads."""
+
+    rank: int
+    world: int
+    step: int
+    total: float
+    resumed_from: int
+    stopped_by_signal: bool
 
 
 def request_stop() -> None:
@@ -47,7 +59,7 @@ def _save(ckpt: Path, step: int, total: float) -> None:
     dist.barrier()
 
 
-def run(cfg: Config) -> dict[str, Any]:
+def run(cfg: Config) -> Summary:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     run_dir = Path(cfg.train.run_dir)
@@ -81,5 +93,4 @@ def run(cfg: Config) -> dict[str, Any]:
     else:
         _save(ckpt, step, total)
     dist.destroy_process_group()
-    return {"rank": rank, "world": world, "step": step, "total": total, "resumed_from": resumed_from,
-            "stopped_by_signal": stopped}
+    return Summary(rank, world, step, total, resumed_from, stopped)

@@ -15,7 +15,7 @@ from tests.fixtures import packed_batches, samples, tiny_config
 def megatron_model():
     """A single-process megatron VictorVLM (world size 1, gloo) with the reference's weights."""
     from megavictor.distributed import init_from_config
-    from megavictor.model.layout import load_full_state
+    from megavictor.model.layout import shard_into
     from megavictor.model.vlm import VictorVLM
 
     cfg = tiny_config()
@@ -23,7 +23,7 @@ def megatron_model():
     torch.manual_seed(0)
     reference = ReferenceVLM(cfg)
     model = VictorVLM(cfg, [cfg.model.num_layers])
-    load_full_state(model, dict(reference.named_parameters()), 0, 1, 0)
+    shard_into(model, dict(reference.named_parameters()), 0, 1, 0)
     return cfg, model
 
 

@@ -29,7 +29,7 @@ def test_te_backend_fails_clearly_without_te_or_cuda() -> None:
 def test_te_model_matches_local_model(fp8: str | None) -> None:
     """The TE spec (optionally FP8) against the local spec on the same weights: same loss (bf16/fp8 tolerance)."""
     from megavictor.distributed import init_from_config
-    from megavictor.model.layout import load_full_state
+    from megavictor.model.layout import shard_into
     from megavictor.model.reference import ReferenceVLM
     from megavictor.model.vlm import VictorVLM
 
@@ -42,7 +42,7 @@ def test_te_model_matches_local_model(fp8: str | None) -> None:
     losses = []
     for cfg in (local_cfg, te_cfg):
         model = VictorVLM(cfg, [cfg.model.num_layers]).cuda()
-        load_full_state(model, full, 0, 1, 0)
+        shard_into(model, full, 0, 1, 0)
         batch = packed_batches(cfg)[0].to("cuda")
         losses.append(float(model(batch).sum()))
     assert losses[1] == pytest.approx(losses[0], rel=0.05 if fp8 else 1e-3)

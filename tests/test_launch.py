@@ -21,7 +21,7 @@ import yaml
 
 from launch.cli import main
 from tests.slurm_cluster import PARTITION, Paths, session
-from tests.slurm_payload import expected_total
+from tests.slurm_payload import Summary, expected_total
 
 STEPS = 40  # x 0.25 s per step: long enough to interrupt mid-run
 PAYLOAD = ["--entry", "tests.slurm_payload:run", "--tasks-per-node", "2", "--time", "5", "--signal-delay", "15"]
@@ -66,7 +66,7 @@ def wait_for_steps(run_dir: Path, steps: int, timeout: float = 60) -> None:
         time.sleep(0.2)
 
 
-def slurm_results(run_dir: Path, job_id: str) -> list[dict[str, Any]]:
+def slurm_results(run_dir: Path, job_id: str) -> list[Summary]:
     return submitit.SlurmJob(folder=run_dir / "submitit", job_id=job_id, tasks=(0, 1)).results()
 
 
@@ -102,8 +102,8 @@ def test_slurm_job_completes(uninterrupted: dict[str, Any], capsys: pytest.Captu
     run_dir, job_id = uninterrupted["run_dir"], uninterrupted["job_id"]
     assert uninterrupted["rc"] == 0
     assert sacct_state(job_id) == "COMPLETED"
-    assert [r["total"] for r in uninterrupted["results"]] == [expected_total(2, STEPS)] * 2
-    assert [r["world"] for r in uninterrupted["results"]] == [2, 2]
+    assert [r.total for r in uninterrupted["results"]] == [expected_total(2, STEPS)] * 2
+    assert [r.world for r in uninterrupted["results"]] == [2, 2]
     for rank in (0, 1):
         assert (run_dir / "submitit" / f"{job_id}_{rank}_log.out").is_file()
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["run_dir"] == str(run_dir)
@@ -121,8 +121,8 @@ def test_usr2_checkpoints_requeues_and_resumes(uninterrupted: dict[str, Any], ca
     wait_for_steps(tmp_path, 5)
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
     results = slurm_results(tmp_path, job_id)
-    assert [r["total"] for r in results] == [r["total"] for r in uninterrupted["results"]]
-    assert all(5 <= r["resumed_from"] < STEPS for r in results), results
+    assert [r.total for r in results] == [r.total for r in uninterrupted["results"]]
+    assert all(5 <= r.resumed_from < STEPS for r in results), results
     assert sacct_state(job_id) == "COMPLETED"
     restarts = attempts(tmp_path)
     assert restarts[0] == "0" and restarts[-1] == "1" and len(restarts) == STEPS  # no step lost or repeated
@@ -138,8 +138,8 @@ def test_scontrol_requeue_checkpoints_and_resumes(uninterrupted: dict[str, Any],
     wait_for_steps(tmp_path, 5)
     subprocess.run(["scontrol", "requeue", job_id], check=True)
     results = slurm_results(tmp_path, job_id)
-    assert [r["total"] for r in results] == [r["total"] for r in uninterrupted["results"]]
-    assert all(5 <= r["resumed_from"] < STEPS for r in results), results
+    assert [r.total for r in results] == [r.total for r in uninterrupted["results"]]
+    assert all(5 <= r.resumed_from < STEPS for r in results), results
     assert len(attempts(tmp_path)) == STEPS
     assert "requeueing job" not in (tmp_path / "submitit" / f"{job_id}_0_log.out").read_text()  # SLURM did it
 
@@ -174,4 +174,4 @@ def test_local_cluster(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> No
     rc, job_id, _ = launch(capsys, tmp_path, "--cluster", "local", "--wait", steps=8)
     assert rc == 0
     results = submitit.LocalJob(folder=tmp_path / "submitit", job_id=job_id, tasks=(0, 1)).results()
-    assert [r["total"] for r in results] == [expected_total(2, 8)] * 2
+    assert [r.total for r in results] == [expected_total(2, 8)] * 2

@@ -19,7 +19,7 @@ def parity_rank(overrides_per_case: list[list[str]]) -> list[dict]:
     """Runs on every rank: build both models from the same weights, step once, compare this rank's shard."""
     from megavictor.distributed import init_from_config
     from megavictor.model.batch import KIND_VISUAL
-    from megavictor.model.layout import full_name, load_full_state, shard, stage_offsets
+    from megavictor.model.layout import full_name, shard_into, shard, stage_offsets
     from megavictor.model.reference import ReferenceVLM
     from megavictor.model.vlm import VictorVLM
     from megavictor.plan import layers_per_stage
@@ -34,7 +34,7 @@ def parity_rank(overrides_per_case: list[list[str]]) -> list[dict]:
         torch.manual_seed(0)
         reference = ReferenceVLM(cfg)
         model = VictorVLM(cfg, layers, pre_process=dims.is_first_stage, post_process=dims.is_last_stage)
-        load_full_state(model, dict(reference.named_parameters()), dims.tp_rank, dims.tp, offset)
+        shard_into(model, dict(reference.named_parameters()), dims.tp_rank, dims.tp, offset)
 
         # What each layer's attention actually runs on (layer k drops at its input, before attending).
         seen_lengths: dict[int, list[int]] = {}

@@ -84,7 +84,7 @@ def local_name(name: str, layer_offset: int, num_layers: int) -> str | None:
     return _DECODER_LAYER.sub(f"decoder.layers.{index}.", name)
 
 
-def load_full_state(model: torch.nn.Module, full: dict[str, torch.Tensor], tp_rank: int, tp: int,
+def shard_into(model: torch.nn.Module, full: dict[str, torch.Tensor], tp_rank: int, tp: int,
                     layer_offset: int) -> None:
     """Copy a full state dict into one stage/rank of a parallel model; every local parameter must be covered."""
     params = dict(model.named_parameters())
