@@ -7,6 +7,9 @@ import sys
 
 BENCHES: dict[str, str] = {
     "loader": "megavictor.data.bench",
+    "train": "megavictor.benchmarks.train",
+    "infer": "megavictor.benchmarks.infer",
+    "pipeline": "megavictor.benchmarks.pipeline",
 }
 
 

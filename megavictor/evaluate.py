@@ -4,11 +4,15 @@ Each record's first question is rendered with the training chat template up to w
 model answers greedily (until eos or `--max-new-tokens`) and the answer must match the reference exactly
 (case and surrounding space ignored). `chance` is the accuracy of always giving the most common answer to each
 question text of the split, the floor a model that ignores the image can reach.
+
+`--hf DIR` answers the same questions with an exported model (`megavictor convert to-hf`) through transformers
+alone: its processor on the rendered prompt text and the encoded images, then `generate()` greedily.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -21,7 +25,7 @@ from megavictor.config import Config
 from megavictor.data.images import load_image
 from megavictor.data.manifest import load_manifest
 from megavictor.data.reader import ShardReader
-from megavictor.data.tokenizer import ChatTokenizer, load_tokenizer
+from megavictor.data.tokenizer import ChatTokenizer, load_tokenizer, render
 from megavictor.model.batch import Sample, VictorBatch, collate_rows, layout_sample
 from megavictor.model.victor import DropPlan, build_drop_plan
 
@@ -32,6 +36,8 @@ class Question:
     text: str  # the human turn, for the chance baseline
     prompt: Sample  # tokens up to where the answer starts
     answer: str
+    prompt_text: str  # the same prompt as text, with `<image>` markers (for an HF processor)
+    image_bytes: list[bytes]  # the encoded images (for an HF processor)
 
 
 def load_questions(cfg: Config, data_path: str | Path, split: str, limit: int | None = None) -> tuple[list[Question], ChatTokenizer]:
@@ -47,9 +53,12 @@ def load_questions(cfg: Config, data_path: str | Path, split: str, limit: int | 
         first_turns = record["conversations"][:2]
         sample = chat.sample(first_turns, images)
         start = sample.trainable.index(True)
+        text, spans = render(first_turns, chat.prompt_format, chat.tokenizer.eos_token, chat.system)
         questions.append(Question(
             key=raw["__key__"], text=first_turns[0]["value"].replace("<image>", "").strip(),
-            prompt=Sample(sample.tokens[:start], [False] * start, images), answer=first_turns[1]["value"].strip()))
+            prompt=Sample(sample.tokens[:start], [False] * start, images), answer=first_turns[1]["value"].strip(),
+            # without the space before the answer: it belongs to the answer's first token (SentencePiece, BPE)
+            prompt_text=text[:spans[0][0]].rstrip(" "), image_bytes=[raw[member] for member in record["images"]]))
     return questions, chat
 
 
@@ -111,6 +120,36 @@ def evaluate(logits_fn: LogitsFn, cfg: Config, data_path: str | Path, split: str
     return accuracy(questions, answers)
 
 
+def hf_answers(model_dir: str | Path, questions: list[Question], batch_size: int = 32,
+               max_new_tokens: int = 8) -> list[str]:
+    """Greedy answers of an exported HF model (with its processor and `generate()`, KV cache, left padding)."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(str(model_dir), trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(str(model_dir), trust_remote_code=True)
+    answers = []
+    for start in range(0, len(questions), batch_size):
+        chunk = questions[start:start + batch_size]
+        images = [Image.open(io.BytesIO(data)) for q in chunk for data in q.image_bytes]
+        inputs = processor(images=images or None, text=[q.prompt_text for q in chunk], padding=True,
+                           return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        answers += processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return answers
+
+
+def hf_config(model_dir: str | Path, data_path: str | Path) -> Config:
+    """What `load_questions` needs for an exported model: its tokenizer and image size (prompt format: v1)."""
+    from transformers import AutoConfig
+
+    cfg = Config()
+    cfg.data.path, cfg.data.tokenizer = str(data_path), str(model_dir)
+    cfg.vision.image_size = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=True).vision_config.image_size
+    return cfg
+
+
 def megatron_logits_fn(checkpoint_path: str | Path, data_path: str | Path) -> tuple[LogitsFn, Config]:
     """A single-process (tp=1, pp=1) VictorVLM with the checkpoint's weights, whatever layout saved them."""
     from megavictor import checkpoint
@@ -130,15 +169,23 @@ def megatron_logits_fn(checkpoint_path: str | Path, data_path: str | Path) -> tu
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="megavictor eval", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="megavictor checkpoint (step, checkpoints or run dir)")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", help="megavictor checkpoint (step, checkpoints or run dir)")
+    model.add_argument("--hf", help="exported HF dir (`megavictor convert to-hf`), run with transformers")
     parser.add_argument("--data", default="data/digits")
     parser.add_argument("--split", default="test", help="split name, or test/val for the config's data.*_split")
     parser.add_argument("--limit", type=int, help="evaluate only the first N records")
     parser.add_argument("--max-new-tokens", type=int, default=8)
     args = parser.parse_args(argv)
-    logits_fn, cfg = megatron_logits_fn(args.checkpoint, args.data)
-    split = {"test": cfg.data.test_split, "val": cfg.data.val_split}.get(args.split, args.split)
-    result = evaluate(logits_fn, cfg, args.data, split, args.limit, max_new_tokens=args.max_new_tokens)
+    if args.hf:
+        cfg = hf_config(args.hf, args.data)
+        split = {"test": cfg.data.test_split, "val": cfg.data.val_split}.get(args.split, args.split)
+        questions, _ = load_questions(cfg, args.data, split, args.limit)
+        result = accuracy(questions, hf_answers(args.hf, questions, max_new_tokens=args.max_new_tokens))
+    else:
+        logits_fn, cfg = megatron_logits_fn(args.checkpoint, args.data)
+        split = {"test": cfg.data.test_split, "val": cfg.data.val_split}.get(args.split, args.split)
+        result = evaluate(logits_fn, cfg, args.data, split, args.limit, max_new_tokens=args.max_new_tokens)
     result["split"] = split
     print(f"{split}: accuracy {result['accuracy']:.3f} on {result['n']} questions (chance {result['chance']:.3f})")
     print(json.dumps(result))

@@ -21,25 +21,57 @@ from megavictor.plan import TRAIN_FACTOR, transformer_layer_flops
 DEFAULT_PEAK_FLOPS = {"cpu": 1e12, "bf16_gpu": 989e12}
 
 
+def decoder_flops(cfg: Config, long: int, short: int, factor: float = TRAIN_FACTOR, head_tokens: int | None = None,
+                  context_long: int | None = None, context_short: int | None = None) -> float:
+    """FLOPs of the decoder and output layer for one row: layers < k on `long` slots, layers >= k on `short`
+    slots (the baseline passes short == long), times `factor` (3 for training, 1 for a forward).
+
+    `head_tokens` is how many slots reach the output layer (default `short`; generation computes only the last);
+    `context_long` / `context_short` are the attention key counts (default: the row itself, full-square; decoding
+    passes the KV cache length of each side of the drop).
+    """
+    m = cfg.model
+    groups = m.num_query_groups or m.num_attention_heads
+    total = 0.0
+    for i in range(m.num_layers):
+        dropped = cfg.victor.enabled and i >= cfg.victor.drop_layer
+        seq, context = (short, context_short) if dropped else (long, context_long)
+        total += factor * transformer_layer_flops(seq, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads,
+                                                  groups, gated=True, context=context)
+    head = short if head_tokens is None else head_tokens
+    return total + factor * 2.0 * head * m.hidden_size * m.vocab_size
+
+
+def vision_flops(cfg: Config, images: int, train: bool = True) -> float:
+    """ViT (+ class token) and projector for `images` images; a frozen ViT (or inference) runs forward only."""
+    v, m = cfg.vision, cfg.model
+    vit = v.num_layers * transformer_layer_flops(v.num_visual_tokens + 1, v.hidden_size, v.ffn_hidden_size,
+                                                 v.num_attention_heads, v.num_attention_heads, gated=False)
+    projector = 2.0 * v.num_visual_tokens * (v.hidden_size * m.hidden_size + m.hidden_size * m.hidden_size)
+    vit_factor = TRAIN_FACTOR if (train and not v.freeze) else 1.0
+    return images * (vit_factor * vit + (TRAIN_FACTOR if train else 1.0) * projector)
+
+
 def batch_train_flops(cfg: Config, batch: VictorBatch) -> float:
     """Training FLOPs of one micro-batch for the whole model (all tp/pp ranks together)."""
-    m, v = cfg.model, cfg.vision
-    groups = m.num_query_groups or m.num_attention_heads
     rows, long = batch.shape
     visual_per_row = (batch.kinds == KIND_VISUAL).sum(dim=1)
     total = 0.0
     for r in range(rows):
         short = long - int(visual_per_row[r]) if cfg.victor.enabled else long
-        for i in range(m.num_layers):
-            seq = short if (cfg.victor.enabled and i >= cfg.victor.drop_layer) else long
-            total += TRAIN_FACTOR * transformer_layer_flops(seq, m.hidden_size, m.ffn_hidden_size,
-                                                            m.num_attention_heads, groups, gated=True)
-        total += TRAIN_FACTOR * 2.0 * short * m.hidden_size * m.vocab_size
-    images = batch.images.shape[0]
-    vit = v.num_layers * transformer_layer_flops(v.num_visual_tokens + 1, v.hidden_size, v.ffn_hidden_size,
-                                                 v.num_attention_heads, v.num_attention_heads, gated=False)
-    total += images * (1.0 if v.freeze else TRAIN_FACTOR) * vit
-    return total
+        total += decoder_flops(cfg, long, short)
+    return total + vision_flops(cfg, batch.images.shape[0], train=True)
+
+
+def generate_flops(cfg: Config, rows: int, visual: int, prompt: int, new_tokens: int) -> float:
+    """Forward FLOPs of `generate` with a KV cache: `rows` prompts of `prompt` slots holding `visual` visual
+    slots each (one image per prompt), a prefill that computes logits for the last slot only, then
+    `new_tokens - 1` single-token decode steps."""
+    short = prompt - visual if cfg.victor.enabled else prompt
+    total = rows * decoder_flops(cfg, prompt, short, factor=1.0, head_tokens=1)
+    for t in range(1, new_tokens):
+        total += rows * decoder_flops(cfg, 1, 1, factor=1.0, context_long=prompt + t, context_short=short + t)
+    return total + vision_flops(cfg, rows, train=False)
 
 
 def peak_flops() -> float:

@@ -19,12 +19,18 @@ from megavictor.config import Config, load_config
 TRAIN_FACTOR = 3.0  # forward + backward ~ 3 forwards
 
 
-def transformer_layer_flops(seq: int, hidden: int, ffn: int, heads: int, groups: int, gated: bool) -> float:
-    """Forward FLOPs of one transformer layer on `seq` tokens (GEMMs + attention scores and weighted sum)."""
+def transformer_layer_flops(seq: int, hidden: int, ffn: int, heads: int, groups: int, gated: bool,
+                            context: int | None = None) -> float:
+    """Forward FLOPs of one transformer layer on `seq` tokens (GEMMs + attention scores and weighted sum).
+
+    `context` is the number of keys each query attends over (default `seq`, full-square attention as the dense
+    masks compute it); decoding with a KV cache passes the cache length.
+    """
+    context = seq if context is None else context
     kv = hidden * groups // heads
     qkv_proj = 2 * seq * hidden * (hidden + 2 * kv) + 2 * seq * hidden * hidden
     mlp = 2 * seq * hidden * ffn * (3 if gated else 2)
-    attention = 2 * 2 * seq * seq * hidden
+    attention = 2 * 2 * seq * context * hidden
     return float(qkv_proj + mlp + attention)
 
 

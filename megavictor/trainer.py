@@ -56,6 +56,21 @@ def build_model(cfg: Config, dims: ParallelDims) -> VictorVLM:
     return VictorVLM(cfg, layers_per_stage(cfg), pre_process=dims.is_first_stage, post_process=dims.is_last_stage)
 
 
+def wrap_for_training(cfg: Config, model: VictorVLM) -> tuple[DistributedDataParallel, Any]:
+    """megatron DDP (gradients summed across data parallel) and the AdamW optimizer, as the training job uses them."""
+    t = cfg.train
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                               use_distributed_optimizer=torch.cuda.is_available())
+    ddp = DistributedDataParallel(model.config, ddp_config, model)
+    model.config.finalize_model_grads_func = finalize_model_grads
+    model.config.no_sync_func = ddp.no_sync
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay, clip_grad=t.clip_grad,
+        bf16=t.precision == "bf16", params_dtype=model.config.params_dtype,
+        use_distributed_optimizer=ddp_config.use_distributed_optimizer), [ddp])
+    return ddp, optimizer
+
+
 class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -66,17 +81,8 @@ class Trainer:
 
         # Model, DDP (gradients summed across data parallel, divided by the global token count at the end).
         self.model = build_model(cfg, self.dims)
-        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
-                                                   use_distributed_optimizer=torch.cuda.is_available())
-        self.ddp = DistributedDataParallel(self.model.config, ddp_config, self.model)
-        self.model.config.finalize_model_grads_func = finalize_model_grads
-        self.model.config.no_sync_func = self.ddp.no_sync
-
         # Optimizer (AdamW) and warmup + cosine schedule.
-        self.optimizer = get_megatron_optimizer(OptimizerConfig(
-            optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay, clip_grad=t.clip_grad,
-            bf16=t.precision == "bf16", params_dtype=self.model.config.params_dtype,
-            use_distributed_optimizer=ddp_config.use_distributed_optimizer), [self.ddp])
+        self.ddp, self.optimizer = wrap_for_training(cfg, self.model)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=t.warmup_steps,
             lr_decay_steps=max(t.max_steps, t.warmup_steps + 1), lr_decay_style="cosine", start_wd=t.weight_decay,

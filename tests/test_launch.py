@@ -1,9 +1,10 @@
 """`megavictor launch` on a real single-node SLURM cluster (tests/slurm_cluster.py): sbatch rendering, a 2-task
-gloo job to COMPLETED in sacct, preemption by USR2 and by `scontrol requeue` (checkpoint at a step boundary,
-requeue, resume, same result), scancel (no resurrection), a failing rank, and `--cluster local`.
+(tp=2) demo training job to COMPLETED in sacct with the losses of the same run under torchrun, preemption by USR2
+(checkpoint at a step boundary, requeue, resume, the uninterrupted losses), and, with the fast payload
+tests/slurm_payload.py (the trainer's contract, with a real gloo all_reduce): preemption by `scontrol requeue`,
+scancel (no resurrection), a failing rank, and `--cluster local`.
 
-The payload is tests/slurm_payload.py (the trainer's contract, with a real gloo all_reduce) until megavictor.trainer
-lands. Needs root to start SLURM; if it cannot start, the fixture errors (it never skips).
+Needs root to start SLURM; if it cannot start, the fixture errors (it never skips).
 """
 
 from __future__ import annotations
@@ -22,9 +23,13 @@ import yaml
 from launch.cli import main
 from tests.slurm_cluster import PARTITION, Paths, session
 from tests.slurm_payload import Summary, expected_total
+from tests.test_train import STAGE2, assert_close, losses, run, train_cmd
 
 STEPS = 40  # x 0.25 s per step: long enough to interrupt mid-run
 PAYLOAD = ["--entry", "tests.slurm_payload:run", "--tasks-per-node", "2", "--time", "5", "--signal-delay", "15"]
+TRAIN_STEPS = 20  # demo training, tp=2: ~0.25 s per step after a first one of a few seconds
+TRAINING = ["--config", STAGE2, "--cluster", "slurm", "--nodes", "1", "--tasks-per-node", "2", "--partition",
+            PARTITION]
 
 
 @pytest.fixture(scope="session")
@@ -88,57 +93,85 @@ def test_dry_run_renders_the_sbatch_script(capsys: pytest.CaptureFixture[str], t
     assert not run_dir.exists()  # nothing submitted
 
 
+def training_overrides(data: Path, run_dir: Path) -> list[str]:
+    """The overrides of tests/test_train.py's tiny demo run (tp=2, TRAIN_STEPS steps)."""
+    cmd = train_cmd(2, data, run_dir, "parallel.tp=2", f"train.max_steps={TRAIN_STEPS}")
+    return cmd[cmd.index("--config") + 2:]
+
+
+def wait_for_metrics(run_dir: Path, steps: int, timeout: float = 180) -> None:
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= steps):
+        assert time.monotonic() < deadline, f"the job logged no step {steps} in {timeout:.0f} s"
+        time.sleep(0.05)
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(slurm_cluster: Paths, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A 2-task job run to completion through `launch.cli.main(... --wait)`."""
-    run_dir = tmp_path_factory.mktemp("uninterrupted")
-    rc = main([*PAYLOAD, "--partition", PARTITION, "--wait", f"train.run_dir={run_dir}", f"train.max_steps={STEPS}"])
+def trained(slurm_cluster: Paths, digits_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The demo training job (2 tasks, tp=2) run to completion through `launch.cli.main(... --wait)`."""
+    run_dir = tmp_path_factory.mktemp("trained")
+    rc = main([*TRAINING, "--wait", *training_overrides(digits_data, run_dir)])
     job_id = next(p.name.split("_")[0] for p in (run_dir / "submitit").glob("*_submission.sh"))
-    return {"rc": rc, "job_id": job_id, "run_dir": run_dir, "results": slurm_results(run_dir, job_id)}
+    return {"rc": rc, "job_id": job_id, "run_dir": run_dir}
 
 
-@pytest.mark.timeout(120)
-def test_slurm_job_completes(uninterrupted: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
-    run_dir, job_id = uninterrupted["run_dir"], uninterrupted["job_id"]
-    assert uninterrupted["rc"] == 0
+@pytest.mark.timeout(300)
+def test_slurm_training_matches_torchrun(trained: dict[str, Any], digits_data: Path, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir, job_id = trained["run_dir"], trained["job_id"]
+    assert trained["rc"] == 0
     assert sacct_state(job_id) == "COMPLETED"
-    assert [r.total for r in uninterrupted["results"]] == [expected_total(2, STEPS)] * 2
-    assert [r.world for r in uninterrupted["results"]] == [2, 2]
+    results = submitit.SlurmJob(folder=run_dir / "submitit", job_id=job_id, tasks=(0, 1)).results()
+    assert [(r.final_step, r.stopped_by_signal) for r in results] == [(TRAIN_STEPS, False)] * 2
     for rank in (0, 1):
         assert (run_dir / "submitit" / f"{job_id}_{rank}_log.out").is_file()
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["run_dir"] == str(run_dir)
     # --dry-run shows exactly what was submitted
-    assert main([*PAYLOAD, "--partition", PARTITION, "--dry-run", f"train.run_dir={run_dir}"]) == 0
+    assert main([*TRAINING, "--dry-run", *training_overrides(digits_data, run_dir)]) == 0
     assert capsys.readouterr().out.strip() == (run_dir / "submitit" / f"{job_id}_submission.sh").read_text().strip()
 
+    torchrun = tmp_path / "torchrun"
+    summary = run(train_cmd(2, digits_data, torchrun, "parallel.tp=2", f"train.max_steps={TRAIN_STEPS}"))
+    reference = losses(torchrun)
+    assert len(reference) == TRAIN_STEPS and reference[-1] < reference[0]
+    assert_close(losses(run_dir), reference, rel=1e-6)
+    assert results[0].final_loss == pytest.approx(summary["final_loss"], rel=1e-6)
 
-@pytest.mark.timeout(150)
-def test_usr2_checkpoints_requeues_and_resumes(uninterrupted: dict[str, Any], capsys: pytest.CaptureFixture[str],
-                                               tmp_path: Path) -> None:
-    """The time-limit warning / preemption signal: the job saves at a step boundary and requeues itself."""
-    rc, job_id, _ = launch(capsys, tmp_path, "--partition", PARTITION)
+
+@pytest.mark.timeout(300)
+def test_usr2_checkpoints_requeues_and_resumes(trained: dict[str, Any], digits_data: Path,
+                                               capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """The time-limit warning / preemption signal: the job saves at a step boundary, requeues itself, resumes
+    and trains on to the same per-step and final losses as the uninterrupted job."""
+    rc = main([*TRAINING, *training_overrides(digits_data, tmp_path)])
+    job_id = re.search(r"^job (\S+)$", capsys.readouterr().out, re.M).group(1)
     assert rc == 0
-    wait_for_steps(tmp_path, 5)
+    wait_for_metrics(tmp_path, 2)
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-    results = slurm_results(tmp_path, job_id)
-    assert [r.total for r in results] == [r.total for r in uninterrupted["results"]]
-    assert all(5 <= r.resumed_from < STEPS for r in results), results
+    results = submitit.SlurmJob(folder=tmp_path / "submitit", job_id=job_id, tasks=(0, 1)).results()
+    assert [(r.final_step, r.stopped_by_signal) for r in results] == [(TRAIN_STEPS, False)] * 2
     assert sacct_state(job_id) == "COMPLETED"
-    restarts = attempts(tmp_path)
-    assert restarts[0] == "0" and restarts[-1] == "1" and len(restarts) == STEPS  # no step lost or repeated
     assert "requeueing job" in (tmp_path / "submitit" / f"{job_id}_0_log.out").read_text()
+    # The checkpoint of the interrupted run (mid-run, at a step boundary), then the final one.
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
+    assert len(saved) == 2 and saved[1] == f"step_{TRAIN_STEPS:06d}", saved
+    assert 2 <= int(saved[0].removeprefix("step_")) < TRAIN_STEPS, saved
+    uninterrupted = losses(trained["run_dir"])
+    assert_close(losses(tmp_path), uninterrupted, rel=1e-6)
+    assert results[0].final_loss == pytest.approx(uninterrupted[-1], rel=1e-6)
 
 
 @pytest.mark.timeout(150)
-def test_scontrol_requeue_checkpoints_and_resumes(uninterrupted: dict[str, Any],
-                                                  capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_scontrol_requeue_checkpoints_and_resumes(slurm_cluster: Paths, capsys: pytest.CaptureFixture[str],
+                                                  tmp_path: Path) -> None:
     """SLURM-side requeue (as preemption with PreemptMode=REQUEUE): SIGTERM, save within KillWait, SLURM requeues."""
     rc, job_id, _ = launch(capsys, tmp_path, "--partition", PARTITION)
     assert rc == 0
     wait_for_steps(tmp_path, 5)
     subprocess.run(["scontrol", "requeue", job_id], check=True)
     results = slurm_results(tmp_path, job_id)
-    assert [r.total for r in results] == [r.total for r in uninterrupted["results"]]
+    assert [r.total for r in results] == [expected_total(2, STEPS)] * 2
     assert all(5 <= r.resumed_from < STEPS for r in results), results
     assert len(attempts(tmp_path)) == STEPS
     assert "requeueing job" not in (tmp_path / "submitit" / f"{job_id}_0_log.out").read_text()  # SLURM did it

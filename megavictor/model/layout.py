@@ -7,7 +7,9 @@ Tensor parallelism splits column-parallel weights on dim 0 and row-parallel ones
 
 from __future__ import annotations
 
+import math
 import re
+import zlib
 
 import torch
 
@@ -97,3 +99,38 @@ def shard_into(model: torch.nn.Module, full: dict[str, torch.Tensor], tp_rank: i
             raise ValueError(f"{name}: full-model shard has shape {tuple(piece.shape)}, model has {tuple(param.shape)}")
         with torch.no_grad():
             param.copy_(piece)
+
+
+def full_shape(name: str, local_shape: torch.Size, tp: int) -> tuple[int, ...]:
+    shape = list(local_shape)
+    dim = tp_split_dim(name)
+    if dim is not None:
+        shape[dim] *= tp
+    return tuple(shape)
+
+
+def initial_value(name: str, shape: tuple[int, ...], std: float, num_layers: int, seed: int) -> torch.Tensor:
+    """The initial value of a full parameter, from a generator seeded by its name.
+
+    Independent of the tp/pp layout and of construction order, so every layout (and the reference model)
+    starts from the same weights. Norm weights are 1, biases 0; the decoder's output projections get megatron's
+    scaled init (std / sqrt(2 * num_layers)).
+    """
+    if "layernorm" in name or ".ln_pre." in name:
+        return torch.ones(shape) if name.endswith("weight") else torch.zeros(shape)
+    if name.endswith("bias"):
+        return torch.zeros(shape)
+    if name.startswith("decoder.") and name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+        std = std / math.sqrt(2.0 * num_layers)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.randn(shape, generator=generator) * std
+
+
+@torch.no_grad()
+def initialize(model: torch.nn.Module, std: float, num_layers: int, seed: int, tp_rank: int = 0, tp: int = 1,
+               layer_offset: int = 0) -> None:
+    """Give every local parameter its shard of the layout-independent initial value."""
+    for name, param in model.named_parameters():
+        full = full_name(name, layer_offset)
+        value = initial_value(full, full_shape(full, param.shape, tp), std, num_layers, seed)
+        param.copy_(shard(full, value, tp_rank, tp))

@@ -16,6 +16,7 @@ from torch import nn
 
 from megavictor.config import Config
 from megavictor.model.batch import VictorBatch
+from megavictor.model.layout import initialize
 from megavictor.model.recipe import apply_freezing
 from megavictor.model.victor import DropPlan, build_drop_plan, scatter_image_slots
 
@@ -164,20 +165,8 @@ class ReferenceVLM(nn.Module):
                                     gated=True, bias=False, activation=F.silu) for _ in range(m.num_layers)],
                              norm())
         self.output_layer = nn.Linear(m.hidden_size, m.vocab_size, bias=False)
-        self.reset_parameters()
+        initialize(self, m.init_method_std, m.num_layers, cfg.train.seed)
         apply_freezing(self, cfg)
-
-    @torch.no_grad()
-    def reset_parameters(self, std: float | None = None) -> None:
-        """Normal(0, std) weights, unit norms, zero biases: a deterministic init given torch's seed."""
-        std = self.cfg.model.init_method_std if std is None else std
-        for name, param in self.named_parameters():
-            if "layernorm" in name or name.endswith("ln_pre.weight"):
-                param.fill_(1.0) if name.endswith("weight") else param.zero_()
-            elif name.endswith("bias"):
-                param.zero_()
-            else:
-                param.normal_(0.0, std)
 
     def plan(self, batch: VictorBatch) -> DropPlan:
         v = self.cfg.victor

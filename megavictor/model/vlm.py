@@ -9,7 +9,7 @@ receive shorter sequences.
 from __future__ import annotations
 
 import torch
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
@@ -24,6 +24,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megavictor.config import Config
 from megavictor.model import specs
 from megavictor.model.batch import VictorBatch
+from megavictor.model.layout import initialize
 from megavictor.model.recipe import apply_freezing
 from megavictor.model.victor import DropPlan, build_drop_plan, scatter_image_slots
 
@@ -46,7 +47,9 @@ class VictorVLM(MegatronModule):
         lm_config: TransformerConfig = specs.language_config(cfg, layers_per_stage)
         super().__init__(config=lm_config)
         self.cfg = cfg
-        self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
+        # Read by megatron's schedules and finalize_model_grads: untied output layer (LLaMA), no learned positions.
+        self.model_type = ModelType.encoder_or_decoder
+        self.share_embeddings_and_output_weights = False
         self.pre_process, self.post_process = pre_process, post_process
         backend = cfg.train.attention_backend
         if pre_process:
@@ -66,8 +69,6 @@ class VictorVLM(MegatronModule):
             self.registers = (torch.nn.Parameter(torch.empty(registers, cfg.model.hidden_size,
                                                              dtype=lm_config.params_dtype))
                               if registers else None)
-            if self.registers is not None:
-                lm_config.init_method(self.registers.data)
         self.rotary = RotaryEmbedding(kv_channels=lm_config.kv_channels, rotary_percent=1.0,
                                       rotary_base=cfg.model.rotary_base, use_cpu_initialization=True)
         self.decoder = TransformerBlock(lm_config, specs.decoder_layer_spec(backend),
@@ -76,6 +77,10 @@ class VictorVLM(MegatronModule):
             self.output_layer = ColumnParallelLinear(
                 cfg.model.hidden_size, cfg.model.vocab_size, config=lm_config, init_method=lm_config.init_method,
                 bias=False, gather_output=False, skip_bias_add=False)
+        stage = parallel_state.get_pipeline_model_parallel_rank()
+        initialize(self, cfg.model.init_method_std, cfg.model.num_layers, cfg.train.seed,
+                   tp_rank=parallel_state.get_tensor_model_parallel_rank(), tp=cfg.parallel.tp,
+                   layer_offset=sum(layers_per_stage[:stage]))
         apply_freezing(self, cfg)
 
     def set_input_tensor(self, input_tensor: torch.Tensor | list | None) -> None:
@@ -96,7 +101,9 @@ class VictorVLM(MegatronModule):
         if batch.images.shape[0]:
             features = self.vision(batch.images.to(words.dtype))[:, 1:]  # drop the class token
             visual = self.projector(features)
-        return scatter_image_slots(words.transpose(0, 1), batch.kinds, visual, self.registers).transpose(0, 1)
+        filled = scatter_image_slots(words.transpose(0, 1), batch.kinds, visual, self.registers)
+        # Contiguous in [S, B, H] order: elementwise layers keep strides, and p2p sends need contiguous tensors.
+        return filled.transpose(0, 1).contiguous()
 
     def forward(self, batch: VictorBatch, plan: DropPlan | None = None, return_logits: bool = False) -> torch.Tensor:
         """Hidden states to send on (inner stages), or on the last stage per-slot losses [B, S'] (masked by the

@@ -1,0 +1,1 @@
+"""`megavictor bench <what>` benchmarks, one module each: train, infer, pipeline (`megavictor.bench.BENCHES`)."""

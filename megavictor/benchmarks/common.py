@@ -1,0 +1,94 @@
+"""What the benchmarks share: the CPU-width LLaVA-1.5 shape, synthetic image + text batches, peak memory, medians."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from megavictor.config import Config, load_config
+from megavictor.model.batch import IMAGE_PLACEHOLDER, KIND_TEXT, KIND_VISUAL, Sample, VictorBatch, collate_rows, \
+    layout_sample
+
+# LLaVA-1.5-7B's token counts at CPU width: 32 decoder layers, 576 visual tokens (a small frozen ViT with 24 x 24
+# patches of a 96 px image instead of CLIP ViT-L/336's 24 x 24 patches of 14 px), R=8 registers, drop at k=3.
+CPU_LLAVA15 = [
+    "model.num_layers=32", "model.hidden_size=128", "model.ffn_hidden_size=352", "model.num_attention_heads=4",
+    "model.vocab_size=512",
+    "vision.image_size=96", "vision.patch_size=4", "vision.num_layers=2", "vision.hidden_size=32",
+    "vision.ffn_hidden_size=128", "vision.num_attention_heads=2", "vision.freeze=true",
+    "victor.enabled=true", "victor.num_registers=8", "victor.drop_layer=3",
+    "data.seq_length=1024", "data.text_length=64", "train.stage=2", "train.lr=1e-4", "log.wandb=false",
+]
+
+
+def bench_config(path: str | None, overrides: list[str], defaults: list[str] = CPU_LLAVA15) -> Config:
+    """The YAML recipe at `path`, or without one the benchmark's default shape; then dotted overrides."""
+    return load_config(path, ([] if path else list(defaults)) + list(overrides))
+
+
+def variant(cfg: Config, victor: bool, text_length: int | None = None) -> Config:
+    """`cfg` with Victor on or off (the baseline is `victor.enabled=false`), seq_length = one sample's slots."""
+    d = cfg.to_dict()
+    d["victor"]["enabled"] = victor
+    if text_length is not None:
+        d["data"]["text_length"] = text_length
+    t = d["data"]["text_length"]
+    d["data"]["seq_length"] = sample_slots(cfg, victor, t)
+    overrides = [f"{s}.{k}={json.dumps(v)}" for s, vals in d.items() for k, v in vals.items()]
+    return load_config(None, overrides)
+
+
+def sample_slots(cfg: Config, victor: bool, text_length: int) -> int:
+    return cfg.vision.num_visual_tokens + (cfg.victor.num_registers if victor else 0) + text_length
+
+
+def image_text_batches(cfg: Config, rows: int, micro_batches: int, seed: int = 0) -> list[VictorBatch]:
+    """`micro_batches` micro-batches of `rows` packed rows, each row one sample: one image, then
+    `data.text_length` text tokens (all of them targets). The same seed gives the same images and text for Victor
+    and the baseline (only the register slots differ)."""
+    g = torch.Generator().manual_seed(seed)
+    v, r, t = cfg.vision.num_visual_tokens, cfg.victor.registers_per_image, cfg.data.text_length
+    size = cfg.vision.image_size
+    batches = []
+    for _ in range(micro_batches):
+        laid = []
+        for _ in range(rows):
+            tokens = [IMAGE_PLACEHOLDER] + torch.randint(3, cfg.model.vocab_size, (t,), generator=g).tolist()
+            sample = Sample(tokens, [False] + [True] * t, [torch.randn(3, size, size, generator=g)])
+            laid.append([layout_sample(sample, v, r)])
+        batches.append(collate_rows(laid, cfg.data.seq_length))
+    return batches
+
+
+def data_tokens(batches: list[VictorBatch]) -> int:
+    """Text + visual slots (not registers, not padding): the same count for Victor and the baseline."""
+    return sum(int(((b.kinds == KIND_TEXT) | (b.kinds == KIND_VISUAL)).sum()) for b in batches)
+
+
+def memory_mb() -> dict[str, float]:
+    """This process's resident memory now (VmRSS) and its peak (VmHWM), MiB.
+
+    VmHWM belongs to the process's own address space: unlike `ru_maxrss`, Linux does not carry a parent's peak
+    into it across fork + exec, so a fresh worker process per variant measures that variant alone.
+    """
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0]) / 1024
+    return {"rss_mb": out.get("VmRSS", 0.0), "peak_mb": out.get("VmHWM", 0.0)}
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def print_table(title: str, header: list[str], rows: list[list]) -> None:
+    print(title)
+    cells = [header] + [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for r in cells:
+        print("  " + "  ".join(c.rjust(w) for c, w in zip(r, widths)))

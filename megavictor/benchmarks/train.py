@@ -1,0 +1,165 @@
+"""`megavictor bench train`: training step time, Victor vs the plain LLaVA baseline, against the analytic FLOP bound.
+
+One step is what the training job does per optimizer step: megatron's forward/backward schedule over the
+micro-batches (`megavictor.step.forward_backward` on the megatron DDP-wrapped `VictorVLM`), then the AdamW step.
+Victor and the baseline (`victor.enabled=false`) are the same model shape on the same images and text; each row of a
+micro-batch holds one sample (one image + `text_length` text tokens), so Victor's rows are R slots longer.
+
+Each variant lives in its own fresh worker process (for a per-variant peak memory), and the parent alternates
+single steps between the two workers, so machine noise hits both alike; reported times are medians. Peak memory is
+the worker's VmHWM (peak resident set of that process alone, imports and model included).
+
+`flop_bound` is baseline FLOPs / Victor FLOPs of exactly the batches run (`megavictor.metrics.batch_train_flops`:
+layers < k on visual + registers + text, layers >= k on registers + text, quadratic attention, the frozen ViT
+forward only), and `ratio_to_bound` = measured speedup / flop_bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import time
+import warnings
+
+from megavictor.benchmarks.common import bench_config, data_tokens, image_text_batches, median, memory_mb, \
+    print_table, variant
+from megavictor.config import Config
+from megavictor.metrics import batch_train_flops
+
+
+def _worker(conn, cfg_dict: dict, rows: int, micro_batches: int, threads: int) -> None:
+    """One variant in its own process: build, then run one training step per "step" message."""
+    warnings.filterwarnings("ignore")
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    from megavictor.config import config_from_dict
+    from megavictor.distributed import init_distributed, shutdown
+    from megavictor.model.vlm import VictorVLM
+    from megavictor.step import forward_backward
+    from megavictor.trainer import wrap_for_training
+
+    try:
+        cfg = config_from_dict(cfg_dict)
+        init_distributed(1, 1, cfg.train.seed)
+        torch.manual_seed(cfg.train.seed)
+        model = VictorVLM(cfg, [cfg.model.num_layers])
+        ddp, optimizer = wrap_for_training(cfg, model)
+        batches = image_text_batches(cfg, rows, micro_batches)
+        conn.send({"ready": True, **memory_mb()})
+        while conn.recv() == "step":
+            start = time.perf_counter()
+            ddp.zero_grad_buffer()
+            optimizer.zero_grad()
+            result = forward_backward(ddp, batches)
+            optimizer.step()
+            conn.send({"seconds": time.perf_counter() - start, "loss": result.loss_sum / max(result.num_tokens, 1)})
+        conn.send(memory_mb())
+        shutdown()
+    except BaseException as exc:  # report to the parent instead of hanging it
+        import traceback
+
+        conn.send({"error": f"{exc!r}\n{traceback.format_exc()}"})
+
+
+class Worker:
+    def __init__(self, cfg: Config, rows: int, micro_batches: int, threads: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker, args=(child, cfg.to_dict(), rows, micro_batches, threads),
+                                daemon=True)
+        self.proc.start()
+        self.start_memory = self._recv()
+
+    def _recv(self) -> dict:
+        if not self.conn.poll(1800):
+            raise TimeoutError("benchmark worker did not answer")
+        msg = self.conn.recv()
+        if "error" in msg:
+            raise RuntimeError(f"benchmark worker failed: {msg['error']}")
+        return msg
+
+    def step(self) -> float:
+        self.conn.send("step")
+        return self._recv()["seconds"]
+
+    def finish(self) -> dict:
+        self.conn.send("stop")
+        memory = self._recv()
+        self.proc.join(timeout=60)
+        return memory
+
+
+def measure(cfg: Config, text_length: int, rows: int, micro_batches: int, repeats: int, warmup: int,
+            threads: int) -> dict:
+    cfgs = {name: variant(cfg, name == "victor", text_length) for name in ("victor", "baseline")}
+    flops = {name: sum(batch_train_flops(c, b) for b in image_text_batches(c, rows, micro_batches))
+             for name, c in cfgs.items()}
+    times: dict[str, list[float]] = {"victor": [], "baseline": []}
+    workers = {}
+    try:
+        for name in ("victor", "baseline"):  # started one after the other: no overlap in the build either
+            workers[name] = Worker(cfgs[name], rows, micro_batches, threads)
+        for i in range(warmup + repeats):
+            order = ("victor", "baseline") if i % 2 == 0 else ("baseline", "victor")
+            for name in order:  # alternating, never concurrently
+                seconds = workers[name].step()
+                if i >= warmup:
+                    times[name].append(seconds)
+        memory = {name: w.finish() for name, w in workers.items()}
+    finally:
+        for w in workers.values():
+            if w.proc.is_alive():
+                w.proc.kill()
+    victor_s, baseline_s = median(times["victor"]), median(times["baseline"])
+    speedup = baseline_s / victor_s
+    bound = flops["baseline"] / flops["victor"]
+    tokens = data_tokens(image_text_batches(cfgs["victor"], rows, micro_batches))
+    return {
+        "text_length": text_length, "victor_step_s": round(victor_s, 4), "baseline_step_s": round(baseline_s, 4),
+        "speedup": round(speedup, 4), "flop_bound": round(bound, 4), "ratio_to_bound": round(speedup / bound, 4),
+        "victor_peak_mem_mb": round(memory["victor"]["peak_mb"], 1),
+        "baseline_peak_mem_mb": round(memory["baseline"]["peak_mb"], 1),
+        "victor_start_mem_mb": round(workers["victor"].start_memory["rss_mb"], 1),
+        "baseline_start_mem_mb": round(workers["baseline"].start_memory["rss_mb"], 1),
+        "victor_gflop": round(flops["victor"] / 1e9, 3), "baseline_gflop": round(flops["baseline"] / 1e9, 3),
+        "victor_tokens_per_s": round(tokens / victor_s, 1), "baseline_tokens_per_s": round(tokens / baseline_s, 1),
+        "victor_step_times_s": [round(t, 4) for t in times["victor"]],
+        "baseline_step_times_s": [round(t, 4) for t in times["baseline"]],
+    }
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="megavictor bench train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML recipe (default: LLaVA-1.5-7B token counts at CPU width)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
+    parser.add_argument("--text-lengths", default="64,256", help="comma-separated; the first is the headline")
+    parser.add_argument("--rows", type=int, default=2, help="rows (one sample each) per micro-batch")
+    parser.add_argument("--micro-batches", type=int, default=1, help="micro-batches per step")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.hidden_size=64")
+    args = parser.parse_args(argv)
+    cfg = bench_config(args.config, args.overrides)
+    lengths = [int(x) for x in args.text_lengths.split(",") if x]
+
+    results = [measure(cfg, t, args.rows, args.micro_batches, args.repeats, args.warmup, args.threads)
+               for t in lengths]
+    m, v, vi = cfg.model, cfg.vision, cfg.victor
+    print(f"train step: {m.num_layers} layers, hidden {m.hidden_size}, {v.num_visual_tokens} visual tokens, "
+          f"R={vi.num_registers}, k={vi.drop_layer}; {args.micro_batches} x {args.rows} rows of one image + text; "
+          f"median of {args.repeats} alternating steps")
+    print_table("", ["text", "victor s", "baseline s", "speedup", "flop bound", "ratio", "victor MB", "baseline MB"],
+                [[r["text_length"], r["victor_step_s"], r["baseline_step_s"], r["speedup"], r["flop_bound"],
+                  r["ratio_to_bound"], r["victor_peak_mem_mb"], r["baseline_peak_mem_mb"]] for r in results])
+    head = results[0]
+    out = {k: head[k] for k in ("victor_step_s", "baseline_step_s", "speedup", "flop_bound", "ratio_to_bound",
+                                "victor_peak_mem_mb", "baseline_peak_mem_mb")}
+    out.update(text_length=head["text_length"], rows=args.rows, micro_batches=args.micro_batches,
+               repeats=args.repeats,
+               memory_method="VmHWM (peak RSS) of a fresh worker process per variant, imports + model included",
+               by_text_length={str(r["text_length"]): r for r in results})
+    print(json.dumps(out))
+    return 0
