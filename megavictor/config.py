@@ -113,6 +113,7 @@ class TrainConfig:
     min_lr: float = 1e-5
     warmup_steps: int = 0
     weight_decay: float = 0.0
+    adam_eps: float = 1e-8
     clip_grad: float = 1.0
     seed: int = 1234
     stage: int = 2  # LLaVA stage: 1 trains projector + registers, 2 also the LLM

@@ -49,12 +49,13 @@ def init_distributed(tp: int, pp: int, seed: int, backend: str | None = None) ->
     enable_cpu_compat()
     if not dist.is_initialized():
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        if "RANK" not in os.environ:  # a plain single process
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
+        if "RANK" in os.environ:
+            dist.init_process_group(backend)
+        else:  # a plain single process; no RANK/MASTER_PORT left in the environment of the processes it starts
+            port = os.environ.get("MASTER_PORT") or free_port()
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     world = dist.get_world_size()
     if world % (tp * pp):
         raise ConfigError(f"parallel.tp={tp} x parallel.pp={pp} does not divide the world size {world}")

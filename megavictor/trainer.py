@@ -65,7 +65,7 @@ def wrap_for_training(cfg: Config, model: VictorVLM) -> tuple[DistributedDataPar
     model.config.finalize_model_grads_func = finalize_model_grads
     model.config.no_sync_func = ddp.no_sync
     optimizer = get_megatron_optimizer(OptimizerConfig(
-        optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay, clip_grad=t.clip_grad,
+        optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay, adam_eps=t.adam_eps, clip_grad=t.clip_grad,
         bf16=t.precision == "bf16", params_dtype=model.config.params_dtype,
         use_distributed_optimizer=ddp_config.use_distributed_optimizer), [ddp])
     return ddp, optimizer

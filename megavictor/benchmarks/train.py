@@ -50,12 +50,13 @@ def _worker(conn, cfg_dict: dict, rows: int, micro_batches: int, threads: int) -
         batches = image_text_batches(cfg, rows, micro_batches)
         conn.send({"ready": True, **memory_mb()})
         while conn.recv() == "step":
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             ddp.zero_grad_buffer()
             optimizer.zero_grad()
             result = forward_backward(ddp, batches)
             optimizer.step()
-            conn.send({"seconds": time.perf_counter() - start, "loss": result.loss_sum / max(result.num_tokens, 1)})
+            conn.send({"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
+                       "loss": result.loss_sum / max(result.num_tokens, 1)})
         conn.send(memory_mb())
         shutdown()
     except BaseException as exc:  # report to the parent instead of hanging it
@@ -81,9 +82,9 @@ class Worker:
             raise RuntimeError(f"benchmark worker failed: {msg['error']}")
         return msg
 
-    def step(self) -> float:
+    def step(self) -> dict:
         self.conn.send("step")
-        return self._recv()["seconds"]
+        return self._recv()
 
     def finish(self) -> dict:
         self.conn.send("stop")
@@ -98,6 +99,7 @@ def measure(cfg: Config, text_length: int, rows: int, micro_batches: int, repeat
     flops = {name: sum(batch_train_flops(c, b) for b in image_text_batches(c, rows, micro_batches))
              for name, c in cfgs.items()}
     times: dict[str, list[float]] = {"victor": [], "baseline": []}
+    cpu: dict[str, list[float]] = {"victor": [], "baseline": []}
     workers = {}
     try:
         for name in ("victor", "baseline"):  # started one after the other: no overlap in the build either
@@ -105,9 +107,10 @@ def measure(cfg: Config, text_length: int, rows: int, micro_batches: int, repeat
         for i in range(warmup + repeats):
             order = ("victor", "baseline") if i % 2 == 0 else ("baseline", "victor")
             for name in order:  # alternating, never concurrently
-                seconds = workers[name].step()
+                result = workers[name].step()
                 if i >= warmup:
-                    times[name].append(seconds)
+                    times[name].append(result["seconds"])
+                    cpu[name].append(result["cpu_seconds"])
         memory = {name: w.finish() for name, w in workers.items()}
     finally:
         for w in workers.values():
@@ -117,6 +120,9 @@ def measure(cfg: Config, text_length: int, rows: int, micro_batches: int, repeat
     speedup = baseline_s / victor_s
     bound = flops["baseline"] / flops["victor"]
     tokens = data_tokens(image_text_batches(cfgs["victor"], rows, micro_batches))
+    # Noise checks: the same speedup from adjacent (victor, baseline) pairs, and from process CPU time (all threads).
+    pairs = median([b / v for v, b in zip(times["victor"], times["baseline"])])
+    cpu_speedup = median(cpu["baseline"]) / median(cpu["victor"])
     return {
         "text_length": text_length, "victor_step_s": round(victor_s, 4), "baseline_step_s": round(baseline_s, 4),
         "speedup": round(speedup, 4), "flop_bound": round(bound, 4), "ratio_to_bound": round(speedup / bound, 4),
@@ -126,6 +132,8 @@ def measure(cfg: Config, text_length: int, rows: int, micro_batches: int, repeat
         "baseline_start_mem_mb": round(workers["baseline"].start_memory["rss_mb"], 1),
         "victor_gflop": round(flops["victor"] / 1e9, 3), "baseline_gflop": round(flops["baseline"] / 1e9, 3),
         "victor_tokens_per_s": round(tokens / victor_s, 1), "baseline_tokens_per_s": round(tokens / baseline_s, 1),
+        "paired_speedup": round(pairs, 4), "cpu_time_speedup": round(cpu_speedup, 4),
+        "cpu_time_ratio_to_bound": round(cpu_speedup / bound, 4),
         "victor_step_times_s": [round(t, 4) for t in times["victor"]],
         "baseline_step_times_s": [round(t, 4) for t in times["baseline"]],
     }
@@ -134,12 +142,14 @@ def measure(cfg: Config, text_length: int, rows: int, micro_batches: int, repeat
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="megavictor bench train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML recipe (default: LLaVA-1.5-7B token counts at CPU width)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant (median reported)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed steps per variant (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
     parser.add_argument("--text-lengths", default="64,256", help="comma-separated; the first is the headline")
     parser.add_argument("--rows", type=int, default=2, help="rows (one sample each) per micro-batch")
     parser.add_argument("--micro-batches", type=int, default=1, help="micro-batches per step")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per worker (0: torch's default). 1 by default: on a shared machine a "
+                             "parallel region waits for its slowest thread, which other jobs deschedule")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.hidden_size=64")
     args = parser.parse_args(argv)
     cfg = bench_config(args.config, args.overrides)

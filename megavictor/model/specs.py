@@ -135,7 +135,7 @@ def language_config(cfg: Config, layers_per_stage: list[int]) -> TransformerConf
         # setting for this even in dense models.
         variable_seq_lengths=True, moe_token_dispatcher_type="alltoall",
         calculate_per_token_loss=True,
-        use_cpu_initialization=True, perform_initialization=False,  # megavictor.model.layout.initialize does it
+        use_cpu_initialization=True,
         fp8=t.fp8, fp8_recipe="delayed",
         recompute_granularity="selective" if t.recompute == "selective" else None,
         **_dtype(cfg), **_UNFUSED,
@@ -152,7 +152,6 @@ def vision_config(cfg: Config) -> TransformerConfig:
         hidden_dropout=0.0, attention_dropout=0.0, init_method_std=cfg.model.init_method_std,
         # The ViT runs whole on the first pipeline stage: no pipeline split of its own.
         tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=1, use_cpu_initialization=True,
-        perform_initialization=False,
         **_dtype(cfg), **_UNFUSED,
     )
 
@@ -165,6 +164,5 @@ def projector_config(cfg: Config) -> TransformerConfig:
         num_attention_heads=m.num_attention_heads, gated_linear_unit=False, add_bias_linear=True,
         activation_func=F.gelu, hidden_dropout=0.0, attention_dropout=0.0, init_method_std=m.init_method_std,
         tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=1, use_cpu_initialization=True,
-        perform_initialization=False,
         **_dtype(cfg), **_UNFUSED,
     )

@@ -1,0 +1,143 @@
+"""`megavictor bench pipeline`: pp=2 training throughput with `parallel.pp_split: even` vs `balanced`.
+
+Two gloo ranks (spawned here), one torch thread each (one core per stage on a 2-core machine). Each rank builds both
+splits' stage of the model (megatron `VictorVLM` + DDP + AdamW, as the training job) and alternates optimizer steps
+between them, each step megatron's 1F1B pipeline schedule (`megavictor.step.forward_backward`) over several
+micro-batches; medians over repeats. The default shape puts the drop layer k in stage 0 of the even split:
+8 layers, k=2, 576 visual tokens + 8 registers + 64 text tokens per sample. `predicted_speedup` is
+`megavictor.plan`'s cost model for the same config (slowest even stage / slowest balanced stage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import traceback
+import warnings
+
+from megavictor.benchmarks.common import bench_config, data_tokens, image_text_batches, median, print_table, variant
+from megavictor.plan import plan_report
+
+DEFAULTS = ["model.num_layers=8", "model.hidden_size=64", "model.ffn_hidden_size=176", "victor.drop_layer=2",
+            "data.text_length=64"]
+
+
+def _rank(rank: int, world: int, port: int, cfg_dict: dict, splits: dict, rows: int, micro_batches: int,
+          repeats: int, warmup: int, queue) -> None:
+    warnings.filterwarnings("ignore")
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    try:
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)
+        from megavictor.config import config_from_dict
+        from megavictor.distributed import init_distributed, shutdown
+        from megavictor.model.vlm import VictorVLM
+        from megavictor.step import forward_backward
+        from megavictor.trainer import wrap_for_training
+
+        cfg = config_from_dict(cfg_dict)
+        dims = init_distributed(1, 2, cfg.train.seed)
+        batches = image_text_batches(cfg, rows, micro_batches)
+        stages = {}
+        for name, layers in splits.items():
+            torch.manual_seed(cfg.train.seed)
+            model = VictorVLM(cfg, layers, pre_process=dims.is_first_stage, post_process=dims.is_last_stage)
+            stages[name] = wrap_for_training(cfg, model)
+        times: dict[str, list[float]] = {name: [] for name in splits}
+        cpu: dict[str, list[list[float]]] = {name: [] for name in splits}
+        for i in range(warmup + repeats):
+            order = list(splits) if i % 2 == 0 else list(splits)[::-1]
+            for name in order:
+                ddp, optimizer = stages[name]
+                dist.barrier()
+                start, cpu_start = time.perf_counter(), time.process_time()
+                ddp.zero_grad_buffer()
+                optimizer.zero_grad()
+                forward_backward(ddp, batches)
+                optimizer.step()
+                elapsed = torch.tensor([time.perf_counter() - start])
+                busy = [torch.zeros(1) for _ in range(world)]
+                dist.all_gather(busy, torch.tensor([time.process_time() - cpu_start]))
+                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the step ends when its slowest stage does
+                if i >= warmup:
+                    times[name].append(float(elapsed))
+                    cpu[name].append([float(b) for b in busy])
+        shutdown()
+        queue.put((rank, True, {"wall": times, "cpu": cpu}))
+    except BaseException:
+        queue.put((rank, False, traceback.format_exc()))
+
+
+def run_two_ranks(*args) -> dict[str, list[float]]:
+    import torch.multiprocessing as mp
+
+    from megavictor.distributed import free_port
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_rank, args=(r, 2, port, *args, queue), daemon=True) for r in range(2)]
+    for p in procs:
+        p.start()
+    results, errors = {}, []
+    try:
+        for _ in procs:
+            rank, ok, value = queue.get(timeout=1800)
+            (results.__setitem__(rank, value) if ok else errors.append(f"rank {rank}:\n{value}"))
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return results[0]
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="megavictor bench pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML recipe (default: 8 layers, k=2, 576 visual tokens, hidden 64)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--rows", type=int, default=1, help="rows (one sample each) per micro-batch")
+    parser.add_argument("--micro-batches", type=int, default=8)
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. victor.drop_layer=1")
+    args = parser.parse_args(argv)
+    cfg = variant(bench_config(args.config, ([] if args.config else DEFAULTS) + args.overrides + ["parallel.pp=2"]),
+                  True)
+    report = plan_report(cfg)
+    splits = {"even": report["even"]["layers"], "balanced": report["balanced"]["layers"]}
+    measured = run_two_ranks(cfg.to_dict(), splits, args.rows, args.micro_batches, args.repeats, args.warmup)
+    times = measured["wall"]
+    # Per-stage busy time (process CPU time of each rank, one thread): what each stage costs when it is not
+    # waiting, so the split's effect on dedicated cores shows even when other jobs share the machine's cores.
+    stage_cpu = {n: [median([step[r] for step in measured["cpu"][n]]) for r in range(2)] for n in splits}
+    tokens = data_tokens(image_text_batches(cfg, args.rows, args.micro_batches))
+    step = {name: median(t) for name, t in times.items()}
+    out = {
+        "even_tokens_per_s": round(tokens / step["even"], 1), "balanced_tokens_per_s": round(tokens / step["balanced"], 1),
+        "speedup": round(step["even"] / step["balanced"], 4), "predicted_speedup": report["speedup"],
+        "even_layers": splits["even"], "balanced_layers": splits["balanced"],
+        "even_step_s": round(step["even"], 4), "balanced_step_s": round(step["balanced"], 4),
+        "micro_batches": args.micro_batches, "rows": args.rows, "repeats": args.repeats, "threads_per_rank": 1,
+        "step_times_s": {n: [round(x, 4) for x in t] for n, t in times.items()},
+        "stage_cpu_s": {n: [round(x, 4) for x in c] for n, c in stage_cpu.items()},
+        "stage_cpu_speedup": round(max(stage_cpu["even"]) / max(stage_cpu["balanced"]), 4),
+    }
+    out["ratio_to_predicted"] = round(out["speedup"] / out["predicted_speedup"], 4)
+    m = cfg.model
+    print(f"pipeline pp=2 (2 gloo ranks, 1 thread each): {m.num_layers} layers, hidden {m.hidden_size}, k="
+          f"{cfg.victor.drop_layer}, {cfg.vision.num_visual_tokens} visual + {cfg.victor.num_registers} registers + "
+          f"{cfg.data.text_length} text per sample; {args.micro_batches} micro-batches x {args.rows} rows")
+    print_table("", ["split", "layers", "step s", "tokens/s", "predicted stage cost", "stage busy s"],
+                [[n, splits[n], step[n], out[f"{n}_tokens_per_s"], report[n]["stage_cost"], out["stage_cpu_s"][n]]
+                 for n in splits])
+    print(f"  speedup {out['speedup']}x, predicted {out['predicted_speedup']}x; from per-stage busy time "
+          f"{out['stage_cpu_speedup']}x")
+    print(json.dumps(out))
+    return 0

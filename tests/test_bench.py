@@ -1,0 +1,65 @@
+"""`megavictor bench train | infer | pipeline` at tiny sizes: each runs and its last stdout line is one JSON object
+with the documented fields and sane values. No timing assertions: the speed goals live in the benchmark output."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from megavictor.bench import BENCHES, main
+
+TINY = ["model.num_layers=4", "model.hidden_size=32", "model.ffn_hidden_size=64", "model.num_attention_heads=2",
+        "vision.image_size=32", "vision.patch_size=8", "vision.hidden_size=16", "vision.ffn_hidden_size=32",
+        "vision.num_attention_heads=2", "model.vocab_size=64"]
+
+
+def last_json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict:
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) > 1, "a human table comes before the JSON line"
+    return json.loads(lines[-1])
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_benches_are_registered() -> None:
+    assert {"loader", "train", "infer", "pipeline"} <= set(BENCHES)
+
+
+def test_bench_train(capsys: pytest.CaptureFixture[str]) -> None:
+    out = last_json(capsys, ["train", "--repeats", "1", "--warmup", "0", "--rows", "1", "--text-lengths", "8,16",
+                             *TINY])
+    fields = ("victor_step_s", "baseline_step_s", "speedup", "flop_bound", "ratio_to_bound", "victor_peak_mem_mb",
+              "baseline_peak_mem_mb")
+    assert set(out["by_text_length"]) == {"8", "16"}
+    for record in (out, *out["by_text_length"].values()):
+        for field in fields:
+            assert positive(record[field]), (field, record)
+        assert record["flop_bound"] > 1  # Victor does less work than the baseline on the same data
+        assert record["ratio_to_bound"] == pytest.approx(record["speedup"] / record["flop_bound"], rel=1e-2)
+        assert record["victor_peak_mem_mb"] > 50 and record["baseline_peak_mem_mb"] > 50  # whole processes
+    assert out["speedup"] == out["by_text_length"]["8"]["speedup"]
+    # A longer text shrinks the share of the sequence Victor drops.
+    assert out["by_text_length"]["16"]["flop_bound"] < out["by_text_length"]["8"]["flop_bound"]
+
+
+def test_bench_infer(capsys: pytest.CaptureFixture[str]) -> None:
+    out = last_json(capsys, ["infer", "--batch", "2", "--prompt-tokens", "8", "--long-tokens", "4", "--repeats", "1",
+                             "--long-repeats", "1", *TINY])
+    for field in ("speedup", "speedup_128", "prefill_speedup", "decode_speedup", "flop_bound", "ratio_to_bound"):
+        assert positive(out[field]), field
+    assert out["flop_bound"] > 1
+    assert out["ratio_to_bound"] == pytest.approx(out["speedup"] / out["flop_bound"], rel=1e-2)
+
+
+def test_bench_pipeline(capsys: pytest.CaptureFixture[str]) -> None:
+    out = last_json(capsys, ["pipeline", "--repeats", "1", "--warmup", "0", "--micro-batches", "2", *TINY,
+                             "victor.drop_layer=1"])
+    for field in ("even_tokens_per_s", "balanced_tokens_per_s", "speedup", "predicted_speedup"):
+        assert positive(out[field]), field
+    assert sum(out["even_layers"]) == sum(out["balanced_layers"]) == 4
+    assert out["speedup"] == pytest.approx(out["balanced_tokens_per_s"] / out["even_tokens_per_s"], rel=1e-2)
