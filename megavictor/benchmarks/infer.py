@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 import warnings
@@ -108,9 +109,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=64, help="text tokens per prompt (besides the image)")
     parser.add_argument("--long-tokens", type=int, default=128, help="generated tokens of the long setting")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of the 2-token setting (median)")
-    parser.add_argument("--long-repeats", type=int, default=2, help="repeats of the long setting (median)")
+    parser.add_argument("--long-repeats", type=int, default=1, help="repeats of the long setting (median)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (0: torch's default). 1 by default: on a shared machine a parallel "
+                             "region waits for its slowest thread, which other jobs deschedule")
     parser.add_argument("overrides", nargs="*", help="dotted overrides for the exported models")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     from transformers.utils import logging as hf_logging
 
@@ -160,6 +166,8 @@ def main(argv: list[str]) -> int:
         for name in order:
             long = i < args.long_repeats
             t = serve(models[name], inputs[name], args.long_tokens if long else 2)
+            print(f"  repeat {i} {name}: prefill {t['prefill']:.3f} s, decode {t['decode']:.3f} s",
+                  file=sys.stderr, flush=True)
             if i < args.repeats:
                 runs[name]["prefill"].append(t["prefill"])
                 runs[name]["first_decode"].append(t["first_decode"])
@@ -185,7 +193,7 @@ def main(argv: list[str]) -> int:
         "victor_tokens_per_s": round(tok2 / v["two_token_s"], 2), "baseline_tokens_per_s": round(tok2 / b["two_token_s"], 2),
         "victor_tokens_per_s_128": round(tokl / v["long_s"], 2), "baseline_tokens_per_s_128": round(tokl / b["long_s"], 2),
         "batch": args.batch, "prompt_text_tokens": args.prompt_tokens, "long_tokens": args.long_tokens,
-        "repeats": args.repeats, "long_repeats": args.long_repeats, "source": source,
+        "repeats": args.repeats, "long_repeats": args.long_repeats, "threads": args.threads, "source": source,
         "seconds": {n: {k: round(x, 4) for k, x in r.items()} for n, r in res.items()},
     }
     print(f"HF serving: batch {args.batch}, {visual} visual + {args.prompt_tokens} text tokens per prompt, "

@@ -168,7 +168,7 @@ def main(argv: list[str]) -> int:
     out = {k: head[k] for k in ("victor_step_s", "baseline_step_s", "speedup", "flop_bound", "ratio_to_bound",
                                 "victor_peak_mem_mb", "baseline_peak_mem_mb")}
     out.update(text_length=head["text_length"], rows=args.rows, micro_batches=args.micro_batches,
-               repeats=args.repeats,
+               repeats=args.repeats, threads=args.threads,
                memory_method="VmHWM (peak RSS) of a fresh worker process per variant, imports + model included",
                by_text_length={str(r["text_length"]): r for r in results})
     print(json.dumps(out))
