@@ -124,6 +124,7 @@ class TrainConfig:
     eval_batches: int = 4  # micro-batches of the val split per evaluation
     precision: str = "fp32"  # fp32 | bf16
     fp8: str | None = None  # None | hybrid | e4m3 (Transformer Engine, GPU only)
+    fp8_recipe: str = "delayed"  # delayed (amax history) | tensorwise (current scaling)
     attention_backend: str = "local"  # local (megatron-core layers) | te (Transformer Engine, GPU only)
     recompute: str | None = None  # None | selective
 
@@ -321,12 +322,16 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _require(t.stage in (1, 2), f"train.stage={t.stage} must be 1 or 2")
     _require(t.precision in ("fp32", "bf16"), f"train.precision={t.precision!r} must be fp32 or bf16")
     _require(t.fp8 in (None, "hybrid", "e4m3"), f"train.fp8={t.fp8!r} must be null, hybrid or e4m3")
+    _require(t.fp8_recipe in ("delayed", "tensorwise"),
+             f"train.fp8_recipe={t.fp8_recipe!r} must be delayed or tensorwise (current scaling)")
     _require(t.attention_backend in ("local", "te"),
              f"train.attention_backend={t.attention_backend!r} must be local or te")
     _require(t.recompute in (None, "selective"),
              f"train.recompute={t.recompute!r} must be null or selective (full recompute cannot carry the "
              "per-micro-batch drop plan through megatron's checkpoint function)")
     _require(t.max_steps >= 0, f"train.max_steps={t.max_steps} must be >= 0")
+    _require(t.fp8 is None or d.seq_length % 16 == 0,
+             f"data.seq_length={d.seq_length} must be a multiple of 16 with train.fp8 (FP8 GEMM alignment)")
     _require(t.fp8 is None or t.attention_backend == "te",
              f"train.fp8={t.fp8} needs train.attention_backend=te (Transformer Engine on a CUDA GPU)")
     per_step = d.micro_batch_size * (world_size // (p.tp * p.pp) if world_size else 1)

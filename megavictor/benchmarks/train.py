@@ -72,6 +72,9 @@ class Worker:
         self.proc = ctx.Process(target=_worker, args=(child, cfg.to_dict(), rows, micro_batches, threads),
                                 daemon=True)
         self.proc.start()
+        self.start_memory: dict = {}
+
+    def wait_ready(self) -> None:
         self.start_memory = self._recv()
 
     def _recv(self) -> dict:
@@ -102,8 +105,10 @@ def measure(cfg: Config, text_length: int, rows: int, micro_batches: int, repeat
     cpu: dict[str, list[float]] = {"victor": [], "baseline": []}
     workers = {}
     try:
-        for name in ("victor", "baseline"):  # started one after the other: no overlap in the build either
+        for name in ("victor", "baseline"):  # built side by side; nothing is timed before both are ready
             workers[name] = Worker(cfgs[name], rows, micro_batches, threads)
+        for w in workers.values():
+            w.wait_ready()
         for i in range(warmup + repeats):
             order = ("victor", "baseline") if i % 2 == 0 else ("baseline", "victor")
             for name in order:  # alternating, never concurrently

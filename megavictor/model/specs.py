@@ -136,7 +136,7 @@ def language_config(cfg: Config, layers_per_stage: list[int]) -> TransformerConf
         variable_seq_lengths=True, moe_token_dispatcher_type="alltoall",
         calculate_per_token_loss=True,
         use_cpu_initialization=True,
-        fp8=t.fp8, fp8_recipe="delayed",
+        fp8=t.fp8, fp8_recipe=t.fp8_recipe,
         recompute_granularity="selective" if t.recompute == "selective" else None,
         **_dtype(cfg), **_UNFUSED,
     )
