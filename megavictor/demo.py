@@ -42,8 +42,9 @@ def main(argv: list[str]) -> int:
             stage_overrides.append(f"train.init_from={run_dir / 'stage1'}")
         cfg = load_config(CONFIGS / f"demo_stage{stage}.yaml", stage_overrides + list(args.overrides))
         summary = trainer.run(cfg)
-        print(f"stage {stage}: {summary.final_step} steps, loss {summary.final_loss:.4f}, "
-              f"val loss {summary.val_loss:.4f}")
+        fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731  (None: the stage was already complete)
+        print(f"stage {stage}: {summary.final_step} steps, loss {fmt(summary.final_loss)}, "
+              f"val loss {fmt(summary.val_loss)}")
     logits_fn, cfg = megatron_logits_fn(run_dir / "stage2", data)
     result = evaluate(logits_fn, cfg, data, cfg.data.test_split)
     result.update(split=cfg.data.test_split, run_dir=str(run_dir))

@@ -78,3 +78,15 @@ def test_flop_bound_of_llava15_7b_matches_the_paper() -> None:
     vit = vision_flops(victor, 1, train=False)
     assert 5.1 <= baseline_llm / victor_llm <= 5.25
     assert 4.3 <= (baseline_llm + vit) / (victor_llm + vit) <= 4.45
+
+
+def test_bench_infer_on_an_hf_export(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """`--hf DIR`: a Victor export against the same weights run as a stock LLaVA."""
+    from megavictor.benchmarks.common import bench_config
+    from megavictor.benchmarks.infer import export_pair
+
+    dirs = export_pair(bench_config(None, TINY + ["data.text_length=8"]), tmp_path)
+    out = last_json(capsys, ["infer", "--hf", str(dirs["victor"]), "--batch", "2", "--prompt-tokens", "8",
+                             "--long-tokens", "3", "--repeats", "1", "--long-repeats", "1"])
+    assert out["source"] == str(dirs["victor"])
+    assert out["flop_bound"] > 1 and positive(out["speedup"]) and positive(out["decode_speedup"])
