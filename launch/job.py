@@ -31,6 +31,7 @@ import os
 import signal
 import subprocess
 import sys
+import zlib
 from typing import Any, Callable
 
 import submitit
@@ -69,6 +70,9 @@ class TrainJob(Checkpointable):
             # Every task using every core of the node oversubscribes it (measured: steps 20x slower).
             torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.environ.get("SLURM_CPUS_PER_TASK")
                                       or 1))
+        # submitit derives MASTER_PORT from the job id anywhere in 20000-60000, which overlaps Linux's ephemeral
+        # range (32768-60999): a client socket of any process can hold it (seen as EADDRINUSE in CI). Stay below.
+        os.environ.setdefault("MASTER_PORT", str(master_port(job_env.job_id)))
         # Every task keeps all of its node's GPUs visible: the trainer selects cuda:LOCAL_RANK itself.
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         run, request_stop = resolve_entry(self.entry)
@@ -81,6 +85,11 @@ class TrainJob(Checkpointable):
                 job_env._requeue(0)  # slurm: `scontrol requeue`; local: exit code 144, which the controller reruns
             sys.exit(0)
         return summary
+
+
+def master_port(job_id: str) -> int:
+    """A rendezvous port fixed per job (the same for every task and every requeue), below the ephemeral range."""
+    return 20000 + zlib.crc32(job_id.encode()) % 12000
 
 
 def _still_running(job_env: submitit.JobEnvironment) -> bool:
