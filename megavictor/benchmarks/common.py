@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 from pathlib import Path
@@ -92,3 +93,9 @@ def print_table(title: str, header: list[str], rows: list[list]) -> None:
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     for r in cells:
         print("  " + "  ".join(c.rjust(w) for c, w in zip(r, widths)))
+
+
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    """`--threads`, default 1: on a shared machine a parallel region waits for its slowest thread, which other
+    jobs deschedule; 0 keeps torch's default."""
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process (0: torch's default)")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from megavictor.benchmarks.common import CPU_LLAVA15, bench_config, median, print_table, variant
+from megavictor.benchmarks.common import CPU_LLAVA15, add_threads_option, bench_config, median, print_table, variant
 from megavictor.config import Config
 from megavictor.metrics import generate_flops
 
@@ -110,9 +110,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--long-tokens", type=int, default=128, help="generated tokens of the long setting")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of the 2-token setting (median)")
     parser.add_argument("--long-repeats", type=int, default=1, help="repeats of the long setting (median)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (0: torch's default). 1 by default: on a shared machine a parallel "
-                             "region waits for its slowest thread, which other jobs deschedule")
+    add_threads_option(parser)
     parser.add_argument("overrides", nargs="*", help="dotted overrides for the exported models")
     args = parser.parse_args(argv)
     if args.threads:

@@ -22,8 +22,8 @@ import multiprocessing as mp
 import time
 import warnings
 
-from megavictor.benchmarks.common import bench_config, data_tokens, image_text_batches, median, memory_mb, \
-    print_table, variant
+from megavictor.benchmarks.common import add_threads_option, bench_config, data_tokens, image_text_batches, median, \
+    memory_mb, print_table, variant
 from megavictor.config import Config
 from megavictor.metrics import batch_train_flops
 
@@ -152,9 +152,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--text-lengths", default="64,256", help="comma-separated; the first is the headline")
     parser.add_argument("--rows", type=int, default=2, help="rows (one sample each) per micro-batch")
     parser.add_argument("--micro-batches", type=int, default=1, help="micro-batches per step")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads per worker (0: torch's default). 1 by default: on a shared machine a "
-                             "parallel region waits for its slowest thread, which other jobs deschedule")
+    add_threads_option(parser)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.hidden_size=64")
     args = parser.parse_args(argv)
     cfg = bench_config(args.config, args.overrides)
