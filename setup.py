@@ -30,7 +30,9 @@ setup(
         "wandb",  # offline by default (WANDB_MODE=offline); `wandb sync` uploads a run later
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout"],
+        # train.engine=deepspeed. Its sdist builds no ops at install (none are used: torch's AdamW, gloo on CPU).
+        "deepspeed": ["deepspeed>=0.19.8,<0.20"],
+        "dev": ["pytest>=8", "pytest-timeout", "deepspeed>=0.19.8,<0.20"],
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
     },
     entry_points={"console_scripts": ["megavictor=megavictor.cli:main"]},

@@ -8,6 +8,9 @@ Layout under `RUN_DIR/checkpoints/`:
 Model and optimizer tensors are saved as megatron ShardedTensors keyed by global layer index, so a checkpoint
 written with one tp/pp layout loads into another. Per-rank RNG states are ShardedObjects and are restored only
 when the layout is unchanged.
+
+The DeepSpeed engine writes its own checkpoint format into the same layout (`commit_atomically`, `latest`);
+`engine_of` tells them apart, and `config_of`, `load_full_state` and `load_weights` read both.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,8 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megavictor.config import Config, config_from_dict
 
 LATEST = "latest"
+MEGATRON_MARKER = "metadata.json"  # written last by dist_checkpointing
+DEEPSPEED_MARKER = "megavictor_deepspeed.json"  # written by megavictor.engines.deepspeed after DeepSpeed's files
 
 
 def step_dir_name(step: int) -> str:
@@ -39,16 +45,26 @@ def latest_checkpoint(checkpoints_dir: str | Path) -> Path | None:
     if not pointer.is_file():
         return None
     path = Path(checkpoints_dir) / pointer.read_text().strip()
-    if not (path / "metadata.json").is_file():
+    if not is_complete(path):
         raise RuntimeError(f"{pointer} names {path.name}, which is not a complete checkpoint; remove {pointer} "
                            "to start over or point it at a complete step_* directory")
     return path
 
 
+def is_complete(path: Path) -> bool:
+    """A finished checkpoint of either engine."""
+    return (path / MEGATRON_MARKER).is_file() or (path / DEEPSPEED_MARKER).is_file()
+
+
+def engine_of(path: str | Path) -> str:
+    """Which training engine wrote the (complete) checkpoint at `path`: megatron or deepspeed."""
+    return "deepspeed" if (Path(path) / DEEPSPEED_MARKER).is_file() else "megatron"
+
+
 def resolve(path: str | Path) -> Path:
     """A checkpoint given as a step directory, a `checkpoints/` directory or a run directory."""
     path = Path(path)
-    if (path / "metadata.json").is_file():
+    if is_complete(path):
         return path
     for root in (path, path / "checkpoints"):
         found = latest_checkpoint(root)
@@ -71,8 +87,14 @@ def _rng_object(data: Any) -> ShardedObject:
          parallel_state.get_data_parallel_rank()), replica_id=0)
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
 
 
 def _barrier() -> None:
@@ -80,9 +102,10 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save(checkpoints_dir: str | Path, step: int, model: torch.nn.Module, optimizer=None, scheduler=None,
-         extra: dict[str, Any] | None = None, cfg: Config | None = None, keep_last: int = 0) -> Path:
-    """Write `step_XXXXXX` atomically (temp dir, rename, then `latest`), keeping the newest `keep_last`."""
+def commit_atomically(checkpoints_dir: str | Path, step: int, write: Callable[[Path], None],
+                      keep_last: int = 0) -> Path:
+    """Every rank calls `write(tmp_dir)`; then `step_XXXXXX.tmp` is renamed to `step_XXXXXX` and `latest` replaced
+    (both atomic), keeping the newest `keep_last` checkpoints. A save that dies midway leaves only the .tmp dir."""
     root = Path(checkpoints_dir)
     final = root / step_dir_name(step)
     tmp = root / (final.name + ".tmp")
@@ -91,14 +114,7 @@ def save(checkpoints_dir: str | Path, step: int, model: torch.nn.Module, optimiz
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     _barrier()
-    model_sd = model.sharded_state_dict()
-    state: dict[str, Any] = {"model": model_sd, "step": step, "layout": _layout(), "rng": _rng_object(_rng_state()),
-                             "config": cfg.to_dict() if cfg is not None else None, "extra": extra or {}}
-    if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd)
-    if scheduler is not None:
-        state["scheduler"] = scheduler.state_dict()
-    dist_checkpointing.save(state, str(tmp))
+    write(tmp)
     _barrier()
     if dist.get_rank() == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -112,6 +128,24 @@ def save(checkpoints_dir: str | Path, step: int, model: torch.nn.Module, optimiz
                 shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+def save(checkpoints_dir: str | Path, step: int, model: torch.nn.Module, optimizer=None, scheduler=None,
+         extra: dict[str, Any] | None = None, cfg: Config | None = None, keep_last: int = 0) -> Path:
+    """Write `step_XXXXXX` atomically (temp dir, rename, then `latest`), keeping the newest `keep_last`."""
+
+    def write(tmp: Path) -> None:
+        model_sd = model.sharded_state_dict()
+        state: dict[str, Any] = {"model": model_sd, "step": step, "layout": _layout(),
+                                 "rng": _rng_object(rng_state()),
+                                 "config": cfg.to_dict() if cfg is not None else None, "extra": extra or {}}
+        if optimizer is not None:
+            state["optimizer"] = optimizer.sharded_state_dict(model_sd)
+        if scheduler is not None:
+            state["scheduler"] = scheduler.state_dict()
+        dist_checkpointing.save(state, str(tmp))
+
+    return commit_atomically(checkpoints_dir, step, write, keep_last)
 
 
 def read_common(path: str | Path) -> dict[str, Any]:
@@ -139,15 +173,16 @@ def load(path: str | Path, model: torch.nn.Module, optimizer=None, scheduler=Non
     if scheduler is not None and "scheduler" in common:
         scheduler.load_state_dict(common["scheduler"])
     if same_layout:
-        rng = loaded["rng"]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
+        set_rng_state(loaded["rng"])
     return common
 
 
 def config_of(path: str | Path) -> Config:
-    """The resolved config a checkpoint was written with."""
+    """The resolved config a checkpoint (of either engine) was written with."""
+    if engine_of(path) == "deepspeed":
+        from megavictor.engines.deepspeed import checkpoint_config
+
+        return checkpoint_config(path)
     data = read_common(path).get("config")
     if data is None:
         raise ValueError(f"checkpoint {path} carries no config")
@@ -168,14 +203,33 @@ def _single_process_model(cfg: Config):
 
 
 def load_full_state(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
-    """The unsharded parameters (reference-model names) of any checkpoint, with the config it was saved with."""
+    """The unsharded parameters (reference-model names) of any checkpoint, with the config it was saved with.
+
+    A DeepSpeed checkpoint is gathered offline (ZeRO shards merged into fp32 tensors, no process group)."""
     from megavictor.model.layout import full_name
 
     path = resolve(path)
+    if engine_of(path) == "deepspeed":
+        from megavictor.engines.deepspeed import gather_full_state
+
+        return gather_full_state(path)
     cfg = config_of(path)
     model = _single_process_model(cfg)
     load(path, model)
     return cfg, {full_name(name, 0): param.detach().clone() for name, param in model.named_parameters()}
+
+
+def load_weights(path: str | Path, model: torch.nn.Module, tp_rank: int = 0, tp: int = 1,
+                 layer_offset: int = 0) -> None:
+    """Model weights only, from a checkpoint of either engine, into a (tp/pp-sharded) `VictorVLM`: megatron
+    checkpoints reshard on load; DeepSpeed ones are gathered and this rank's shard copied in."""
+    path = resolve(path)
+    if engine_of(path) == "deepspeed":
+        from megavictor.model.layout import shard_into
+
+        shard_into(model, load_full_state(path)[1], tp_rank, tp, layer_offset)
+    else:
+        load(path, model)
 
 
 def save_full_state(cfg: Config, full: dict[str, torch.Tensor], out: str | Path, tp: int = 1, pp: int = 1) -> Path:

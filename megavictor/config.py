@@ -125,8 +125,11 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16
     fp8: str | None = None  # None | hybrid | e4m3 (Transformer Engine, GPU only)
     fp8_recipe: str = "delayed"  # delayed (amax history) | tensorwise (current scaling)
-    attention_backend: str = "local"  # local (megatron-core layers) | te (Transformer Engine, GPU only)
-    recompute: str | None = None  # None | selective
+    attention_backend: str = "local"  # local (megatron layers / HF SDPA) | te (megatron, GPU) | flash (deepspeed, GPU)
+    recompute: str | None = None  # None | selective (megatron engine)
+    engine: str = "megatron"  # megatron (tp x pp x dp) | deepspeed (ZeRO data parallel, the HF-format model)
+    zero_stage: int = 2  # deepspeed engine: 1 optimizer states, 2 + gradients, 3 + parameters sharded
+    gradient_checkpointing: bool = False  # deepspeed engine: recompute each decoder and ViT layer in backward
 
 
 @dataclass
@@ -324,8 +327,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _require(t.fp8 in (None, "hybrid", "e4m3"), f"train.fp8={t.fp8!r} must be null, hybrid or e4m3")
     _require(t.fp8_recipe in ("delayed", "tensorwise"),
              f"train.fp8_recipe={t.fp8_recipe!r} must be delayed or tensorwise (current scaling)")
-    _require(t.attention_backend in ("local", "te"),
-             f"train.attention_backend={t.attention_backend!r} must be local or te")
+    _require(t.attention_backend in ("local", "te", "flash"),
+             f"train.attention_backend={t.attention_backend!r} must be local, te (megatron) or flash (deepspeed)")
     _require(t.recompute in (None, "selective"),
              f"train.recompute={t.recompute!r} must be null or selective (full recompute cannot carry the "
              "per-micro-batch drop plan through megatron's checkpoint function)")
@@ -334,7 +337,35 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
              f"data.seq_length={d.seq_length} must be a multiple of 16 with train.fp8 (FP8 GEMM alignment)")
     _require(t.fp8 is None or t.attention_backend == "te",
              f"train.fp8={t.fp8} needs train.attention_backend=te (Transformer Engine on a CUDA GPU)")
+    _validate_engine(cfg)
     per_step = d.micro_batch_size * (world_size // (p.tp * p.pp) if world_size else 1)
     _require(t.global_batch_size % per_step == 0,
              f"train.global_batch_size={t.global_batch_size} is not a multiple of data.micro_batch_size="
              f"{d.micro_batch_size} x data-parallel size")
+
+
+def _validate_engine(cfg: Config) -> None:
+    """What each engine supports: megatron has tp/pp, TE and FP8; deepspeed trains the HF model data parallel."""
+    p, t, vi = cfg.parallel, cfg.train, cfg.victor
+    _require(t.engine in ("megatron", "deepspeed"), f"train.engine={t.engine!r} must be megatron or deepspeed")
+    if t.engine == "megatron":
+        _require(t.attention_backend != "flash",
+                 "train.attention_backend=flash is the deepspeed engine's (flash-attn); megatron takes local or te")
+        _require(not t.gradient_checkpointing,
+                 "train.gradient_checkpointing is the deepspeed engine's; the megatron engine uses train.recompute")
+        return
+    _require(t.zero_stage in (1, 2, 3), f"train.zero_stage={t.zero_stage} must be 1, 2 or 3")
+    for key, value in (("parallel.tp", p.tp), ("parallel.pp", p.pp)):
+        _require(value == 1, f"{key}={value}: train.engine=deepspeed is data parallel only ({key} must be 1)")
+    _require(not p.sequence_parallel, "parallel.sequence_parallel=true needs train.engine=megatron")
+    _require(t.attention_backend in ("local", "flash"),
+             f"train.attention_backend={t.attention_backend!r}: train.engine=deepspeed takes local (SDPA) or flash")
+    _require(t.fp8 is None, f"train.fp8={t.fp8} needs train.engine=megatron (Transformer Engine layers)")
+    _require(t.recompute is None,
+             f"train.recompute={t.recompute} is the megatron engine's; use train.gradient_checkpointing=true")
+    _require(vi.enabled, "victor.enabled=false: train.engine=deepspeed trains the HF Victor model; train the plain "
+                         "LLaVA baseline with train.engine=megatron")
+    _require(vi.mask == "causal", f"victor.mask={vi.mask!r} has no HF implementation; train.engine=deepspeed "
+                                  "needs victor.mask=causal")
+    _require(vi.drop_layer >= 1, f"victor.drop_layer={vi.drop_layer} must be >= 1 with train.engine=deepspeed "
+                                 "(the HF model drops after at least one layer)")

@@ -151,7 +151,8 @@ def hf_config(model_dir: str | Path, data_path: str | Path) -> Config:
 
 
 def megatron_logits_fn(checkpoint_path: str | Path, data_path: str | Path) -> tuple[LogitsFn, Config]:
-    """A single-process (tp=1, pp=1) VictorVLM with the checkpoint's weights, whatever layout saved them."""
+    """A single-process (tp=1, pp=1) VictorVLM with the checkpoint's weights, whatever layout (or engine: megatron,
+    DeepSpeed) saved them."""
     from megavictor import checkpoint
     from megavictor.distributed import init_distributed
     from megavictor.model.vlm import VictorVLM
@@ -162,7 +163,7 @@ def megatron_logits_fn(checkpoint_path: str | Path, data_path: str | Path) -> tu
     cfg.data.path = str(data_path)
     init_distributed(tp=1, pp=1, seed=cfg.train.seed)
     model = VictorVLM(cfg, [cfg.model.num_layers])
-    checkpoint.load(path, model)
+    checkpoint.load_weights(path, model)
     model.eval()
     return (lambda batch, plan: model(batch, plan, return_logits=True)), cfg
 
@@ -170,7 +171,7 @@ def megatron_logits_fn(checkpoint_path: str | Path, data_path: str | Path) -> tu
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="megavictor eval", description=__doc__.splitlines()[0])
     model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--checkpoint", help="megavictor checkpoint (step, checkpoints or run dir)")
+    model.add_argument("--checkpoint", help="megavictor checkpoint of either engine (step, checkpoints or run dir)")
     model.add_argument("--hf", help="exported HF dir (`megavictor convert to-hf`), run with transformers")
     parser.add_argument("--data", default="data/digits")
     parser.add_argument("--split", default="test", help="split name, or test/val for the config's data.*_split")

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from megavictor.distributed import free_port
@@ -67,22 +68,31 @@ def test_losses_do_not_depend_on_the_layout(reference_run, digits_data: Path, tm
     assert_close(losses(tmp_path), reference, rel=1e-4)
 
 
+def sigterm_after(cmd: list[str], run_dir: Path, steps: int, total: int, ranks: bool = False) -> dict:
+    """Run `cmd` until `run_dir/metrics.jsonl` has `steps` steps, then SIGTERM it (with `ranks`, each of its child
+    processes instead, as SLURM signals every task); check it saved a checkpoint at a step boundary before `total`
+    and return its summary."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= steps):
+        assert proc.poll() is None and time.time() < deadline, f"training ended before step {steps}"
+        time.sleep(0.05)
+    for target in psutil.Process(proc.pid).children() if ranks else [proc]:
+        target.send_signal(signal.SIGTERM)
+    summary = json.loads(proc.communicate(timeout=300)[0].strip().splitlines()[-1])
+    assert proc.returncode == 0 and summary["stopped_by_signal"] and steps <= summary["final_step"] < total
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{summary['final_step']:06d}"
+    return summary
+
+
 def test_sigterm_then_restart_resumes_exactly(reference_run, digits_data: Path, tmp_path: Path) -> None:
     ref_dir, _ = reference_run
     cmd = train_cmd(1, digits_data, tmp_path, "train.max_steps=12")
     uninterrupted = tmp_path / "full"
     run(train_cmd(1, digits_data, uninterrupted, "train.max_steps=12"))
 
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    metrics = tmp_path / "metrics.jsonl"
-    deadline = time.time() + 300
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 6):
-        assert proc.poll() is None and time.time() < deadline, "training ended before step 6"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    summary = json.loads(proc.communicate(timeout=300)[0].strip().splitlines()[-1])
-    assert proc.returncode == 0 and summary["stopped_by_signal"] and 6 <= summary["final_step"] < 12
-    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step_{summary['final_step']:06d}"
+    sigterm_after(cmd, tmp_path, 6, 12)
 
     resumed = run(cmd)
     assert resumed["final_step"] == 12

@@ -4,7 +4,9 @@
     megavictor convert from-hf --llava DIR --out CKPT ...
     megavictor convert to-hf --checkpoint CKPT --out DIR [--tokenizer DIR] [--max-shard-size 5GB]
 
-The megatron side (`megavictor.checkpoint`) is imported only when a conversion runs.
+`to-hf` also takes a DeepSpeed-engine checkpoint (its ZeRO shards are gathered); a `from-hf` checkpoint initialises
+runs of either engine (`train.init_from`). The megatron side (`megavictor.checkpoint`) is imported only when a
+conversion runs.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ def parser() -> argparse.ArgumentParser:
     imp.add_argument("--pp", type=int, help="pipeline-parallel size to shard for (default: the config's)")
     imp.add_argument("--config", help="YAML recipe for everything the HF weights do not fix")
     imp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. victor.num_registers=16")
-    exp = sub.add_parser("to-hf", help="megatron checkpoint -> HF dir (Victor: with remote code)")
-    exp.add_argument("--checkpoint", required=True, help="megatron checkpoint dir")
+    exp = sub.add_parser("to-hf", help="megavictor checkpoint -> HF dir (Victor: with remote code)")
+    exp.add_argument("--checkpoint", required=True,
+                     help="megatron or DeepSpeed checkpoint (step, checkpoints or run dir)")
     exp.add_argument("--out", required=True, help="HF dir to write")
     exp.add_argument("--tokenizer", help="tokenizer dir to ship (default: the one training used, if found)")
     exp.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")

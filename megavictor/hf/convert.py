@@ -255,14 +255,14 @@ def _current_llava_name(name: str) -> str:
     return name
 
 
-def _expected_shapes(cfg: Config) -> dict[str, torch.Size]:
+def expected_shapes(cfg: Config) -> dict[str, torch.Size]:
     with torch.device("meta"):
         return {name: p.shape for name, p in ReferenceVLM(cfg).named_parameters()}
 
 
 def check_state(cfg: Config, state: dict[str, Tensor]) -> None:
     """Raise ValueError unless `state` has exactly ReferenceVLM(cfg)'s tensors and shapes."""
-    expected = _expected_shapes(cfg)
+    expected = expected_shapes(cfg)
     problems = [f"missing {n}" for n in expected if n not in state]
     problems += [f"unexpected {n}" for n in state if n not in expected]
     problems += [f"{n} has shape {tuple(state[n].shape)}, the config needs {tuple(s)}"
@@ -274,7 +274,7 @@ def check_state(cfg: Config, state: dict[str, Tensor]) -> None:
 def complete_state(cfg: Config, state: dict[str, Tensor], seed: int = 0) -> dict[str, Tensor]:
     """Add what an HF checkpoint cannot hold for `cfg` (projector, registers: N(0, init_method_std), zero biases),
     drop registers the config has none for, then `check_state`."""
-    expected = _expected_shapes(cfg)
+    expected = expected_shapes(cfg)
     dtype = state["embedding.word_embeddings.weight"].dtype
     generator = torch.Generator().manual_seed(seed)
     out = {n: t for n, t in state.items() if n != "registers" or "registers" in expected}
@@ -337,6 +337,38 @@ def _hf_config(cfg: Config, vocab_size: int, token_ids: list[int],
     return config
 
 
+def _has_registers(cfg: Config) -> bool:
+    return cfg.victor.enabled and cfg.victor.num_registers > 0
+
+
+def hf_state(cfg: Config, full_state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The (Victor) LLaVA tensors of a full state, in transformers' names; the ViT's `post_layernorm` (unused by
+    LLaVA) as identity."""
+    tensors = _scatter(_llava_params(cfg.model, cfg.vision, _has_registers(cfg)), full_state)
+    dtype = full_state["embedding.word_embeddings.weight"].dtype
+    hidden = cfg.vision.hidden_size
+    tensors[LLAVA_VISION + "post_layernorm.weight"] = torch.ones(hidden, dtype=dtype)
+    tensors[LLAVA_VISION + "post_layernorm.bias"] = torch.zeros(hidden, dtype=dtype)
+    return tensors
+
+
+def full_state_of(cfg: Config, tensors: dict[str, Tensor], source: str = "HF state") -> dict[str, Tensor]:
+    """Inverse of `hf_state`: megavictor's full state from (Victor) LLaVA tensors in transformers' names."""
+    return _gather(_llava_params(cfg.model, cfg.vision, _has_registers(cfg)), tensors, source)
+
+
+def hf_reference_names(cfg: Config) -> dict[str, str]:
+    """transformers name -> the megavictor (reference) parameter it is part of, for every mapped tensor."""
+    return {hf: p.ref for p in _llava_params(cfg.model, cfg.vision, _has_registers(cfg)) for hf in p.hf}
+
+
+def victor_hf_config(cfg: Config, dtype: torch.dtype = torch.float32) -> LlavaConfig:
+    """The HF config of `cfg`'s model without a tokenizer: `<image>` and `<register>` ids after the vocabulary
+    (never looked up). What the DeepSpeed engine trains."""
+    tokens = [IMAGE_TOKEN] + [REGISTER_TOKEN] * _has_registers(cfg)
+    return _hf_config(cfg, cfg.model.vocab_size, _prepare_tokenizer(None, tokens, cfg.model.vocab_size), None, dtype)
+
+
 def image_processor(cfg: Config) -> CLIPImageProcessor:
     """What megavictor's loader does (`megavictor.data.images.load_image`): RGB, shortest side to image_size
     (bicubic), centre crop, CLIP mean/std."""
@@ -366,14 +398,11 @@ def to_hf(cfg: Config, full_state: dict[str, Tensor], out_dir: str | Path, token
     # only the inputs the model takes.
     tokenizer = None if tokenizer_dir is None else AutoTokenizer.from_pretrained(
         str(tokenizer_dir), padding_side="left", model_input_names=["input_ids", "attention_mask"])
-    registers = vi.enabled and vi.num_registers > 0
-    token_ids = _prepare_tokenizer(tokenizer, [IMAGE_TOKEN] + [REGISTER_TOKEN] * registers, cfg.model.vocab_size)
+    token_ids = _prepare_tokenizer(tokenizer, [IMAGE_TOKEN] + [REGISTER_TOKEN] * _has_registers(cfg),
+                                   cfg.model.vocab_size)
 
-    tensors = _scatter(_llava_params(cfg.model, cfg.vision, registers), full_state)
+    tensors = hf_state(cfg, full_state)
     dtype = full_state["embedding.word_embeddings.weight"].dtype
-    hidden = cfg.vision.hidden_size
-    tensors[LLAVA_VISION + "post_layernorm.weight"] = torch.ones(hidden, dtype=dtype)
-    tensors[LLAVA_VISION + "post_layernorm.bias"] = torch.zeros(hidden, dtype=dtype)
     vocab_size = cfg.model.vocab_size
     if not vi.enabled and token_ids[0] >= vocab_size:
         extra = token_ids[0] + 1 - vocab_size

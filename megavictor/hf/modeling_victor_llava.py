@@ -10,6 +10,11 @@ Batches with different numbers of images per row stay rectangular after the drop
 right-aligned and the rows with fewer survivors are filled on the left with some of their own dropped visual slots,
 masked out ("fillers"). The last slot of every row is therefore its last input token, as `generate` expects. The
 padding mask of the short layers is not derivable from `generate`'s 2-D mask, so it lives in `VictorCache`.
+
+Training takes packed rows instead (`cu_seqlens`, as megavictor's data loader and flash-attn varlen write them):
+several samples back to back in a row, each attending causally only within itself, position ids restarting per
+sample, the drop applied per sample. SDPA gets a block-diagonal mask; flash-attention 2 gets the flattened rows and
+their boundaries (`flash_attn_varlen_func`).
 """
 
 from __future__ import annotations
@@ -90,6 +95,22 @@ def keep_index(visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return index, filler
 
 
+def segment_ids(cu_seqlens: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """[B, S] index of the packed sample each slot belongs to, from boundaries over the flattened B*S slots."""
+    flat = torch.arange(shape[0] * shape[1], device=cu_seqlens.device)
+    return (torch.searchsorted(cu_seqlens.long(), flat, right=True) - 1).view(shape)
+
+
+def runs_of(segments: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Boundaries (int32, flash-attn varlen's `cu_seqlens`) of the runs of equal ids in the flattened `segments`, and
+    the longest run."""
+    flat = segments.flatten()
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    cu = torch.cat([starts.nonzero().flatten(), flat.new_tensor([flat.numel()])]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
 @dataclass
 class VictorLlavaModelOutputWithPast(LlavaModelOutputWithPast):
     """`kept_index` [B, L]: the input position of each returned slot (after the drop); fillers are visual slots."""
@@ -115,9 +136,15 @@ class VictorLlavaModel(LlavaModel):
         self.registers = nn.Parameter(torch.randn(config.num_registers, text.hidden_size) * text.initializer_range)
 
     def embed(self, input_ids: torch.LongTensor, pixel_values: Optional[torch.FloatTensor],
-              vision_feature_layer: Optional[Union[int, list[int]]],
-              vision_feature_select_strategy: Optional[str]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Token embeddings with image features and registers scattered into their slots (and the features)."""
+              vision_feature_layer: Optional[Union[int, list[int]]], vision_feature_select_strategy: Optional[str],
+              use_every_parameter: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Token embeddings with image features and registers scattered into their slots (and the features).
+
+        `use_every_parameter` (packed rows, the training format): data-parallel training reduces gradients in
+        buckets (DDP, ZeRO) and ZeRO-3 gathers each module's parameters collectively, in training and evaluation
+        alike, so every rank must run every module in every micro-batch. One without images then runs the vision
+        tower on a blank image and adds it, and the registers, times zero.
+        """
         cfg = self.config
         image = input_ids == cfg.image_token_id
         register = input_ids == cfg.register_token_id if cfg.num_registers else torch.zeros_like(image)
@@ -136,6 +163,13 @@ class VictorLlavaModel(LlavaModel):
         if n:
             rows = self.registers[torch.arange(n, device=input_ids.device) % cfg.num_registers]
             embeds = embeds.masked_scatter(register.unsqueeze(-1).expand_as(embeds), rows.to(embeds.dtype))
+        if use_every_parameter and features is None:
+            size = cfg.vision_config.image_size
+            blank = embeds.new_zeros(1, cfg.vision_config.num_channels, size, size)
+            unused = torch.cat(self.get_image_features(blank, vision_feature_layer, vision_feature_select_strategy))
+            embeds = embeds + 0.0 * unused.sum().to(embeds.dtype)
+        if use_every_parameter and not n and cfg.num_registers:
+            embeds = embeds + 0.0 * self.registers.sum().to(embeds.dtype)
         return embeds, features
 
     def run_layers(self, start: int, stop: int, hidden: torch.Tensor, attention_mask: torch.Tensor,
@@ -153,6 +187,52 @@ class VictorLlavaModel(LlavaModel):
                            position_embeddings=rope, **kwargs)
         return hidden
 
+    def run_packed_layers(self, start: int, stop: int, hidden: torch.Tensor, segments: torch.Tensor,
+                          position_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """Run decoder layers [start, stop) over packed rows: a slot attends to the slots of its own segment
+        (`segments` [B, S]) up to itself. Flash-attention 2 gets the segments' boundaries over the flattened rows
+        (its varlen kernel, `flash_attn_varlen_func`); the other implementations a block-diagonal causal mask."""
+        lm = self.language_model
+        rope = lm.rotary_emb(hidden, position_ids)
+        s = hidden.shape[1]
+        implementation = lm.config._attn_implementation
+        if implementation == "flash_attention_2":
+            cu, longest = runs_of(segments)
+            attention = {"attention_mask": None, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest,
+                         "max_length_k": longest}
+        else:
+            causal = torch.ones(s, s, dtype=torch.bool, device=hidden.device).tril()
+            allowed = ((segments[:, :, None] == segments[:, None, :]) & causal).unsqueeze(1)
+            if implementation != "sdpa":  # eager and others add the mask to the scores
+                allowed = torch.zeros(allowed.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(
+                    ~allowed, torch.finfo(hidden.dtype).min)
+            attention = {"attention_mask": allowed}
+        for layer in lm.layers[start:stop]:
+            hidden = layer(hidden, position_embeddings=rope, **attention, **kwargs)
+        return hidden
+
+    def forward_packed(self, input_ids: torch.LongTensor, pixel_values: Optional[torch.FloatTensor],
+                       position_ids: torch.LongTensor, cu_seqlens: torch.Tensor,
+                       vision_feature_layer: Optional[Union[int, list[int]]] = None,
+                       vision_feature_select_strategy: Optional[str] = None,
+                       **kwargs: Any) -> VictorLlavaModelOutputWithPast:
+        """Packed rows (training): samples separated by `cu_seqlens` [segments + 1] over the flattened B*S slots,
+        `position_ids` restarting at 0 for each sample. No cache. The drop keeps each row's registers and text
+        (right-aligned as in `forward`); the fillers become one-slot samples of their own."""
+        embeds, features = self.embed(input_ids, pixel_values, vision_feature_layer, vision_feature_select_strategy,
+                                      use_every_parameter=True)
+        segments = segment_ids(cu_seqlens, input_ids.shape)
+        k = self.config.drop_layer
+        hidden = self.run_packed_layers(0, k, embeds, segments, position_ids, **kwargs)
+        index, filler = keep_index(input_ids == self.config.image_token_id)
+        hidden = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        alone = -1 - torch.arange(filler.numel(), device=filler.device).view_as(filler)
+        short_segments = torch.where(filler, alone, segments.gather(1, index))
+        hidden = self.run_packed_layers(k, len(self.language_model.layers), hidden, short_segments,
+                                        position_ids.gather(1, index), **kwargs)
+        return VictorLlavaModelOutputWithPast(last_hidden_state=self.language_model.norm(hidden),
+                                              image_hidden_states=features, kept_index=index)
+
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,
@@ -165,11 +245,18 @@ class VictorLlavaModel(LlavaModel):
         vision_feature_select_strategy: Optional[str] = None,
         use_cache: Optional[bool] = None,
         cache_position: Optional[torch.LongTensor] = None,
+        cu_seqlens: Optional[torch.Tensor] = None,
         **kwargs: Any,
     ) -> VictorLlavaModelOutputWithPast:
         if input_ids is None or inputs_embeds is not None:
             raise ValueError("VictorLlava needs input_ids (not inputs_embeds): image and register slots are found "
                              "by their token ids")
+        if cu_seqlens is not None:
+            if position_ids is None or attention_mask is not None or past_key_values is not None or use_cache:
+                raise ValueError("packed rows (cu_seqlens) take position_ids restarting per sample, and no "
+                                 "attention_mask or cache")
+            return self.forward_packed(input_ids, pixel_values, position_ids, cu_seqlens, vision_feature_layer,
+                                       vision_feature_select_strategy, **kwargs)
         use_cache = self.config.text_config.use_cache if use_cache is None else use_cache
         cache = victor_cache(past_key_values, use_cache)
         embeds, features = self.embed(input_ids, pixel_values, vision_feature_layer, vision_feature_select_strategy)
@@ -209,6 +296,9 @@ class VictorLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
     Logits (and the loss) cover the slots that survive the drop: `kept_index` maps them to input positions.
     Labels follow the HF convention (input positions, unshifted); image and register slots never carry a loss.
+    Packed rows (`cu_seqlens`, see `VictorLlavaModel.forward_packed`) take `shift_labels` instead: the target of
+    each input slot (already shifted, -100 where none, always at image slots), so that no sample predicts the next
+    one's first token.
     """
 
     config_class = VictorLlavaConfig
@@ -234,13 +324,15 @@ class VictorLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         use_cache: Optional[bool] = None,
         cache_position: Optional[torch.LongTensor] = None,
         logits_to_keep: Union[int, torch.Tensor] = 0,
+        cu_seqlens: Optional[torch.Tensor] = None,
+        shift_labels: Optional[torch.LongTensor] = None,
         **kwargs: Any,
     ) -> VictorLlavaCausalLMOutputWithPast:
         out = self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                          position_ids=position_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds,
                          vision_feature_layer=vision_feature_layer,
                          vision_feature_select_strategy=vision_feature_select_strategy, use_cache=use_cache,
-                         cache_position=cache_position, **kwargs)
+                         cache_position=cache_position, cu_seqlens=cu_seqlens, **kwargs)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(out.last_hidden_state[:, keep, :])
         loss = None
@@ -251,6 +343,9 @@ class VictorLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 special |= input_ids == cfg.register_token_id
             labels = labels.masked_fill(special, IGNORE_INDEX).gather(1, out.kept_index)
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=cfg.text_config.vocab_size, **kwargs)
+        elif shift_labels is not None:  # the last register slot of an image predicts the text after it
+            loss = self.loss_function(logits=logits, labels=None, shift_labels=shift_labels.gather(1, out.kept_index),
+                                      vocab_size=self.config.text_config.vocab_size, **kwargs)
         return VictorLlavaCausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
                                                  image_hidden_states=out.image_hidden_states,
                                                  kept_index=out.kept_index)
