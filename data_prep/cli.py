@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+DEMO_STAGE1 = Path(__file__).resolve().parents[1] / "configs" / "demo_stage1.yaml"
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megavictor prep", description=__doc__)
@@ -29,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     digits.add_argument("--seed", type=int, default=0, help="seed of the scan split and the grids (default 0)")
     digits.add_argument("--maxcount", type=int, default=1000, help="samples per shard at most (default 1000)")
     digits.add_argument("--restart", action="store_true", help="discard an interrupted run in --out, do not resume")
+    digits.add_argument("--vision-config", type=Path, default=DEMO_STAGE1,
+                        help="config whose vision tower is pretrained into OUT/vision_encoder.safetensors "
+                             "(default: the demo's configs/demo_stage1.yaml)")
+    digits.add_argument("--vision-steps", type=int, default=600,
+                        help="vision pretraining steps of 64 images (default 600, ~30 s on 2 cores; 0: skip)")
     return parser
 
 
@@ -45,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from data_prep.digits import prep_digits
 
-            prep_digits(args.out, maxcount=args.maxcount, seed=args.seed, restart=args.restart)
+            prep_digits(args.out, maxcount=args.maxcount, seed=args.seed, restart=args.restart,
+                        vision_config=args.vision_config, vision_steps=args.vision_steps)
     except PrepError as exc:
         print(f"megavictor prep {args.source}: error: {exc}", file=sys.stderr)
         return 1

@@ -10,6 +10,7 @@ BENCHES: dict[str, str] = {
     "train": "megavictor.benchmarks.train",
     "infer": "megavictor.benchmarks.infer",
     "pipeline": "megavictor.benchmarks.pipeline",
+    "accuracy": "megavictor.benchmarks.accuracy",
 }
 
 

@@ -52,6 +52,9 @@ class VisionConfig:
     activation: str = "quick_gelu"  # quick_gelu (CLIP) | gelu
     norm_epsilon: float = 1e-5
     freeze: bool = True
+    # Pretrained tower weights (safetensors, names `vision.*` as in the full model), loaded when a run starts
+    # fresh; a run that resumes or starts from `train.init_from` takes the tower from that checkpoint instead.
+    init_from: str | None = None
 
     @property
     def num_visual_tokens(self) -> int:

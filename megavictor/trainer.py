@@ -29,6 +29,7 @@ from megavictor.config import Config, ConfigError, load_config
 from megavictor.distributed import ParallelDims, init_from_config
 from megavictor.engines.loop import Summary, TrainLoop, build_scheduler, clear_stop_request, request_stop
 from megavictor.model.batch import VictorBatch
+from megavictor.model.layout import full_name, full_shape, load_vision_tower, shard_into
 from megavictor.model.vlm import VictorVLM
 from megavictor.plan import layers_per_stage
 from megavictor.step import forward_backward
@@ -81,6 +82,11 @@ class Trainer(TrainLoop):
         elif self.cfg.train.init_from:
             checkpoint.load_weights(self.cfg.train.init_from, self.model, self.dims.tp_rank, self.dims.tp,
                                     sum(layers_per_stage(self.cfg)[:self.dims.pp_rank]))
+        elif self.cfg.vision.init_from and self.dims.is_first_stage:  # a fresh run with a pretrained ViT
+            expected = {full_name(n, 0): full_shape(n, p.shape, self.dims.tp)
+                        for n, p in self.model.named_parameters() if n.startswith("vision.")}
+            shard_into(self.model, load_vision_tower(self.cfg.vision.init_from, expected), self.dims.tp_rank,
+                       self.dims.tp, layer_offset=0, prefix="vision.")
         # DDP keeps its own fp32 copy of gradients only; parameters were loaded in place.
 
     def save(self) -> Path:

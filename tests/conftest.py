@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 DIGITS_MAXCOUNT = 170  # small shards: every split has several, and counts that do not divide by 4 readers
+VISION_STEPS = 200  # the demo's vision pretraining, shortened (the default 600 steps take ~30 s)
 
 
 @pytest.fixture(scope="session")
@@ -15,5 +16,6 @@ def digits_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from data_prep.cli import main
 
     out = tmp_path_factory.mktemp("digits")
-    assert main(["digits", "--out", str(out), "--maxcount", str(DIGITS_MAXCOUNT)]) == 0
+    assert main(["digits", "--out", str(out), "--maxcount", str(DIGITS_MAXCOUNT),
+                 "--vision-steps", str(VISION_STEPS)]) == 0
     return out

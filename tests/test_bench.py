@@ -28,7 +28,7 @@ def positive(value) -> bool:
 
 
 def test_benches_are_registered() -> None:
-    assert {"loader", "train", "infer", "pipeline"} <= set(BENCHES)
+    assert {"loader", "train", "infer", "pipeline", "accuracy"} <= set(BENCHES)
 
 
 def test_bench_train(capsys: pytest.CaptureFixture[str]) -> None:
@@ -90,3 +90,24 @@ def test_bench_infer_on_an_hf_export(capsys: pytest.CaptureFixture[str], tmp_pat
                              "--long-tokens", "3", "--repeats", "1", "--long-repeats", "1"])
     assert out["source"] == str(dirs["victor"])
     assert out["flop_bound"] > 1 and positive(out["speedup"]) and positive(out["decode_speedup"])
+
+
+def test_bench_accuracy_quick(capsys: pytest.CaptureFixture[str], digits_data: Path, tmp_path: Path) -> None:
+    """`bench accuracy --quick` with a 2-step budget: the three variants train and evaluate like the demo, the
+    JSON has the documented fields, the speedups are relative to the baseline, and the plot is a PNG."""
+    out = last_json(capsys, ["accuracy", "--quick", "--run-dir", str(tmp_path), "--data", str(digits_data),
+                             "train.max_steps=2", "data.seq_length=128", "log.wandb=false"])
+    names = [r["name"] for r in out["results"]]
+    assert names == ["baseline", "R8_k3", "R0_k3"]
+    by_name = {r["name"]: r for r in out["results"]}
+    assert by_name["baseline"]["enabled"] is False and by_name["baseline"]["train_speedup"] == 1.0
+    assert (by_name["R8_k3"]["num_registers"], by_name["R8_k3"]["drop_layer"]) == (8, 3)
+    assert by_name["R0_k3"]["num_registers"] == 0
+    for r in out["results"]:
+        assert 0.0 <= r["accuracy"] <= 1.0 and positive(r["train_speedup"]) and positive(r["infer_speedup"])
+        assert r["ratio_to_bound"] == pytest.approx(r["train_speedup"] / r["flop_bound"], rel=1e-6)
+        assert json.loads((tmp_path / r["name"] / "eval.json").read_text())["accuracy"] == r["accuracy"]
+    assert by_name["R8_k3"]["flop_bound"] > 1 and by_name["R0_k3"]["flop_bound"] > by_name["R8_k3"]["flop_bound"]
+    assert (out["baseline_accuracy"], out["victor_accuracy"], out["no_register_accuracy"]) == \
+        (by_name["baseline"]["accuracy"], by_name["R8_k3"]["accuracy"], by_name["R0_k3"]["accuracy"])
+    assert Path(out["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 from megavictor.distributed import free_port
 
@@ -150,3 +151,22 @@ def test_wandb_writes_a_real_offline_run(digits_data: Path, tmp_path: Path) -> N
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, list((tmp_path / "wandb").iterdir())
     assert list(runs[0].glob("*.wandb")), "no wandb event file in the offline run"
+
+
+def test_fresh_run_starts_from_the_pretrained_vision_tower(digits_data: Path, tmp_path: Path) -> None:
+    """`vision.init_from` under tp=2: the stage-1 checkpoint's ViT equals the pretrained file, tensor by tensor
+    (loaded into the sharded tower, and kept frozen by stage 1)."""
+    from safetensors.torch import load_file
+
+    from megavictor.checkpoint import load_full_state
+
+    stage1 = str(ROOT / "configs" / "demo_stage1.yaml")
+    encoder = digits_data / "vision_encoder.safetensors"
+    cmd = train_cmd(2, digits_data, tmp_path, "parallel.tp=2", "train.max_steps=2", f"vision.init_from={encoder}")
+    cmd[cmd.index(STAGE2)] = stage1
+    run(cmd)
+    _, full = load_full_state(tmp_path)
+    pretrained = load_file(str(encoder))
+    assert pretrained and all(name in full for name in pretrained)
+    for name, tensor in pretrained.items():
+        assert torch.equal(full[name], tensor), name

@@ -43,7 +43,7 @@ from megavictor.hf.convert import (
 )
 from megavictor.hf.modeling_victor_llava import VictorLlavaForConditionalGeneration
 from megavictor.model.batch import KIND_REGISTER, KIND_VISUAL, VictorBatch
-from megavictor.model.layout import initial_value
+from megavictor.model.layout import initial_value, load_vision_tower
 from megavictor.model.recipe import is_trainable
 
 # --------------------------------------------------------------------------- 1. the import
@@ -76,9 +76,13 @@ def import_deepspeed() -> Any:
 
 def initial_state(cfg: Config) -> dict[str, torch.Tensor]:
     """The layout-independent initial weights (reference names) that megatron's `VictorVLM` starts from too."""
-    m = cfg.model
-    return {name: initial_value(name, tuple(shape), m.init_method_std, m.num_layers, cfg.train.seed)
-            for name, shape in expected_shapes(cfg).items()}
+    m, shapes = cfg.model, expected_shapes(cfg)
+    state = {name: initial_value(name, tuple(shape), m.init_method_std, m.num_layers, cfg.train.seed)
+             for name, shape in shapes.items()}
+    if cfg.vision.init_from:  # a pretrained ViT, as megatron's fresh runs load it
+        state.update(load_vision_tower(cfg.vision.init_from,
+                                       {n: tuple(s) for n, s in shapes.items() if n.startswith("vision.")}))
+    return state
 
 
 def build_model(cfg: Config, full_state: dict[str, torch.Tensor]) -> VictorLlavaForConditionalGeneration:

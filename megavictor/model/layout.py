@@ -87,9 +87,10 @@ def local_name(name: str, layer_offset: int, num_layers: int) -> str | None:
 
 
 def shard_into(model: torch.nn.Module, full: dict[str, torch.Tensor], tp_rank: int, tp: int,
-                    layer_offset: int) -> None:
-    """Copy a full state dict into one stage/rank of a parallel model; every local parameter must be covered."""
-    params = dict(model.named_parameters())
+               layer_offset: int, prefix: str = "") -> None:
+    """Copy a full state dict into one stage/rank of a parallel model; every local parameter whose name starts
+    with `prefix` must be covered."""
+    params = {name: p for name, p in model.named_parameters() if name.startswith(prefix)}
     for name, param in params.items():
         source = full.get(full_name(name, layer_offset))
         if source is None:
@@ -138,3 +139,24 @@ def initialize(model: torch.nn.Module, std: float, num_layers: int, seed: int, t
         full = full_name(name, layer_offset)
         value = initial_value(full, full_shape(full, param.shape, tp), std, num_layers, seed)
         param.copy_(shard(full, value, tp_rank, tp))
+
+
+def load_vision_tower(path: str, expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """Pretrained ViT weights (`vision.init_from`): a safetensors file holding exactly the tower's full names
+    (`vision.*`) with the shapes `expected` gives."""
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(path)
+    except Exception as exc:  # noqa: BLE001  (OSError, or safetensors' own error type for a malformed file)
+        raise ValueError(f"vision.init_from={path}: cannot read a safetensors file ({exc}); for the demo, "
+                         "`megavictor prep digits` writes vision_encoder.safetensors into the data folder") from exc
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise ValueError(f"vision.init_from={path}: tensors do not match this config's vision tower "
+                         f"(missing {missing[:3]}, unexpected {extra[:3]})")
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != tuple(shape):
+            raise ValueError(f"vision.init_from={path}: {name} has shape {tuple(tensors[name].shape)}, the config's "
+                             f"vision tower needs {tuple(shape)} (check the vision.* sizes)")
+    return tensors

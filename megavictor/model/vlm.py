@@ -39,6 +39,15 @@ def rope_for_positions(rotary: RotaryEmbedding, position_ids: torch.Tensor) -> t
     return table[position_ids.t()].unsqueeze(2)
 
 
+def build_vision_tower(cfg: Config) -> CLIPViTModel:
+    """The CLIP-style ViT of `cfg.vision` (also what `megavictor prep digits` pretrains as the demo's encoder)."""
+    v = cfg.vision
+    return CLIPViTModel(specs.vision_config(cfg), specs.vision_layer_spec(cfg.train.attention_backend),
+                        ln_pre_impl=specs.vision_norm(cfg.train.attention_backend), ln_post_impl=None,
+                        add_class_token=True, class_token_len=1,
+                        patch_dim=v.patch_size, img_h=v.image_size, img_w=v.image_size)
+
+
 class VictorVLM(MegatronModule):
     """One pipeline stage (or the whole model) of the Victor VLM."""
 
@@ -53,15 +62,11 @@ class VictorVLM(MegatronModule):
         self.pre_process, self.post_process = pre_process, post_process
         backend = cfg.train.attention_backend
         if pre_process:
-            v = cfg.vision
-            self.vision = CLIPViTModel(specs.vision_config(cfg), specs.vision_layer_spec(backend),
-                                       ln_pre_impl=specs.vision_norm(backend), ln_post_impl=None,
-                                       add_class_token=True, class_token_len=1,
-                                       patch_dim=v.patch_size, img_h=v.image_size, img_w=v.image_size)
+            self.vision = build_vision_tower(cfg)
             self.projector = MultimodalProjector(
                 specs.projector_config(cfg),
                 MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
-                projector_type="mlp", input_size=v.hidden_size)
+                projector_type="mlp", input_size=cfg.vision.hidden_size)
             self.embedding = LanguageModelEmbedding(lm_config, vocab_size=cfg.model.vocab_size,
                                                     max_sequence_length=cfg.data.seq_length,
                                                     position_embedding_type="rope")

@@ -1,0 +1,100 @@
+"""The demo's stand-in for a pretrained CLIP: the config's ViT, trained for a few seconds on the digits train pool.
+
+LLaVA starts from a pretrained, frozen CLIP; nothing can be downloaded here, and a ViT trained from scratch
+through a tiny from-scratch LLM learns visual tokens the LLM cannot read within the CPU budget (measured: cell
+features linearly decodable only from whole cells, not from the tokens an attention head averages). So the
+prep step pretrains the tower the way CLIP features behave: every patch token is trained to predict the digit
+of its grid cell (or "empty") and which cell it lies in, with linear heads on the last layer's patch outputs.
+Only `caption_train` images (train-pool scans) are used; held-out accuracy on `caption_val` is reported.
+
+The tower's weights go to `<data>/vision_encoder.safetensors` under the full model's names (`vision.*`), what
+`vision.init_from` reads; `<data>/vision_encoder.json` records the vision config, steps and accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from megavictor.config import Config, load_config
+
+ENCODER_FILE = "vision_encoder.safetensors"
+EMPTY = 10  # the class of an empty cell, after the digits 0-9
+BATCH = 64
+LR = 2e-3
+
+
+def _split_images(data: Path, split: str, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All images of a split [N, 3, S, S] and their 2x2 grids' digits [N, 4] (EMPTY for an empty cell)."""
+    from megavictor.data.images import load_image
+    from megavictor.data.manifest import load_manifest
+    from megavictor.data.reader import ShardReader
+
+    reader = ShardReader(data, load_manifest(data).split_shards(split))
+    images, digits = [], []
+    for _, raw in reader.read(range(len(reader))):
+        record = json.loads(raw["json"])
+        images.append(load_image(raw["png"], image_size))
+        digits.append([EMPTY if d is None else d for d in record["digits"]])
+    return torch.stack(images), torch.tensor(digits)
+
+
+def cell_of_patch(cfg: Config) -> torch.Tensor:
+    """[patches]: which 2x2 grid cell (reading order) each ViT patch lies in."""
+    grid = cfg.vision.image_size // cfg.vision.patch_size
+    if grid % 2:
+        raise ValueError(f"vision.image_size / vision.patch_size = {grid} patches per side must be even: the demo's "
+                         "vision pretraining labels patches by 2x2 grid cell")
+    half = grid // 2
+    return torch.tensor([(r // half) * 2 + c // half for r in range(grid) for c in range(grid)])
+
+
+def pretrain_vision_encoder(data: Path, config: Path, steps: int, seed: int = 0) -> dict:
+    """Train `config`'s ViT on `data`'s digit grids and write it next to the shards; returns the record."""
+    from safetensors.torch import save_file
+
+    from megavictor.distributed import init_distributed
+    from megavictor.model.vlm import build_vision_tower
+
+    cfg = load_config(config, [f"train.seed={seed}"])
+    init_distributed(tp=1, pp=1, seed=seed)
+    torch.manual_seed(seed)
+    tower = build_vision_tower(cfg)
+    hidden = cfg.vision.hidden_size
+    digit_head, cell_head = torch.nn.Linear(hidden, EMPTY + 1), torch.nn.Linear(hidden, 4)
+    cells = cell_of_patch(cfg)
+    train_x, train_y = _split_images(data, "caption_train", cfg.vision.image_size)
+    val_x, val_y = _split_images(data, "caption_val", cfg.vision.image_size)
+
+    def loss_and_hits(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = tower(x)[:, 1:]  # patch outputs, the class token dropped as the VLM does
+        digit_logits, cell_logits = digit_head(tokens), cell_head(tokens)
+        target = y[:, cells]  # each patch's cell digit
+        loss = (F.cross_entropy(digit_logits.flatten(0, 1), target.flatten())
+                + F.cross_entropy(cell_logits.flatten(0, 1), cells.repeat(len(x))))
+        return loss, (digit_logits.argmax(-1) == target)[target != EMPTY]
+
+    params = [*tower.parameters(), *digit_head.parameters(), *cell_head.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=LR, total_steps=max(steps, 1), pct_start=0.05)
+    generator = torch.Generator().manual_seed(seed)
+    tower.train()
+    for _ in range(steps):
+        batch = torch.randint(len(train_x), (BATCH,), generator=generator)
+        loss, _ = loss_and_hits(train_x[batch], train_y[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    tower.eval()
+    with torch.no_grad():
+        _, hits = loss_and_hits(val_x, val_y)
+    record = {"config": config.name, "vision": cfg.to_dict()["vision"], "steps": steps, "seed": seed,
+              "val_digit_token_accuracy": round(float(hits.float().mean()), 4)}
+    save_file({f"vision.{name}": p.detach().contiguous() for name, p in tower.named_parameters()},
+              str(data / ENCODER_FILE))
+    (data / "vision_encoder.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
