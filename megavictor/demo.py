@@ -38,9 +38,10 @@ def train_and_evaluate(run_dir: Path, data: Path, overrides: list[str]) -> dict:
 
     ensure_digits(data)
     for stage in (1, 2):
-        stage_overrides = [f"data.path={data}", f"train.run_dir={run_dir / f'stage{stage}'}",
-                           f"vision.init_from={data / ENCODER_FILE}"]
-        if stage == 2:
+        stage_overrides = [f"data.path={data}", f"train.run_dir={run_dir / f'stage{stage}'}"]
+        if stage == 1:  # the pretrained ViT; stage 2 takes everything from stage 1's checkpoint
+            stage_overrides.append(f"vision.init_from={data / ENCODER_FILE}")
+        else:
             stage_overrides.append(f"train.init_from={run_dir / 'stage1'}")
         cfg = load_config(CONFIGS / f"demo_stage{stage}.yaml", stage_overrides + list(overrides))
         summary = trainer.run(cfg)
