@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     digits = sub.add_parser("digits", help="the embedded handwritten-digit grids (captions + VQA) + tokenizer")
     digits.add_argument("--out", type=Path, default=Path("data/digits"), help="output folder (default data/digits)")
     digits.add_argument("--seed", type=int, default=0, help="seed of the scan split and the grids (default 0)")
+    digits.add_argument("--grid", type=int, default=2, choices=(2, 4),
+                        help="cells per image side: 2 (4 cells, the demo default) or 4 (16 cells, 8x8 digits)")
     digits.add_argument("--maxcount", type=int, default=1000, help="samples per shard at most (default 1000)")
     digits.add_argument("--restart", action="store_true", help="discard an interrupted run in --out, do not resume")
     digits.add_argument("--vision-config", type=Path, default=DEMO_STAGE1,
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             from data_prep.digits import prep_digits
 
             prep_digits(args.out, maxcount=args.maxcount, seed=args.seed, restart=args.restart,
-                        vision_config=args.vision_config, vision_steps=args.vision_steps)
+                        vision_config=args.vision_config, vision_steps=args.vision_steps, grid=args.grid)
     except PrepError as exc:
         print(f"megavictor prep {args.source}: error: {exc}", file=sys.stderr)
         return 1

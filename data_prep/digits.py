@@ -1,9 +1,12 @@
-"""The embedded default data set: 2x2 grids of real handwritten digits (scikit-learn's 1797 8x8 scans).
+"""The embedded default data set: grids of real handwritten digits (scikit-learn's 1797 8x8 scans).
 
-Every image is 32x32 RGB with 1-4 of its 4 cells holding a digit (8x8 upscaled to 16x16, empty cells black), so
-answers need the image. Captions (stage 1) list the digits in reading order ("two, seven"); VQA (stage 2) asks
-for the digit in a cell, the count, the count of odd digits or the sum, with one-word answers so exact match is
-meaningful. The source scans are split 70/15/15 into train/val/test pools and each split draws only from its
+Every image is 32x32 RGB, empty cells black, so answers need the image. `--grid 2` (default): 1-4 of 4 cells
+hold a digit (8x8 upscaled to 16x16); VQA asks for the digit in a cell ("the top left"), the count, the count of
+odd digits or the sum. `--grid 4`: 3-8 of 16 cells hold a digit at its own 8x8 resolution; VQA asks for the
+digit in a cell ("row 2 column 3"), the count or the count of odd digits (sums of up to eight digits have too
+many answers for the demo's budget). Sixteen cells are more than a text token's attention heads can read in one
+layer without knowing the question, as in a real image (see README, "Why R=0"). Captions (stage 1) list the
+digits in reading order ("two, seven"); answers are one word so exact match is meaningful. The source scans are split 70/15/15 into train/val/test pools and each split draws only from its
 pool, so no scan leaks across splits. Training VQA records have 1-3 turns (LLaVA v1 multi-turn); val/test have
 one, so each record is one exact-match question.
 """
@@ -21,12 +24,14 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from tqdm import tqdm
 
-from data_prep.shards import ShardSetWriter
+from data_prep.shards import PrepError, ShardSetWriter
 from data_prep.tokenizer import SPECIAL_TOKENS, build_word_tokenizer
 from megavictor.data.tokenizer import IMAGE_TOKEN, PROMPT_FORMATS, render
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-CELLS = ["top left", "top right", "bottom left", "bottom right"]
+IMAGE_SIZE = 32
+GRIDS = (2, 4)  # cells per side that `prep digits --grid` offers
+CORNERS = ["the top left", "the top right", "the bottom left", "the bottom right"]
 TOKENIZER_DIR = "tokenizer"
 VOCAB_LIMIT = 512  # ModelConfig.vocab_size's default
 
@@ -56,16 +61,32 @@ def source_pools(labels: np.ndarray, seed: int) -> dict[str, np.ndarray]:
     return {"train": np.sort(perm[:a]), "val": np.sort(perm[a:b]), "test": np.sort(perm[b:])}
 
 
+def grid_of(digits: list[int | None]) -> int:
+    """Cells per side of a record's grid (its `digits` list one entry per cell, reading order)."""
+    grid = int(round(len(digits) ** 0.5))
+    if grid not in GRIDS or grid * grid != len(digits):
+        raise ValueError(f"a digits record has {len(digits)} cells; expected one of {[g * g for g in GRIDS]}")
+    return grid
+
+
+def cell_name(pos: int, grid: int) -> str:
+    row, col = divmod(pos, grid)
+    return CORNERS[pos] if grid == 2 else f"row {row + 1} column {col + 1}"
+
+
 def grid_image(scans: np.ndarray, cells: list[int | None]) -> bytes:
-    """PNG bytes of a 32x32 RGB grid; `cells[i]` is a scan index or None for an empty cell."""
-    canvas = np.zeros((32, 32), dtype=np.uint8)
+    """PNG bytes of a 32x32 RGB grid; `cells[i]` (reading order) is a scan index or None for an empty cell."""
+    grid = grid_of(cells)
+    size = IMAGE_SIZE // grid
+    canvas = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
     for pos, scan in enumerate(cells):
         if scan is None:
             continue
-        digit = Image.fromarray((scans[scan] * (255 / 16)).round().astype(np.uint8)).resize((16, 16),
-                                                                                          Image.Resampling.BILINEAR)
-        row, col = divmod(pos, 2)
-        canvas[16 * row:16 * row + 16, 16 * col:16 * col + 16] = np.asarray(digit)
+        digit = Image.fromarray((scans[scan] * (255 / 16)).round().astype(np.uint8))
+        if digit.size != (size, size):
+            digit = digit.resize((size, size), Image.Resampling.BILINEAR)
+        row, col = divmod(pos, grid)
+        canvas[size * row:size * row + size, size * col:size * col + size] = np.asarray(digit)
     out = io.BytesIO()
     Image.fromarray(np.stack([canvas] * 3, axis=-1)).save(out, format="PNG")
     return out.getvalue()
@@ -73,21 +94,25 @@ def grid_image(scans: np.ndarray, cells: list[int | None]) -> bytes:
 
 def questions(digits: list[int | None]) -> list[tuple[str, str]]:
     """Every question this grid can answer, with its one-word answer."""
+    grid = grid_of(digits)
     present = [d for d in digits if d is not None]
-    qa = [(f"What is the digit in the {CELLS[i]}?", str(d)) for i, d in enumerate(digits) if d is not None]
+    qa = [(f"What is the digit in {cell_name(i, grid)}?", str(d)) for i, d in enumerate(digits) if d is not None]
     qa += [("How many digits are there?", str(len(present))),
-           ("How many digits are odd?", str(sum(d % 2 for d in present))),
-           ("What is their sum?", str(sum(present)))]
+           ("How many digits are odd?", str(sum(d % 2 for d in present)))]
+    if grid == 2:
+        qa.append(("What is their sum?", str(sum(present))))
     return qa
 
 
-def split_records(spec: SplitSpec, labels: np.ndarray, pool: np.ndarray, seed: int) -> list[dict[str, Any]]:
-    """The split's records (grid cells as scan indices + conversation); deterministic in (split, seed)."""
+def split_records(spec: SplitSpec, labels: np.ndarray, pool: np.ndarray, seed: int,
+                  grid: int = 2) -> list[dict[str, Any]]:
+    """The split's records (grid cells as scan indices + conversation); deterministic in (split, seed, grid)."""
     rng = np.random.default_rng([seed, SPLITS.index(spec)])
+    low, high = (1, 4) if grid == 2 else (3, 8)  # digits per image
     records = []
     for i in range(spec.size):
-        cells: list[int | None] = [None] * 4
-        for pos in rng.choice(4, size=int(rng.integers(1, 5)), replace=False):
+        cells: list[int | None] = [None] * grid ** 2
+        for pos in rng.choice(grid ** 2, size=int(rng.integers(low, high + 1)), replace=False):
             cells[int(pos)] = int(pool[rng.integers(len(pool))])
         digits = [None if c is None else int(labels[c]) for c in cells]
         if spec.kind == "caption":
@@ -113,15 +138,18 @@ def shard_sample(index: int, record: dict[str, Any], scans: np.ndarray) -> dict[
 
 
 def prep_digits(out: Path, maxcount: int = 1000, seed: int = 0, restart: bool = False,
-                vision_config: Path | None = None, vision_steps: int = 0) -> None:
+                vision_config: Path | None = None, vision_steps: int = 0, grid: int = 2) -> None:
     data = load_digits()
     scans, labels = data.images, data.target
     pools = source_pools(labels, seed)
-    writer = ShardSetWriter(out, fingerprint=f"digits/v1/seed={seed}/maxcount={maxcount}", maxcount=maxcount,
-                            maxsize=1 << 40, restart=restart)
+    if grid not in GRIDS:
+        raise PrepError(f"--grid {grid}: the digits grids have {' or '.join(map(str, GRIDS))} cells per side")
+    layout = "" if grid == 2 else f"grid={grid}/"  # grid 2 keeps the fingerprint of data written before --grid
+    writer = ShardSetWriter(out, fingerprint=f"digits/v1/{layout}seed={seed}/maxcount={maxcount}",
+                            maxcount=maxcount, maxsize=1 << 40, restart=restart)
     corpus: list[str] = []
     for spec in SPLITS:
-        records = split_records(spec, labels, pools[spec.pool], seed)
+        records = split_records(spec, labels, pools[spec.pool], seed, grid)
         corpus += [render(r["conversations"], fmt, SPECIAL_TOKENS["eos_token"])[0].replace(IMAGE_TOKEN, " ")
                    for r in records for fmt in PROMPT_FORMATS]
         start = writer.start_index(spec.name)
@@ -129,7 +157,7 @@ def prep_digits(out: Path, maxcount: int = 1000, seed: int = 0, restart: bool = 
             indices = tqdm(range(start, len(records)), desc=spec.name, unit=" samples")
             writer.write_split(spec.name, ((i, shard_sample(i, records[i], scans)) for i in indices))
     build_word_tokenizer(corpus, out / TOKENIZER_DIR, VOCAB_LIMIT)
-    manifest = writer.finish(source={"kind": "digits", "dataset": "sklearn.datasets.load_digits", "seed": seed,
+    manifest = writer.finish(source={"kind": "digits", "dataset": "sklearn.datasets.load_digits", "seed": seed, "grid": grid,
                                      "pools": {k: len(v) for k, v in pools.items()}}, tokenizer=TOKENIZER_DIR)
     counts = {s.name: sum(e.samples for e in manifest.shards if e.split == s.name) for s in SPLITS}
     print(f"wrote {len(manifest.shards)} shards to {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))

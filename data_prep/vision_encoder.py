@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from data_prep.digits import grid_of
 from megavictor.config import Config, load_config
 
 ENCODER_FILE = "vision_encoder.safetensors"
@@ -28,7 +29,7 @@ LR = 2e-3
 
 
 def _split_images(data: Path, split: str, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """All images of a split [N, 3, S, S] and their 2x2 grids' digits [N, 4] (EMPTY for an empty cell)."""
+    """All images of a split [N, 3, S, S] and their grids' digits [N, cells] (EMPTY for an empty cell)."""
     from megavictor.data.images import load_image
     from megavictor.data.manifest import load_manifest
     from megavictor.data.reader import ShardReader
@@ -42,14 +43,14 @@ def _split_images(data: Path, split: str, image_size: int) -> tuple[torch.Tensor
     return torch.stack(images), torch.tensor(digits)
 
 
-def cell_of_patch(cfg: Config) -> torch.Tensor:
-    """[patches]: which 2x2 grid cell (reading order) each ViT patch lies in."""
-    grid = cfg.vision.image_size // cfg.vision.patch_size
-    if grid % 2:
-        raise ValueError(f"vision.image_size / vision.patch_size = {grid} patches per side must be even: the demo's "
-                         "vision pretraining labels patches by 2x2 grid cell")
-    half = grid // 2
-    return torch.tensor([(r // half) * 2 + c // half for r in range(grid) for c in range(grid)])
+def cell_of_patch(cfg: Config, grid: int) -> torch.Tensor:
+    """[patches]: which cell of a grid x grid image (reading order) each ViT patch lies in."""
+    patches = cfg.vision.image_size // cfg.vision.patch_size
+    if patches % grid:
+        raise ValueError(f"vision.image_size / vision.patch_size = {patches} patches per side must be a multiple of "
+                         f"{grid}: the demo's vision pretraining labels patches by {grid}x{grid} grid cell")
+    per_cell = patches // grid
+    return torch.tensor([(r // per_cell) * grid + c // per_cell for r in range(patches) for c in range(patches)])
 
 
 def pretrain_vision_encoder(data: Path, config: Path, steps: int, seed: int = 0) -> dict:
@@ -64,10 +65,11 @@ def pretrain_vision_encoder(data: Path, config: Path, steps: int, seed: int = 0)
     torch.manual_seed(seed)
     tower = build_vision_tower(cfg)
     hidden = cfg.vision.hidden_size
-    digit_head, cell_head = torch.nn.Linear(hidden, EMPTY + 1), torch.nn.Linear(hidden, 4)
-    cells = cell_of_patch(cfg)
     train_x, train_y = _split_images(data, "caption_train", cfg.vision.image_size)
     val_x, val_y = _split_images(data, "caption_val", cfg.vision.image_size)
+    grid = grid_of(train_y[0].tolist())
+    cells = cell_of_patch(cfg, grid)
+    digit_head, cell_head = torch.nn.Linear(hidden, EMPTY + 1), torch.nn.Linear(hidden, grid * grid)
 
     def loss_and_hits(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = tower(x)[:, 1:]  # patch outputs, the class token dropped as the VLM does

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import subprocess
 import sys
 import tarfile
@@ -84,27 +85,45 @@ def test_digits_splits_use_disjoint_scans(digits_data: Path) -> None:
     assert not pools["train"] & pools["val"] and not pools["train"] & pools["test"] and not pools["val"] & pools["test"]
 
 
-def test_digits_answers_match_the_image(digits_data: Path) -> None:
-    cells = {"top left": 0, "top right": 1, "bottom left": 2, "bottom right": 3}
-    kinds = set()
-    for record, image in _records(digits_data, "vqa_val"):
+def _check_answers(root: Path, grid: int) -> set[str]:
+    """Every vqa_val image shows exactly the record's occupied cells and every answer is right; returns the kinds."""
+    cells = {"the top left": 0, "the top right": 1, "the bottom left": 2, "the bottom right": 3}
+    size, kinds = 32 // grid, set()
+    for record, image in _records(root, "vqa_val"):
         assert image.shape == (32, 32, 3)
         digits = record["digits"]
+        assert len(digits) == grid * grid
         for pos, digit in enumerate(digits):  # empty cells are blank, occupied ones are not
-            row, col = divmod(pos, 2)
-            assert (image[16 * row:16 * row + 16, 16 * col:16 * col + 16].max() > 0) == (digit is not None)
+            row, col = divmod(pos, grid)
+            assert (image[size * row:size * (row + 1), size * col:size * (col + 1)].max() > 0) == (digit is not None)
         (human, gpt) = record["conversations"]
         question, answer = human["value"].removeprefix("<image>\n"), gpt["value"]
         present = [d for d in digits if d is not None]
-        if question.startswith("What is the digit in the "):
+        if question.startswith("What is the digit in "):
             kinds.add("cell")
-            assert answer == str(digits[cells[question.removeprefix("What is the digit in the ")[:-1]]])
+            name = question.removeprefix("What is the digit in ")[:-1]
+            numbered = re.fullmatch(r"row (\d) column (\d)", name)
+            pos = (int(numbered[1]) - 1) * grid + int(numbered[2]) - 1 if numbered else cells[name]
+            assert answer == str(digits[pos])
         else:
             expected = {"How many digits are there?": len(present), "What is their sum?": sum(present),
                         "How many digits are odd?": sum(d % 2 for d in present)}[question]
             kinds.add(question)
             assert answer == str(expected)
-    assert len(kinds) == 4
+    return kinds
+
+
+def test_digits_answers_match_the_image(digits_data: Path) -> None:
+    assert len(_check_answers(digits_data, grid=2)) == 4
+
+
+def test_digits_grid4_answers_match_the_image(tmp_path: Path) -> None:
+    """`--grid 4`: 16 cells of 8x8 digits named by row and column, 3-8 digits per image, no sum question."""
+    assert megavictor_main(["prep", "digits", "--grid", "4", "--out", str(tmp_path), "--vision-steps", "0"]) == 0
+    assert load_manifest(tmp_path).source["grid"] == 4
+    assert _check_answers(tmp_path, grid=4) == {"cell", "How many digits are there?", "How many digits are odd?"}
+    counts = [sum(d is not None for d in r["digits"]) for r, _ in _records(tmp_path, "vqa_val")]
+    assert min(counts) >= 3 and max(counts) <= 8
 
 
 def test_digits_prep_is_byte_identical_on_rerun(digits_data: Path, tmp_path: Path) -> None:
