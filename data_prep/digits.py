@@ -3,12 +3,12 @@
 Every image is 32x32 RGB, empty cells black, so answers need the image. `--grid 2` (default): 1-4 of 4 cells
 hold a digit (8x8 upscaled to 16x16); VQA asks for the digit in a cell ("the top left"), the count, the count of
 odd digits or the sum. `--grid 4`: 3-8 of 16 cells hold a digit at its own 8x8 resolution; VQA asks for the
-digit in a cell ("row 2 column 3"), the count or the count of odd digits (sums of up to eight digits have too
-many answers for the demo's budget). Sixteen cells are more than a text token's attention heads can read in one
-layer without knowing the question, as in a real image (see README, "Why R=0"). Captions (stage 1) list the
-digits in reading order ("two, seven"); answers are one word so exact match is meaningful. The source scans are split 70/15/15 into train/val/test pools and each split draws only from its
-pool, so no scan leaks across splits. Training VQA records have 1-3 turns (LLaVA v1 multi-turn); val/test have
-one, so each record is one exact-match question.
+digit in a cell ("row 2 column 3", an address of two words to compose), the count or the count of odd digits
+(sums of up to eight digits have too many answers for the demo's budget). Captions (stage 1) list the digits in
+reading order ("two, seven"); answers are one word so exact match is meaningful. The source scans are split
+70/15/15 into train/val/test pools and each split draws only from its pool, so no scan leaks across splits.
+Training VQA records have 1-3 turns (LLaVA v1 multi-turn); val/test have one, so each record is one exact-match
+question.
 """
 
 from __future__ import annotations
