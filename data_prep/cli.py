@@ -53,9 +53,11 @@ def main(argv: list[str] | None = None) -> int:
                        maxsize=args.maxsize, workers=args.workers, strict=args.strict, restart=args.restart)
         else:
             from data_prep.digits import prep_digits
+            from data_prep.vision_encoder import ensure_vision_encoder
 
-            prep_digits(args.out, maxcount=args.maxcount, seed=args.seed, restart=args.restart,
-                        vision_config=args.vision_config, vision_steps=args.vision_steps, grid=args.grid)
+            prep_digits(args.out, maxcount=args.maxcount, seed=args.seed, restart=args.restart, grid=args.grid)
+            if args.vision_steps > 0:
+                ensure_vision_encoder(args.out, args.vision_config, args.vision_steps, args.seed)
     except PrepError as exc:
         print(f"megavictor prep {args.source}: error: {exc}", file=sys.stderr)
         return 1

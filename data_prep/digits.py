@@ -137,15 +137,14 @@ def shard_sample(index: int, record: dict[str, Any], scans: np.ndarray) -> dict[
             "json": json.dumps(record, sort_keys=True).encode("utf-8")}
 
 
-def prep_digits(out: Path, maxcount: int = 1000, seed: int = 0, restart: bool = False,
-                vision_config: Path | None = None, vision_steps: int = 0, grid: int = 2) -> None:
+def prep_digits(out: Path, maxcount: int = 1000, seed: int = 0, restart: bool = False, grid: int = 2) -> None:
     data = load_digits()
     scans, labels = data.images, data.target
     pools = source_pools(labels, seed)
     if grid not in GRIDS:
         raise PrepError(f"--grid {grid}: the digits grids have {' or '.join(map(str, GRIDS))} cells per side")
-    layout = "" if grid == 2 else f"grid={grid}/"  # grid 2 keeps the fingerprint of data written before --grid
-    writer = ShardSetWriter(out, fingerprint=f"digits/v1/{layout}seed={seed}/maxcount={maxcount}",
+    grid_key = "" if grid == 2 else f"grid={grid}/"  # grid 2 keeps the fingerprint of data written before --grid
+    writer = ShardSetWriter(out, fingerprint=f"digits/v1/{grid_key}seed={seed}/maxcount={maxcount}",
                             maxcount=maxcount, maxsize=1 << 40, restart=restart)
     corpus: list[str] = []
     for spec in SPLITS:
@@ -161,21 +160,3 @@ def prep_digits(out: Path, maxcount: int = 1000, seed: int = 0, restart: bool = 
                                      "pools": {k: len(v) for k, v in pools.items()}}, tokenizer=TOKENIZER_DIR)
     counts = {s.name: sum(e.samples for e in manifest.shards if e.split == s.name) for s in SPLITS}
     print(f"wrote {len(manifest.shards)} shards to {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-    if vision_config is not None and vision_steps > 0:
-        ensure_vision_encoder(out, vision_config, vision_steps, seed)
-
-
-def ensure_vision_encoder(out: Path, config: Path, steps: int, seed: int) -> None:
-    """Pretrain the demo's vision tower unless `out` already holds one from the same config, steps and seed."""
-    from data_prep.vision_encoder import ENCODER_FILE, pretrain_vision_encoder
-    from megavictor.config import load_config
-
-    record_path = out / "vision_encoder.json"
-    if (out / ENCODER_FILE).is_file() and record_path.is_file():
-        record = json.loads(record_path.read_text())
-        wanted = {"vision": load_config(config, []).to_dict()["vision"], "steps": steps, "seed": seed}
-        if all(record.get(k) == v for k, v in wanted.items()):
-            return
-    print(f"pretraining the vision tower of {config} ({steps} steps) ...", flush=True)
-    record = pretrain_vision_encoder(out, config, steps, seed)
-    print(f"wrote {out / ENCODER_FILE}: held-out digit accuracy per patch token {record['val_digit_token_accuracy']}")

@@ -100,3 +100,16 @@ def pretrain_vision_encoder(data: Path, config: Path, steps: int, seed: int = 0)
               str(data / ENCODER_FILE))
     (data / "vision_encoder.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
+
+
+def ensure_vision_encoder(out: Path, config: Path, steps: int, seed: int) -> None:
+    """Pretrain the demo's vision tower unless `out` already holds one from the same config, steps and seed."""
+    record_path = out / "vision_encoder.json"
+    if (out / ENCODER_FILE).is_file() and record_path.is_file():
+        record = json.loads(record_path.read_text())
+        wanted = {"vision": load_config(config, []).to_dict()["vision"], "steps": steps, "seed": seed}
+        if all(record.get(k) == v for k, v in wanted.items()):
+            return
+    print(f"pretraining the vision tower of {config} ({steps} steps) ...", flush=True)
+    record = pretrain_vision_encoder(out, config, steps, seed)
+    print(f"wrote {out / ENCODER_FILE}: held-out digit accuracy per patch token {record['val_digit_token_accuracy']}")

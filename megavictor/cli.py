@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
-from megavictor.config import ConfigError
+from megavictor.errors import UserError
 
 # verb -> (module, help). Modules are imported only when their verb runs, so `megavictor plan` stays light.
 VERBS: dict[str, tuple[str, str]] = {
     "demo": ("megavictor.demo", "prepare the digits data, train stage 1 + 2 on CPU, print test accuracy"),
     "train": ("megavictor.trainer", "train (single process, or under torchrun / SLURM for tp x pp x dp)"),
-    "eval": ("megavictor.evaluate", "greedy VQA answers from a checkpoint, exact-match accuracy as JSON"),
+    "eval": ("megavictor.vqa", "greedy VQA answers from a checkpoint, exact-match accuracy as JSON"),
     "convert": ("megavictor.hf.cli", "HF checkpoints <-> megavictor checkpoints (from-hf, to-hf)"),
     "launch": ("launch.cli", "submit a training run to SLURM (or --cluster local) via submitit"),
-    "plan": ("megavictor.plan", "pipeline stage split and predicted per-stage cost (even vs balanced)"),
+    "plan": ("megavictor.pipeline_split", "pipeline stage split and predicted per-stage cost (even vs balanced)"),
     "prep": ("data_prep.cli", "turn image-text data into WebDataset shards"),
     "bench": ("megavictor.bench", "benchmarks (loader, ...) printing a JSON line last"),
 }
@@ -35,11 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     if verb not in VERBS:
         print(f"megavictor: unknown verb {verb!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(VERBS[verb][0])
     try:
-        return int(module.main(rest) or 0)
-    except ConfigError as exc:  # a user error: one line naming the key, no traceback
-        print(f"megavictor {verb}: config error: {exc}", file=sys.stderr)
+        return int(importlib.import_module(VERBS[verb][0]).main(rest) or 0)
+    except UserError as exc:  # one line naming the key or file and what to do; a traceback only when debugging
+        if os.environ.get("MEGAVICTOR_DEBUG") == "1":
+            raise
+        print(f"megavictor {verb}: error: {exc}", file=sys.stderr)
         return 2
 
 

@@ -12,13 +12,18 @@ CPU tensors with the gloo backend, and does nothing where CUDA exists:
   allocate `device='cuda'` buffers. The same mode reports CPU tensors' `Tensor.type()` under CUDA names,
   because the fp32 optimizer path and `clip_grad_by_total_norm_fp32` assert `'torch.cuda.FloatTensor'`.
 
+DeepSpeed needs settings of its own on a CPU-only machine (`import_deepspeed`).
+
 Everything else in megavictor is device-agnostic; `tests/test_compat.py` pins each workaround down, so that a
 megatron-core upgrade that removes (or adds) a CUDA assumption shows up as a test failure here.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
+import warnings
 from typing import Any
 
 import torch
@@ -86,3 +91,26 @@ def enable_cpu_compat() -> bool:
         _mode = _CudaDeviceToCpu()
         _mode.__enter__()
     return True
+
+
+def import_deepspeed() -> Any:
+    """`deepspeed`, imported on first use, set up for this machine (the engine and offline checkpoint readers).
+
+    Without CUDA: the CPU accelerator (`DS_ACCELERATOR=cpu`, gloo collectives), and no build of its shared-memory
+    all-reduce op, which DeepSpeed otherwise compiles with g++ at start-up (about 80 s per machine) and uses only for
+    inference tensor parallelism. A `DS_ACCELERATOR` already in the environment is left alone.
+    """
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed
+        import deepspeed.ops
+    except ImportError as exc:
+        raise RuntimeError("train.engine=deepspeed and DeepSpeed checkpoints need DeepSpeed: "
+                           "pip install -e '.[deepspeed]'") from exc
+    if os.environ.get("DS_ACCELERATOR") == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # ZeRO calls torch.distributed's all_gather_into_tensor / reduce_scatter_tensor, deprecated since torch 2.12.
+    warnings.filterwarnings("ignore", r".*is deprecated. Please use `torch\.distributed\.", FutureWarning)
+    return deepspeed

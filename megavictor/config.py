@@ -7,6 +7,8 @@ Every section mirrors one YAML mapping (`model:`, `victor:`, ...). Unknown keys 
 from __future__ import annotations
 
 import dataclasses
+import enum
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,9 +17,71 @@ from typing import Any
 
 import yaml
 
+from megavictor.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration value is unknown, mistyped or inconsistent; the message names the key."""
+
+
+# --------------------------------------------------------------------------- enumerated values
+# Every enumerated config value is one of these; YAML and overrides give the plain string, which `_check_type`
+# turns into the member (a `StrEnum` member also compares equal to its string).
+
+
+class VisionActivation(enum.StrEnum):
+    QUICK_GELU = "quick_gelu"  # CLIP
+    GELU = "gelu"
+
+
+class VictorMask(enum.StrEnum):
+    CAUSAL = "causal"
+    TEXT_BLIND = "text_blind"  # text may not attend visual tokens in layers < k (VoCo-LLaMA-style ablation)
+
+
+class PipelineSplit(enum.StrEnum):
+    EVEN = "even"
+    BALANCED = "balanced"  # per-stage layer counts from the cost model (megavictor.pipeline_split)
+
+
+class PromptFormat(enum.StrEnum):
+    PLAIN = "plain"  # LLaVA stage 1: image(s), caption, eos
+    V1 = "v1"  # LLaVA stage 2: Vicuna v1 conversations
+
+
+class Precision(enum.StrEnum):
+    FP32 = "fp32"
+    BF16 = "bf16"
+
+
+class Fp8Format(enum.StrEnum):
+    HYBRID = "hybrid"  # e4m3 forward, e5m2 gradients
+    E4M3 = "e4m3"
+
+
+class Fp8Recipe(enum.StrEnum):
+    DELAYED = "delayed"  # scales from an amax history
+    TENSORWISE = "tensorwise"  # current scaling
+
+
+class AttentionBackend(enum.StrEnum):
+    LOCAL = "local"  # megatron's local layers (megatron engine) / SDPA (deepspeed engine); CPU and GPU
+    TE = "te"  # Transformer Engine layers (megatron engine, CUDA)
+    FLASH = "flash"  # flash-attn varlen (deepspeed engine, CUDA)
+
+
+class Recompute(enum.StrEnum):
+    SELECTIVE = "selective"  # megatron's selective activation recompute (core attention)
+
+
+class Engine(enum.StrEnum):
+    MEGATRON = "megatron"  # tp x pp x dp on megatron-core
+    DEEPSPEED = "deepspeed"  # ZeRO data parallel on the HF-format model
+
+
+# LLaVA-1.5's system prompt (conv_vicuna_v1), which it trains stage 2 with.
+LLAVA_V1_SYSTEM_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. "
+                          "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 
 
 @dataclass
@@ -49,7 +113,7 @@ class VisionConfig:
     hidden_size: int = 48
     ffn_hidden_size: int = 192
     num_attention_heads: int = 4
-    activation: str = "quick_gelu"  # quick_gelu (CLIP) | gelu
+    activation: VisionActivation = VisionActivation.QUICK_GELU
     norm_epsilon: float = 1e-5
     freeze: bool = True
     # Pretrained tower weights (safetensors, names `vision.*` as in the full model), loaded when a run starts
@@ -68,7 +132,7 @@ class VictorConfig:
     enabled: bool = True
     num_registers: int = 8
     drop_layer: int = 3
-    mask: str = "causal"  # causal | text_blind (text may not attend visual tokens in layers < k)
+    mask: VictorMask = VictorMask.CAUSAL
 
     @property
     def registers_per_image(self) -> int:
@@ -82,7 +146,7 @@ class ParallelConfig:
 
     tp: int = 1
     pp: int = 1
-    pp_split: str | list[int] = "even"  # even | balanced | explicit per-stage layer counts
+    pp_split: PipelineSplit | list[int] = PipelineSplit.EVEN  # or explicit per-stage layer counts
     sequence_parallel: bool = False
 
 
@@ -95,7 +159,8 @@ class DataConfig:
     val_split: str = "vqa_val"
     test_split: str = "vqa_test"
     tokenizer: str | None = None  # HF tokenizer dir; None: the one stored beside the shards
-    prompt_format: str = "v1"  # plain (stage 1 captions) | v1 (stage 2 conversations)
+    prompt_format: PromptFormat = PromptFormat.V1
+    system_prompt: str = LLAVA_V1_SYSTEM_PROMPT  # v1 only; the text before the first USER turn
     seq_length: int = 256
     text_length: int = 64  # typical text tokens per image sample; used by the pipeline cost model
     micro_batch_size: int = 1
@@ -119,18 +184,18 @@ class TrainConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     seed: int = 1234
-    stage: int = 2  # LLaVA stage: 1 trains projector + registers, 2 also the LLM
+    stage: int = 2  # the LLaVA training stage (not a pipeline stage): 1 trains projector + registers, 2 also the LLM
     init_from: str | None = None
     save_interval: int = 0
     keep_last: int = 2
     eval_interval: int = 0  # steps between validation-loss evaluations (0: only at the end)
     eval_batches: int = 4  # micro-batches of the val split per evaluation
-    precision: str = "fp32"  # fp32 | bf16
-    fp8: str | None = None  # None | hybrid | e4m3 (Transformer Engine, GPU only)
-    fp8_recipe: str = "delayed"  # delayed (amax history) | tensorwise (current scaling)
-    attention_backend: str = "local"  # local (megatron layers / HF SDPA) | te (megatron, GPU) | flash (deepspeed, GPU)
-    recompute: str | None = None  # None | selective (megatron engine)
-    engine: str = "megatron"  # megatron (tp x pp x dp) | deepspeed (ZeRO data parallel, the HF-format model)
+    precision: Precision = Precision.FP32
+    fp8: Fp8Format | None = None  # Transformer Engine, GPU only
+    fp8_recipe: Fp8Recipe = Fp8Recipe.DELAYED
+    attention_backend: AttentionBackend = AttentionBackend.LOCAL
+    recompute: Recompute | None = None  # megatron engine
+    engine: Engine = Engine.MEGATRON
     zero_stage: int = 2  # deepspeed engine: 1 optimizer states, 2 + gradients, 3 + parameters sharded
     gradient_checkpointing: bool = False  # deepspeed engine: recompute each decoder and ViT layer in backward
 
@@ -139,7 +204,7 @@ class TrainConfig:
 class LogConfig:
     wandb: bool = True
     project: str = "megavictor"
-    log_interval: int = 1
+    log_interval: int = 1  # steps between wandb logs and progress-bar updates; metrics.jsonl records every step
 
 
 @dataclass
@@ -153,7 +218,16 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain YAML/JSON data (enum members as their strings)."""
+        return dataclasses.asdict(self, dict_factory=lambda items: {k: _plain(v) for k, v in items})
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
 
 
 # --------------------------------------------------------------------------- loading
@@ -168,6 +242,11 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
         raise ConfigError(f"{key}: null is not allowed (expected {_type_name(annotation)})")
     for hint in hints:
         origin = typing.get_origin(hint)
+        if isinstance(hint, type) and issubclass(hint, enum.Enum) and isinstance(value, str):
+            try:
+                return hint(value)
+            except ValueError:
+                raise ConfigError(f"{key}={value!r} must be {_type_name(annotation)}") from None
         if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if hint is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
@@ -184,10 +263,20 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
         if origin is list and isinstance(value, list):
             (item,) = typing.get_args(hint)
             return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
-    raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(annotation)}")
+    raise ConfigError(f"{key}={value!r} must be {_type_name(annotation)}")
 
 
 def _type_name(annotation: Any) -> str:
+    hints = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    enums = [h for h in hints if isinstance(h, type) and issubclass(h, enum.Enum)]
+    if annotation in (int, float, str, bool):
+        return f"a{'n' * (annotation is int)} {annotation.__name__}"
+    if len(hints) == 2 and type(None) in hints and not any(isinstance(h, type) and issubclass(h, enum.Enum)
+                                                            for h in hints):
+        return _type_name(next(h for h in hints if h is not type(None))) + " or null"
+    if enums:
+        others = {type(None): "null", list[int]: "a list of integers"}
+        return "one of " + ", ".join([m.value for m in enums[0]] + [others[h] for h in hints if h in others])
     return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
@@ -263,19 +352,48 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _check_ranges(cfg: Config) -> None:
+    """Every numeric value within its meaningful range (NaN and infinities refused), named by its key."""
+    m, v, vi, p, d, t, log = cfg.model, cfg.vision, cfg.victor, cfg.parallel, cfg.data, cfg.train, cfg.log
+    at_least = {
+        1: [("model.num_layers", m.num_layers), ("model.hidden_size", m.hidden_size),
+            ("model.ffn_hidden_size", m.ffn_hidden_size), ("model.num_attention_heads", m.num_attention_heads),
+            ("model.num_query_groups", m.num_query_groups or 1), ("model.vocab_size", m.vocab_size),
+            ("vision.image_size", v.image_size), ("vision.patch_size", v.patch_size),
+            ("vision.num_layers", v.num_layers), ("vision.hidden_size", v.hidden_size),
+            ("vision.num_attention_heads", v.num_attention_heads), ("vision.ffn_hidden_size", v.ffn_hidden_size),
+            ("parallel.tp", p.tp), ("parallel.pp", p.pp), ("data.seq_length", d.seq_length),
+            ("data.text_length", d.text_length), ("data.micro_batch_size", d.micro_batch_size),
+            ("data.shuffle_buffer", d.shuffle_buffer), ("data.pack_buffer", d.pack_buffer),
+            ("train.global_batch_size", t.global_batch_size), ("train.eval_batches", t.eval_batches),
+            ("log.log_interval", log.log_interval)],
+        0: [("victor.num_registers", vi.num_registers), ("data.num_workers", d.num_workers), ("data.seed", d.seed),
+            ("train.max_steps", t.max_steps), ("train.warmup_steps", t.warmup_steps), ("train.seed", t.seed),
+            ("train.save_interval", t.save_interval), ("train.keep_last", t.keep_last),
+            ("train.eval_interval", t.eval_interval)],
+    }
+    for low, items in at_least.items():
+        for key, value in items:
+            _require(value >= low, f"{key}={value} must be >= {low}")
+    positive = [("model.rotary_base", m.rotary_base), ("model.norm_epsilon", m.norm_epsilon),
+                ("model.init_method_std", m.init_method_std), ("vision.norm_epsilon", v.norm_epsilon),
+                ("train.lr", t.lr), ("train.adam_eps", t.adam_eps)]
+    non_negative = [("train.min_lr", t.min_lr), ("train.weight_decay", t.weight_decay),
+                    ("train.clip_grad", t.clip_grad)]
+    for key, value in positive + non_negative:
+        _require(math.isfinite(value), f"{key}={value} must be a finite number")
+    for key, value in positive:
+        _require(value > 0, f"{key}={value} must be > 0")
+    for key, value in non_negative:
+        _require(value >= 0, f"{key}={value} must be >= 0 (0 turns it off)" if key == "train.clip_grad"
+                 else f"{key}={value} must be >= 0")
+    _require(t.min_lr <= t.lr, f"train.min_lr={t.min_lr} must not exceed train.lr={t.lr}")
+
+
 def validate(cfg: Config, world_size: int | None = None) -> None:
-    """Check cross-field consistency; with `world_size`, also that tp x pp divides it."""
+    """Check ranges and cross-field consistency; with `world_size`, also that tp x pp divides it."""
     m, v, vi, p, d, t = cfg.model, cfg.vision, cfg.victor, cfg.parallel, cfg.data, cfg.train
-    for key, value in [
-        ("model.num_layers", m.num_layers), ("model.hidden_size", m.hidden_size),
-        ("model.ffn_hidden_size", m.ffn_hidden_size), ("model.num_attention_heads", m.num_attention_heads),
-        ("model.vocab_size", m.vocab_size), ("vision.num_layers", v.num_layers),
-        ("vision.hidden_size", v.hidden_size), ("vision.num_attention_heads", v.num_attention_heads),
-        ("vision.ffn_hidden_size", v.ffn_hidden_size), ("parallel.tp", p.tp), ("parallel.pp", p.pp),
-        ("data.seq_length", d.seq_length), ("data.micro_batch_size", d.micro_batch_size),
-        ("train.global_batch_size", t.global_batch_size),
-    ]:
-        _require(value >= 1, f"{key}={value} must be >= 1")
+    _check_ranges(cfg)
     _require(m.hidden_size % m.num_attention_heads == 0,
              f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}")
     groups = m.num_query_groups or m.num_attention_heads
@@ -285,7 +403,6 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
              f"vision.hidden_size={v.hidden_size} is not divisible by vision.num_attention_heads={v.num_attention_heads}")
     _require(v.image_size % v.patch_size == 0,
              f"vision.image_size={v.image_size} is not divisible by vision.patch_size={v.patch_size}")
-    _require(v.activation in ("quick_gelu", "gelu"), f"vision.activation={v.activation!r} must be quick_gelu or gelu")
 
     # Tensor parallel: every split dimension must divide.
     for key, value in [
@@ -297,10 +414,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
 
     # Pipeline parallel.
     _require(p.pp <= m.num_layers, f"parallel.pp={p.pp} is larger than model.num_layers={m.num_layers}")
-    if isinstance(p.pp_split, str):
-        _require(p.pp_split in ("even", "balanced"),
-                 f"parallel.pp_split={p.pp_split!r} must be even, balanced or a list of per-stage layer counts")
-    else:
+    if isinstance(p.pp_split, list):
         _require(len(p.pp_split) == p.pp,
                  f"parallel.pp_split has {len(p.pp_split)} entries but parallel.pp={p.pp}")
         _require(all(n >= 1 for n in p.pp_split), f"parallel.pp_split={p.pp_split}: every stage needs >= 1 layer")
@@ -311,10 +425,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                  f"parallel.tp={p.tp} x parallel.pp={p.pp} does not divide the world size {world_size}")
 
     # Victor.
-    _require(vi.num_registers >= 0, f"victor.num_registers={vi.num_registers} must be >= 0")
     _require(0 <= vi.drop_layer < m.num_layers,
              f"victor.drop_layer={vi.drop_layer} must be in [0, model.num_layers={m.num_layers})")
-    _require(vi.mask in ("causal", "text_blind"), f"victor.mask={vi.mask!r} must be causal or text_blind")
     _require(not (p.sequence_parallel and vi.enabled),
              "parallel.sequence_parallel=true is not supported with victor.enabled=true yet "
              "(the drop needs the whole sequence on each tensor-parallel rank)")
@@ -324,18 +436,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _require(d.seq_length > image_slots,
              f"data.seq_length={d.seq_length} must exceed one image's slots "
              f"({v.num_visual_tokens} visual + {vi.registers_per_image} registers)")
-    _require(d.prompt_format in ("plain", "v1"), f"data.prompt_format={d.prompt_format!r} must be plain or v1")
-    _require(t.stage in (1, 2), f"train.stage={t.stage} must be 1 or 2")
-    _require(t.precision in ("fp32", "bf16"), f"train.precision={t.precision!r} must be fp32 or bf16")
-    _require(t.fp8 in (None, "hybrid", "e4m3"), f"train.fp8={t.fp8!r} must be null, hybrid or e4m3")
-    _require(t.fp8_recipe in ("delayed", "tensorwise"),
-             f"train.fp8_recipe={t.fp8_recipe!r} must be delayed or tensorwise (current scaling)")
-    _require(t.attention_backend in ("local", "te", "flash"),
-             f"train.attention_backend={t.attention_backend!r} must be local, te (megatron) or flash (deepspeed)")
-    _require(t.recompute in (None, "selective"),
-             f"train.recompute={t.recompute!r} must be null or selective (full recompute cannot carry the "
-             "per-micro-batch drop plan through megatron's checkpoint function)")
-    _require(t.max_steps >= 0, f"train.max_steps={t.max_steps} must be >= 0")
+    _require(t.stage in (1, 2), f"train.stage={t.stage} must be 1 or 2 (the LLaVA training stage)")
     _require(t.fp8 is None or d.seq_length % 16 == 0,
              f"data.seq_length={d.seq_length} must be a multiple of 16 with train.fp8 (FP8 GEMM alignment)")
     _require(t.fp8 is None or t.attention_backend == "te",
@@ -350,7 +451,6 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
 def _validate_engine(cfg: Config) -> None:
     """What each engine supports: megatron has tp/pp, TE and FP8; deepspeed trains the HF model data parallel."""
     p, t, vi = cfg.parallel, cfg.train, cfg.victor
-    _require(t.engine in ("megatron", "deepspeed"), f"train.engine={t.engine!r} must be megatron or deepspeed")
     if t.engine == "megatron":
         _require(t.attention_backend != "flash",
                  "train.attention_backend=flash is the deepspeed engine's (flash-attn); megatron takes local or te")

@@ -34,19 +34,19 @@ def train_and_evaluate(run_dir: Path, data: Path, overrides: list[str]) -> dict:
     the result is also written to RUN_DIR/eval.json. `eval_s` is the wall time of the greedy evaluation."""
     from data_prep.vision_encoder import ENCODER_FILE
     from megavictor import trainer
-    from megavictor.evaluate import evaluate, megatron_logits_fn
+    from megavictor.vqa import evaluate, megatron_logits_fn
 
     ensure_digits(data)
-    for stage in (1, 2):
-        stage_overrides = [f"data.path={data}", f"train.run_dir={run_dir / f'stage{stage}'}"]
-        if stage == 1:  # the pretrained ViT; stage 2 takes everything from stage 1's checkpoint
+    for llava_stage in (1, 2):
+        stage_overrides = [f"data.path={data}", f"train.run_dir={run_dir / f'stage{llava_stage}'}"]
+        if llava_stage == 1:  # the pretrained ViT; stage 2 takes everything from stage 1's checkpoint
             stage_overrides.append(f"vision.init_from={data / ENCODER_FILE}")
         else:
             stage_overrides.append(f"train.init_from={run_dir / 'stage1'}")
-        cfg = load_config(CONFIGS / f"demo_stage{stage}.yaml", stage_overrides + list(overrides))
+        cfg = load_config(CONFIGS / f"demo_stage{llava_stage}.yaml", stage_overrides + list(overrides))
         summary = trainer.run(cfg)
         fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731  (None: the stage was already complete)
-        print(f"stage {stage}: {summary.final_step} steps, loss {fmt(summary.final_loss)}, "
+        print(f"stage {llava_stage}: {summary.final_step} steps, loss {fmt(summary.final_loss)}, "
               f"val loss {fmt(summary.val_loss)}")
     logits_fn, cfg = megatron_logits_fn(run_dir / "stage2", data)
     start = time.perf_counter()

@@ -84,6 +84,14 @@ def current_dims() -> ParallelDims:
     )
 
 
+def collective_device() -> torch.device:
+    """The device of tensors our own collectives use: the one the default process group's backend serves
+    (NCCL: the current GPU; gloo: the CPU), as Megatron-LM's `dist_signal_handler` picks it."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def shutdown() -> None:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

@@ -15,7 +15,7 @@ import torch
 
 from megavictor.config import Config
 from megavictor.model.batch import KIND_VISUAL, VictorBatch
-from megavictor.plan import TRAIN_FACTOR, transformer_layer_flops
+from megavictor.pipeline_split import TRAIN_FACTOR, transformer_layer_flops
 
 # Peak dense throughput used for MFU where no GPU says otherwise (CPU: a nominal 1 TFLOP/s per process).
 DEFAULT_PEAK_FLOPS = {"cpu": 1e12, "bf16_gpu": 989e12}
@@ -85,6 +85,7 @@ class MetricsLogger:
 
     def __init__(self, cfg: Config, run_dir: Path, active: bool, total_steps: int, start_step: int) -> None:
         self.active = active
+        self.interval = cfg.log.log_interval
         self.path = run_dir / "metrics.jsonl"
         self._wandb = None
         self._bar = None
@@ -112,16 +113,19 @@ class MetricsLogger:
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, record: dict[str, Any]) -> None:
+        """Every step into metrics.jsonl; every `log.log_interval` steps (and always with a val_loss) to wandb and
+        the progress bar's figures."""
         if not self.active:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        self._bar.update(1)
+        if record["step"] % self.interval and "val_loss" not in record:
+            return
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
-        if self._bar is not None and "loss" in record:
-            self._bar.update(1)
-            self._bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                  tok_s=f"{record['tokens_per_s']:.0f}")
+        self._bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                              tok_s=f"{record['tokens_per_s']:.0f}")
 
     def close(self) -> None:
         if self._bar is not None:

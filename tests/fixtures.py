@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from megavictor.config import Config, load_config
-from megavictor.model.batch import IMAGE_PLACEHOLDER, Sample, VictorBatch, collate_rows, layout_sample
+from megavictor.model.batch import IMAGE_PLACEHOLDER, Sample, VictorBatch, collate_rows, expand_sample
 
 SEQ_LENGTH = 128
 
@@ -38,7 +38,7 @@ def packed_batches(cfg: Config) -> list[VictorBatch]:
     """Two micro-batches of packed samples with different image counts (so the short lengths differ)."""
     s = samples()
     v, r = cfg.vision.num_visual_tokens, cfg.victor.registers_per_image
-    lay = lambda name: layout_sample(s[name], v, r)  # noqa: E731
+    lay = lambda name: expand_sample(s[name], v, r)  # noqa: E731
     first = collate_rows([[lay("one_image"), lay("text_only"), lay("two_images")]], cfg.data.seq_length)
     second = collate_rows([[lay("text_only"), lay("one_image")]], cfg.data.seq_length)
     return [first, second]

@@ -142,18 +142,19 @@ def test_digits_prep_pretrains_the_demo_vision_tower(digits_data: Path) -> None:
     the short pretraining already beats guessing the most common patch class by a wide margin."""
     from data_prep.cli import DEMO_STAGE1
     from megavictor.config import load_config
-    from megavictor.hf.convert import expected_shapes
-    from megavictor.model.layout import load_vision_tower
+    from megavictor.config import ConfigError
+    from megavictor.initial_weights import vision_tower_state
+    from megavictor.model.reference import full_shapes
 
     cfg = load_config(DEMO_STAGE1)
-    wanted = {n: tuple(s) for n, s in expected_shapes(cfg).items() if n.startswith("vision.")}
-    assert len(load_vision_tower(str(digits_data / "vision_encoder.safetensors"), wanted)) == len(wanted) > 10
+    wanted = {n: tuple(s) for n, s in full_shapes(cfg).items() if n.startswith("vision.")}
+    assert len(vision_tower_state(digits_data / "vision_encoder.safetensors", wanted)) == len(wanted) > 10
     record = json.loads((digits_data / "vision_encoder.json").read_text())
     assert record["vision"] == cfg.to_dict()["vision"] and record["steps"] > 0
     assert record["val_digit_token_accuracy"] > 0.3  # 200 steps give ~0.47; an untrained tower ~0.1
     wrong = dict(wanted, **{next(iter(wanted)): (1, 2, 3)})
-    with pytest.raises(ValueError, match="vision.init_from=.*shape"):
-        load_vision_tower(str(digits_data / "vision_encoder.safetensors"), wrong)
+    with pytest.raises(ConfigError, match="vision.init_from=.*shape"):
+        vision_tower_state(digits_data / "vision_encoder.safetensors", wrong)
 
 
 # ----------------------------------------------------------------------------------------------- LLaVA

@@ -20,12 +20,11 @@ import torch
 import yaml
 
 from megavictor.config import ConfigError, load_config
-from megavictor.model.batch import collate_rows, layout_sample
+from megavictor.model.batch import collate_rows, expand_sample
 from megavictor.model.reference import ReferenceVLM
 from tests.fixtures import packed_batches, samples, tiny_config
-from tests.test_hf_cli import megavictor
 from tests.test_hf_interop import assert_keeps_source_tensors, sources  # noqa: F401 (sources: a fixture)
-from tests.test_train import ROOT, STAGE2, assert_close, losses, run, sigterm_after, train_cmd
+from tests.runs import ROOT, STAGE2, assert_close, losses, megavictor, run, sigterm_after, train_cmd
 
 HAS_FLASH = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
 
@@ -39,10 +38,11 @@ def deepspeed_cmd(world: int, data: Path, run_dir: Path, *overrides: str) -> lis
 
 def hf_twin(cfg, attention: str = "sdpa"):
     """ReferenceVLM with the layout-independent initial weights, and the engine's HF model built from them."""
-    from megavictor.engines.deepspeed import build_model, initial_state
+    from megavictor.engines.deepspeed import build_model
+    from megavictor.initial_weights import InitialWeights, WeightSource, fresh_state
 
     reference = ReferenceVLM(cfg)
-    state = initial_state(cfg)
+    state = fresh_state(cfg, InitialWeights(WeightSource.FRESH))
     for name, param in reference.named_parameters():
         assert torch.equal(param, state[name]), name  # the engine starts where megatron's VictorVLM does
     cfg.train.attention_backend = "flash" if attention == "flash_attention_2" else "local"
@@ -58,7 +58,7 @@ def test_packed_hf_model_matches_reference_loss_and_gradients() -> None:
     cfg = tiny_config(["vision.freeze=false"])  # gradients for the ViT too
     reference, model = hf_twin(cfg)
     s, v, r = samples(), cfg.vision.num_visual_tokens, cfg.victor.registers_per_image
-    lay = lambda name: layout_sample(s[name], v, r)  # noqa: E731
+    lay = lambda name: expand_sample(s[name], v, r)  # noqa: E731
     batches = packed_batches(cfg) + [
         collate_rows([[lay("one_image"), lay("text_only")], [lay("two_images")], [lay("text_only")]], 128),
         collate_rows([[lay("text_only"), lay("text_only")]], 128),
@@ -140,11 +140,14 @@ def zero3_run(digits_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 
 def assert_matches_megatron(run_dir: Path, megatron_dp2: Path) -> None:
-    """Same initial weights (layout-independent init), same global batches, AdamW, clipping and schedule: every
-    per-step loss within 1e-4 relative (fp32 on CPU)."""
+    """Same initial weights (layout-independent init), same global batches, AdamW, clipping and lr schedule: every
+    per-step loss within 1e-4 relative (fp32 on CPU), every step's lr equal."""
     reference = losses(megatron_dp2)
     assert len(reference) == 12 and reference[-1] < reference[0]
     assert_close(losses(run_dir), reference, rel=1e-4)
+    lrs = [[json.loads(line)["lr"] for line in (d / "metrics.jsonl").read_text().splitlines()]
+           for d in (run_dir, megatron_dp2)]
+    assert lrs[0] == pytest.approx(lrs[1], rel=1e-12) and lrs[0][-1] == pytest.approx(1e-4)
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000012"
 
 
@@ -194,14 +197,14 @@ def test_from_hf_initialises_a_zero3_run(sources: dict[str, Path], digits_data: 
                                          tmp_path: Path) -> None:
     """HF Llama + CLIP -> `convert from-hf` (a megatron checkpoint) -> `train.init_from` of a ZeRO-3 run (frozen
     ViT, nothing trained) -> `convert to-hf`: every source tensor comes back bit for bit."""
-    from megavictor.checkpoint import config_of, engine_of, resolve
+    from megavictor.checkpoint import engine_of, read_config, resolve
     from megavictor.hf.cli import main as convert
     from megavictor.hf.convert import read_safetensors
 
     imported = tmp_path / "imported"
     assert convert(["from-hf", "--llm", str(sources["llm"]), "--vision", str(sources["clip"]),
                     "--out", str(imported)]) == 0
-    shapes = {k: v for k, v in config_of(resolve(imported)).to_dict().items() if k in ("model", "vision", "victor")}
+    shapes = {k: v for k, v in read_config(imported).to_dict().items() if k in ("model", "vision", "victor")}
     recipe = tmp_path / "tiny_hf.yaml"
     recipe.write_text(yaml.safe_dump(shapes))
     run_dir = tmp_path / "zero3"

@@ -1,13 +1,14 @@
-"""The Victor drop itself: what survives layer k, positions, ghost padding, and that it really cuts information."""
+"""The Victor drop itself: what survives layer k, positions, fillers, and that it really cuts information."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from megavictor.model.batch import IGNORE_INDEX, KIND_VISUAL, collate_rows, layout_sample
+from megavictor.model.batch import IGNORE_INDEX, KIND_VISUAL, collate_rows, expand_sample
+from megavictor.hf.victor_drop import keep_index
+from megavictor.model.drop_plan import build_drop_plan
 from megavictor.model.reference import ReferenceVLM
-from megavictor.model.victor import build_drop_plan
 from tests.fixtures import packed_batches, samples, tiny_config
 
 
@@ -15,7 +16,7 @@ from tests.fixtures import packed_batches, samples, tiny_config
 def megatron_model():
     """A single-process megatron VictorVLM (world size 1, gloo) with the reference's weights."""
     from megavictor.distributed import init_from_config
-    from megavictor.model.layout import shard_into
+    from megavictor.model.sharding import shard_into
     from megavictor.model.vlm import VictorVLM
 
     cfg = tiny_config()
@@ -56,7 +57,7 @@ def test_visual_states_do_not_reach_outputs_after_layer_k(megatron_model) -> Non
 def test_short_view_keeps_original_positions_and_labels() -> None:
     cfg = tiny_config()
     batch = packed_batches(cfg)[0]
-    plan = build_drop_plan(batch, enabled=True, drop_layer=3)
+    plan = build_drop_plan(batch, cfg)
     kept = batch.kinds[0] != KIND_VISUAL
     assert torch.equal(plan.short.position_ids[0], batch.position_ids[0][kept])
     assert torch.equal(plan.short.labels[0], batch.labels[0][kept])
@@ -66,38 +67,70 @@ def test_short_view_keeps_original_positions_and_labels() -> None:
 
 
 def test_rows_with_different_image_counts_are_isolated() -> None:
-    """Two rows whose drops keep different lengths: the shorter row is padded with ghost slots, which must
+    """Two rows whose drops keep different lengths: the shorter row is filled with filler slots, which must
     change nothing: per-row losses equal the rows run alone."""
     cfg = tiny_config()
     torch.manual_seed(0)
     model = ReferenceVLM(cfg)
     s = samples()
     v, r = cfg.vision.num_visual_tokens, cfg.victor.registers_per_image
-    rows = [[layout_sample(s["two_images"], v, r)], [layout_sample(s["text_only"], v, r),
-                                                     layout_sample(s["one_image"], v, r)]]
+    rows = [[expand_sample(s["two_images"], v, r)], [expand_sample(s["text_only"], v, r),
+                                                     expand_sample(s["one_image"], v, r)]]
     together = model(collate_rows(rows, cfg.data.seq_length))
-    plan = model.plan(collate_rows(rows, cfg.data.seq_length))
+    plan = build_drop_plan(collate_rows(rows, cfg.data.seq_length), cfg)
     assert plan.short.seq_length == cfg.data.seq_length - v  # row 2 lost one image, row 1 two
     for i, row in enumerate(rows):
         alone = model(collate_rows([row], cfg.data.seq_length))
         assert torch.allclose(together[i].sum(), alone.sum(), rtol=1e-5)
 
 
-def test_alignment_pads_with_inert_ghost_slots() -> None:
-    cfg = tiny_config()
+def test_fp8_alignment_fills_with_inert_slots() -> None:
+    """FP8 GEMMs need the short length to be a multiple of 16: the plan adds fillers, which change no loss."""
+    cfg = tiny_config(["vision.patch_size=16"])  # 4 visual tokens per image: short lengths are not multiples of 16
+    fp8 = tiny_config(["vision.patch_size=16", "train.fp8=hybrid", "train.attention_backend=te"])
     torch.manual_seed(0)
     model = ReferenceVLM(cfg)
     batch = packed_batches(cfg)[0]
-    plain, aligned = build_drop_plan(batch, True, 3), build_drop_plan(batch, True, 3, align=32)
-    assert aligned.short.seq_length % 32 == 0 and aligned.short.seq_length > plain.short.seq_length
-    ghosts = aligned.short.labels[0, plain.short.seq_length:]
-    assert bool((ghosts == IGNORE_INDEX).all())
+    plain, aligned = build_drop_plan(batch, cfg), build_drop_plan(batch, fp8)
+    assert aligned.short.seq_length % 16 == 0 and aligned.short.seq_length > plain.short.seq_length
+    fillers = aligned.short.labels[0, :aligned.short.seq_length - plain.short.seq_length]
+    assert bool((fillers == IGNORE_INDEX).all())
     assert torch.allclose(model(batch, plain).sum(), model(batch, aligned).sum(), rtol=1e-6)
+
+
+def test_one_gather_convention_for_megatron_and_hf() -> None:
+    """The pinned convention (`victor_drop.keep_index`): survivors keep their order, right-aligned; a row with
+    fewer survivors is filled on the left with its own last dropped visual slots. The megatron/reference plan and
+    the exported HF model both keep exactly these slots."""
+    from megavictor.hf.convert import victor_hf_config
+    from megavictor.hf.modeling_victor_llava import VictorLlavaForConditionalGeneration
+    from megavictor.model.batch import KIND_REGISTER
+
+    visual = torch.tensor([[0, 1, 1, 1, 0, 0, 0, 0],
+                           [1, 1, 0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    index, filler = keep_index(visual)
+    assert index.tolist() == [[3, 0, 4, 5, 6, 7], [2, 3, 4, 5, 6, 7]]
+    assert filler.tolist() == [[True] + [False] * 5, [False] * 6]
+
+    cfg = tiny_config()
+    batch = collate_rows([[expand_sample(s, cfg.vision.num_visual_tokens, cfg.victor.registers_per_image)]
+                          for s in (samples()["two_images"], samples()["one_image"])], cfg.data.seq_length)
+    plan = build_drop_plan(batch, cfg)
+    expected, _ = keep_index(batch.kinds == KIND_VISUAL)
+    assert torch.equal(plan.keep_index, expected)
+    config = victor_hf_config(cfg)
+    torch.manual_seed(0)
+    model = VictorLlavaForConditionalGeneration(config).eval()
+    ids = batch.tokens.masked_fill(batch.kinds == KIND_VISUAL, config.image_token_id)
+    ids = ids.masked_fill(batch.kinds == KIND_REGISTER, config.register_token_id)
+    with torch.no_grad():
+        out = model(input_ids=ids, pixel_values=batch.images, use_cache=False)
+    assert torch.equal(out.kept_index, expected)
 
 
 def test_baseline_keeps_everything() -> None:
     cfg = tiny_config(["victor.enabled=false"])
     batch = packed_batches(cfg)[0]
-    plan = build_drop_plan(batch, enabled=False, drop_layer=3)
+    plan = build_drop_plan(batch, cfg)
     assert plan.drop_layer is None and plan.short is plan.long
     assert int((batch.kinds == 2).sum()) == 0  # no register slots reserved for the baseline

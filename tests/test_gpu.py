@@ -29,7 +29,7 @@ def test_te_backend_fails_clearly_without_te_or_cuda() -> None:
 def test_te_model_matches_local_model(fp8: str | None) -> None:
     """The TE spec (optionally FP8) against the local spec on the same weights: same loss (bf16/fp8 tolerance)."""
     from megavictor.distributed import init_from_config
-    from megavictor.model.layout import shard_into
+    from megavictor.model.sharding import shard_into
     from megavictor.model.reference import ReferenceVLM
     from megavictor.model.vlm import VictorVLM
 

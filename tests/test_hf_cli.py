@@ -9,8 +9,6 @@ short-trained digits demo checkpoint gives the same accuracy JSON from `eval --c
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,8 +17,8 @@ import yaml
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from megavictor.hf.convert import read_safetensors
-from megavictor.model.batch import Sample, collate_rows, layout_sample
-from megavictor.model.victor import build_drop_plan
+from megavictor.model.batch import Sample, collate_rows, expand_sample
+from megavictor.model.drop_plan import build_drop_plan
 from tests.test_hf_interop import (  # noqa: F401 (sources: a fixture)
     PROMPTS,
     assert_keeps_source_tensors,
@@ -30,29 +28,21 @@ from tests.test_hf_interop import (  # noqa: F401 (sources: a fixture)
     sources,
     to_sample,
 )
-from tests.test_train import ROOT, STAGE2, run, train_cmd
+from tests.runs import STAGE2, megavictor, run, train_cmd
 
 GREEDY_STEPS = 16
-
-
-def megavictor(*args: str | Path) -> str:
-    """A `megavictor` verb in a fresh process; its stdout."""
-    proc = subprocess.run([sys.executable, "-m", "megavictor", *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc.stdout
 
 
 @pytest.fixture(scope="module")
 def resharded(sources: dict[str, Path], digits_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """HF -> megatron checkpoint -> tp=2 x pp=2 checkpoint written by the trainer -> HF dir."""
-    from megavictor.checkpoint import config_of, resolve
+    from megavictor.checkpoint import read_config
 
     root = tmp_path_factory.mktemp("hf_cli")
     imported = root / "imported"
     megavictor("convert", "from-hf", "--llm", sources["llm"], "--vision", sources["clip"], "--out", imported)
     # The trainer's recipe: the shapes the import fixed; the data and run settings of the tiny demo runs.
-    shapes = {k: v for k, v in config_of(resolve(imported)).to_dict().items() if k in ("model", "vision", "victor")}
+    shapes = {k: v for k, v in read_config(imported).to_dict().items() if k in ("model", "vision", "victor")}
     recipe = root / "tiny_hf.yaml"
     recipe.write_text(yaml.safe_dump(shapes))
     run_dir = root / "tp2pp2"
@@ -66,7 +56,8 @@ def resharded(sources: dict[str, Path], digits_data: Path, tmp_path_factory: pyt
 
 
 def test_hf_to_tp2_pp2_to_hf_is_bit_exact(resharded: dict, sources: dict[str, Path]) -> None:
-    from megavictor.checkpoint import read_common, resolve
+    from megavictor.checkpoint import resolve
+    from megavictor.checkpoint.megatron import read_common
 
     saved = resolve(resharded["run_dir"])
     assert saved.name == "step_000000" and read_common(saved)["layout"] == {"tp": 2, "pp": 2, "dp": 1}
@@ -76,7 +67,7 @@ def test_hf_to_tp2_pp2_to_hf_is_bit_exact(resharded: dict, sources: dict[str, Pa
 def test_megatron_model_and_export_agree(resharded: dict, digits_data: Path) -> None:
     """Logits within 1e-4 (fp32) and the same 16 greedy tokens: megatron VictorVLM (tp=1 x pp=1, in this process,
     no KV cache) against the exported model through transformers (remote code, KV cache)."""
-    from megavictor.evaluate import greedy_generate, megatron_logits_fn
+    from megavictor.vqa import greedy_generate, megatron_logits_fn
 
     model = AutoModelForImageTextToText.from_pretrained(resharded["hf"], trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(resharded["hf"], trust_remote_code=True)
@@ -90,9 +81,9 @@ def test_megatron_model_and_export_agree(resharded: dict, digits_data: Path) -> 
 
     def megatron_logits(s: Sample) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits of the slots that survive the drop, and their input positions."""
-        laid = layout_sample(s, v, r, tokenizer.pad_token_id)
+        laid = expand_sample(s, v, r, tokenizer.pad_token_id)
         batch = collate_rows([[laid]], len(laid), tokenizer.pad_token_id)
-        plan = build_drop_plan(batch, cfg.victor.enabled, cfg.victor.drop_layer)
+        plan = build_drop_plan(batch, cfg)
         with torch.no_grad():
             return logits_fn(batch, plan)[0], plan.keep_index[0]
 

@@ -50,7 +50,7 @@ from megavictor.model.batch import (
     KIND_VISUAL,
     Sample,
     collate_rows,
-    layout_sample,
+    expand_sample,
 )
 from megavictor.model.reference import ReferenceVLM
 
@@ -139,7 +139,7 @@ def to_sample(input_ids: list[int], image_id: int, register_id: int, images: lis
 
 def reference_logits(ref: ReferenceVLM, sample: Sample) -> torch.Tensor:
     cfg = ref.cfg
-    laid = layout_sample(sample, cfg.vision.num_visual_tokens, cfg.victor.registers_per_image)
+    laid = expand_sample(sample, cfg.vision.num_visual_tokens, cfg.victor.registers_per_image)
     with torch.no_grad():
         return ref(collate_rows([[laid]], len(laid)), return_logits=True)[0]
 
@@ -262,7 +262,7 @@ def test_processor_matches_the_training_layout(victor: dict) -> None:
     inputs = processor(images=pictures, text=text, return_tensors="pt")
 
     images = [load_image(png(p), cfg.vision.image_size) for p in pictures]
-    laid = layout_sample(ChatTokenizer(tokenizer, "v1").sample(conversation, images),
+    laid = expand_sample(ChatTokenizer(tokenizer, "v1").sample(conversation, images),
                          cfg.vision.num_visual_tokens, cfg.victor.num_registers)
     ids = inputs["input_ids"][0].tolist()
     config = victor["model"].config

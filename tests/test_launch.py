@@ -23,7 +23,7 @@ import yaml
 from launch.cli import main
 from tests.slurm_cluster import PARTITION, Paths, session
 from tests.slurm_payload import Summary, expected_total
-from tests.test_train import STAGE2, assert_close, losses, run, train_cmd
+from tests.runs import STAGE2, assert_close, losses, run, train_cmd
 
 STEPS = 40  # x 0.25 s per step: long enough to interrupt mid-run
 PAYLOAD = ["--entry", "tests.slurm_payload:run", "--tasks-per-node", "2", "--time", "5", "--signal-delay", "15"]

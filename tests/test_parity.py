@@ -19,18 +19,18 @@ def parity_rank(overrides_per_case: list[list[str]]) -> list[dict]:
     """Runs on every rank: build both models from the same weights, step once, compare this rank's shard."""
     from megavictor.distributed import init_from_config
     from megavictor.model.batch import KIND_VISUAL
-    from megavictor.model.layout import full_name, shard_into, shard, stage_offsets
+    from megavictor.engines.megatron import forward_backward
     from megavictor.model.reference import ReferenceVLM
+    from megavictor.model.sharding import first_layer, full_name, shard, shard_into
     from megavictor.model.vlm import VictorVLM
-    from megavictor.plan import layers_per_stage
-    from megavictor.step import forward_backward
+    from megavictor.pipeline_split import layers_per_stage
 
     results = []
     for overrides in overrides_per_case:
         cfg = tiny_config(overrides)
         dims = init_from_config(cfg)
         layers = layers_per_stage(cfg)
-        offset = stage_offsets(layers)[dims.pp_rank]
+        offset = first_layer(layers, dims.pp_rank)
         torch.manual_seed(0)
         reference = ReferenceVLM(cfg)
         model = VictorVLM(cfg, layers, pre_process=dims.is_first_stage, post_process=dims.is_last_stage)
@@ -45,7 +45,7 @@ def parity_rank(overrides_per_case: list[list[str]]) -> list[dict]:
             layer.self_attention.register_forward_pre_hook(record, with_kwargs=True)
 
         batches = packed_batches(cfg)
-        result = forward_backward(model, batches)
+        loss_sum, _ = forward_backward(model, batches)
         ref_loss = sum(reference(b).sum() for b in batches)
         ref_loss.backward()
         ref_grads = dict(reference.named_parameters())
@@ -61,7 +61,7 @@ def parity_rank(overrides_per_case: list[list[str]]) -> list[dict]:
                 continue
             grad_errors[full] = _rel(param.grad, shard(full, ref_grads[full].grad, dims.tp_rank, dims.tp))
         results.append(dict(
-            overrides=overrides, layers=layers, is_last=dims.is_last_stage, loss=result.loss_sum,
+            overrides=overrides, layers=layers, is_last=dims.is_last_stage, loss=loss_sum,
             ref_loss=float(ref_loss), grad_errors=grad_errors, missing=missing, seen_lengths=seen_lengths,
             seq_length=cfg.data.seq_length, drop_layer=cfg.victor.drop_layer if cfg.victor.enabled else None,
             visual_per_batch=[int((b.kinds == KIND_VISUAL).sum()) for b in batches],

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from megavictor.config import load_config
-from megavictor.plan import balanced_split, even_split, stage_costs
+from megavictor.pipeline_split import balanced_split, even_split, stage_costs
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAVA = str(ROOT / "configs" / "llava15_7b.yaml")

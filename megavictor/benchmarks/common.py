@@ -11,7 +11,7 @@ import torch
 
 from megavictor.config import Config, load_config
 from megavictor.model.batch import IMAGE_PLACEHOLDER, KIND_TEXT, KIND_VISUAL, Sample, VictorBatch, collate_rows, \
-    layout_sample
+    expand_sample
 
 # LLaVA-1.5-7B's token counts at CPU width: 32 decoder layers, 576 visual tokens (a small frozen ViT with 24 x 24
 # patches of a 96 px image instead of CLIP ViT-L/336's 24 x 24 patches of 14 px), R=8 registers, drop at k=3.
@@ -55,12 +55,12 @@ def image_text_batches(cfg: Config, rows: int, micro_batches: int, seed: int = 0
     size = cfg.vision.image_size
     batches = []
     for _ in range(micro_batches):
-        laid = []
+        expanded = []
         for _ in range(rows):
             tokens = [IMAGE_PLACEHOLDER] + torch.randint(3, cfg.model.vocab_size, (t,), generator=g).tolist()
             sample = Sample(tokens, [False] + [True] * t, [torch.randn(3, size, size, generator=g)])
-            laid.append([layout_sample(sample, v, r)])
-        batches.append(collate_rows(laid, cfg.data.seq_length))
+            expanded.append([expand_sample(sample, v, r)])
+        batches.append(collate_rows(expanded, cfg.data.seq_length))
     return batches
 
 

@@ -2,10 +2,10 @@
 
 Two gloo ranks (spawned here), one torch thread each (one core per stage on a 2-core machine). Each rank builds both
 splits' stage of the model (megatron `VictorVLM` + DDP + AdamW, as the training job) and alternates optimizer steps
-between them, each step megatron's 1F1B pipeline schedule (`megavictor.step.forward_backward`) over several
+between them, each step megatron's 1F1B pipeline schedule (`megavictor.engines.megatron.forward_backward`) over several
 micro-batches; medians over repeats. The default shape puts the drop layer k in stage 0 of the even split:
 8 layers of hidden 256, k=2, 576 visual tokens + 8 registers + 64 text tokens per sample. `predicted_speedup` is
-`megavictor.plan`'s cost model for the same config (slowest even stage / slowest balanced stage).
+`megavictor.pipeline_split`'s cost model for the same config (slowest even stage / slowest balanced stage).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import traceback
 import warnings
 
 from megavictor.benchmarks.common import bench_config, data_tokens, image_text_batches, median, print_table, variant
-from megavictor.plan import plan_report
+from megavictor.pipeline_split import split_report
 
 # Hidden 256: at hidden 64 the short layers (72 slots) cost ~2.5x their FLOPs in per-op overhead on CPU, which the
 # FLOP cost model does not see (measured: balanced [1, 7] gave 1.18x by per-stage busy time against 1.78x predicted).
@@ -38,9 +38,7 @@ def _rank(rank: int, world: int, port: int, cfg_dict: dict, splits: dict, rows: 
         torch.set_num_threads(1)
         from megavictor.config import config_from_dict
         from megavictor.distributed import init_distributed, shutdown
-        from megavictor.model.vlm import VictorVLM
-        from megavictor.step import forward_backward
-        from megavictor.trainer import wrap_for_training
+        from megavictor.engines.megatron import build_model, forward_backward, wrap_for_training
 
         cfg = config_from_dict(cfg_dict)
         dims = init_distributed(1, 2, cfg.train.seed)
@@ -48,8 +46,8 @@ def _rank(rank: int, world: int, port: int, cfg_dict: dict, splits: dict, rows: 
         stages = {}
         for name, layers in splits.items():
             torch.manual_seed(cfg.train.seed)
-            model = VictorVLM(cfg, layers, pre_process=dims.is_first_stage, post_process=dims.is_last_stage)
-            stages[name] = wrap_for_training(cfg, model)
+            cfg.parallel.pp_split = layers
+            stages[name] = wrap_for_training(cfg, build_model(cfg, dims))
         times: dict[str, list[float]] = {name: [] for name in splits}
         cpu: dict[str, list[list[float]]] = {name: [] for name in splits}
         for i in range(warmup + repeats):
@@ -112,7 +110,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     cfg = variant(bench_config(args.config, ([] if args.config else DEFAULTS) + args.overrides + ["parallel.pp=2"]),
                   True)
-    report = plan_report(cfg)
+    report = split_report(cfg)
     splits = {"even": report["even"]["layers"], "balanced": report["balanced"]["layers"]}
     measured = run_two_ranks(cfg.to_dict(), splits, args.rows, args.micro_batches, args.repeats, args.warmup)
     times = measured["wall"]

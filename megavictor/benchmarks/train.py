@@ -1,7 +1,7 @@
 """`megavictor bench train`: training step time, Victor vs the plain LLaVA baseline, against the analytic FLOP bound.
 
 One step is what the training job does per optimizer step: megatron's forward/backward schedule over the
-micro-batches (`megavictor.step.forward_backward` on the megatron DDP-wrapped `VictorVLM`), then the AdamW step.
+micro-batches (`megavictor.engines.megatron.forward_backward` on the megatron DDP-wrapped `VictorVLM`), then the AdamW step.
 Victor and the baseline (`victor.enabled=false`) are the same model shape on the same images and text; each row of a
 micro-batch holds one sample (one image + `text_length` text tokens), so Victor's rows are R slots longer.
 
@@ -37,26 +37,23 @@ def _worker(conn, cfg_dict: dict, rows: int, micro_batches: int, threads: int) -
         torch.set_num_threads(threads)
     from megavictor.config import config_from_dict
     from megavictor.distributed import init_distributed, shutdown
-    from megavictor.model.vlm import VictorVLM
-    from megavictor.step import forward_backward
-    from megavictor.trainer import wrap_for_training
+    from megavictor.engines.megatron import build_model, forward_backward, wrap_for_training
 
     try:
         cfg = config_from_dict(cfg_dict)
-        init_distributed(1, 1, cfg.train.seed)
+        dims = init_distributed(1, 1, cfg.train.seed)
         torch.manual_seed(cfg.train.seed)
-        model = VictorVLM(cfg, [cfg.model.num_layers])
-        ddp, optimizer = wrap_for_training(cfg, model)
+        ddp, optimizer = wrap_for_training(cfg, build_model(cfg, dims))
         batches = image_text_batches(cfg, rows, micro_batches)
         conn.send({"ready": True, **memory_mb()})
         while conn.recv() == "step":
             start, cpu = time.perf_counter(), time.process_time()
             ddp.zero_grad_buffer()
             optimizer.zero_grad()
-            result = forward_backward(ddp, batches)
+            loss_sum, loss_tokens = forward_backward(ddp, batches)
             optimizer.step()
             conn.send({"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
-                       "loss": result.loss_sum / max(result.num_tokens, 1)})
+                       "loss": loss_sum / max(loss_tokens, 1)})
         conn.send(memory_mb())
         shutdown()
     except BaseException as exc:  # report to the parent instead of hanging it

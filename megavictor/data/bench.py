@@ -14,7 +14,7 @@ import json
 import sys
 import time
 
-from megavictor.config import Config
+from megavictor.config import Config, PromptFormat
 from megavictor.data.loader import VictorLoader
 from megavictor.data.manifest import DataError
 from megavictor.model.batch import KIND_PAD
@@ -29,7 +29,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--micro-batch-size", type=int, default=defaults.data.micro_batch_size)
     parser.add_argument("--workers", type=int, default=defaults.data.num_workers)
     parser.add_argument("--pack-buffer", type=int, default=defaults.data.pack_buffer)
-    parser.add_argument("--prompt-format", default=defaults.data.prompt_format, choices=("plain", "v1"))
+    parser.add_argument("--prompt-format", default=defaults.data.prompt_format, choices=list(PromptFormat))
     parser.add_argument("--tokenizer", default=None, help="HF tokenizer dir (default: the one beside the shards)")
     args = parser.parse_args(argv)
 

@@ -25,13 +25,14 @@ from typing import Any
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from megavictor.config import ConfigError
 from megavictor.data.images import load_image
 from megavictor.data.manifest import DataError, ShardEntry, load_manifest
 from megavictor.data.order import epoch_order
 from megavictor.data.packing import Packer, PackItem
 from megavictor.data.reader import ShardReader
 from megavictor.data.tokenizer import PROMPT_FORMATS, ChatTokenizer, TemplateError, load_tokenizer
-from megavictor.model.batch import VictorBatch, collate_rows, layout_sample, truncate_sample
+from megavictor.model.batch import VictorBatch, collate_rows, expand_sample, truncate_sample
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -142,10 +143,10 @@ class _Worker:
 
     def _batch(self) -> tuple[dict[str, Any], VictorBatch, list[list[str]]]:
         spec, pad = self.spec, self.chat.pad_id
-        laid = [[layout_sample(item.payload[1], spec.visual_tokens, spec.registers, pad) for item in row]
+        expanded = [[expand_sample(item.payload[1], spec.visual_tokens, spec.registers, pad) for item in row]
                 for row in self.rows]
         keys = [[item.payload[0] for item in row] for row in self.rows]
-        batch = collate_rows(laid, spec.seq_length, pad, image_shape=(3, spec.image_size, spec.image_size))
+        batch = collate_rows(expanded, spec.seq_length, pad, image_shape=(3, spec.image_size, spec.image_size))
         self.rows = []
         self.state["batches"] += 1
         return self._snapshot(), batch, keys
@@ -232,12 +233,12 @@ class VictorLoader:
             seq_length=d.seq_length, micro_batch_size=d.micro_batch_size,
             visual_tokens=cfg.vision.num_visual_tokens, registers=cfg.victor.registers_per_image,
             image_size=cfg.vision.image_size, dp_rank=dp_rank, dp_size=dp_size, num_workers=d.num_workers,
-            tokenizer=d.tokenizer, prompt_format=d.prompt_format, shuffle_buffer=d.shuffle_buffer,
-            pack_buffer=d.pack_buffer, seed=d.seed)
+            tokenizer=d.tokenizer, prompt_format=d.prompt_format.value, shuffle_buffer=d.shuffle_buffer,
+            pack_buffer=d.pack_buffer, seed=d.seed, system=d.system_prompt)
         loader = cls(d.path, split, **{**kwargs, **overrides})
         vocab = len(loader.tokenizer)
         if vocab > cfg.model.vocab_size:
-            raise ValueError(f"tokenizer {loader.spec.tokenizer} has {vocab} tokens but model.vocab_size="
+            raise ConfigError(f"tokenizer {loader.spec.tokenizer} has {vocab} tokens but model.vocab_size="
                              f"{cfg.model.vocab_size}; raise model.vocab_size to at least {vocab}")
         return loader
 

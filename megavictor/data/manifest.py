@@ -16,11 +16,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megavictor.errors import UserError
+
 MANIFEST_NAME = "manifest.json"
 FORMAT = "megavictor-shards/1"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A prepared data set is missing, incomplete or inconsistent; the message names the file and the fix."""
 
 

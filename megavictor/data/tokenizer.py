@@ -14,10 +14,12 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from megavictor.config import PromptFormat
+from megavictor.data.manifest import DataError
 from megavictor.model.batch import IMAGE_PLACEHOLDER, Sample
 
 IMAGE_TOKEN = "<image>"
-PROMPT_FORMATS = ("plain", "v1")
+PROMPT_FORMATS = tuple(f.value for f in PromptFormat)
 # LLaVA's conv_vicuna_v1 system prompt; pass it as `system` to match a LLaVA-1.5 checkpoint exactly.
 LLAVA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                    "The assistant gives helpful, detailed, and polite answers to the user's questions.")
@@ -52,12 +54,12 @@ def render(conversations: list[dict[str, str]], prompt_format: str, eos: str,
     problem = conversation_problem(conversations)
     if problem is not None:
         raise TemplateError(problem)
-    if prompt_format == "plain":
+    if prompt_format == PromptFormat.PLAIN:
         text = IMAGE_TOKEN * count_image_tokens(conversations)
         start = len(text)
         text += conversations[1]["value"] + eos
         return text, [(start, len(text))]
-    if prompt_format != "v1":
+    if prompt_format != PromptFormat.V1:
         raise TemplateError(f"prompt format {prompt_format!r} is not one of {PROMPT_FORMATS}")
     text, spans = (system + " " if system else ""), []
     for human, gpt in zip(conversations[::2], conversations[1::2]):
@@ -71,14 +73,14 @@ def render(conversations: list[dict[str, str]], prompt_format: str, eos: str,
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """A local HF tokenizer dir (the LLM's, or the one prep built); it must be fast (offsets) and have eos."""
     if not Path(path).is_dir():
-        raise FileNotFoundError(f"tokenizer dir {path} does not exist (pass data.tokenizer=<your LLM's tokenizer "
+        raise DataError(f"tokenizer dir {path} does not exist (pass data.tokenizer=<your LLM's tokenizer "
                                 "dir>, or prep a data set that stores one)")
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if not tokenizer.is_fast:
-        raise ValueError(f"tokenizer at {path} is a slow tokenizer; the chat template needs a fast one "
+        raise DataError(f"tokenizer at {path} is a slow tokenizer; the chat template needs a fast one "
                          "(offset mapping): save it with tokenizer.json")
     if tokenizer.eos_token is None:
-        raise ValueError(f"tokenizer at {path} has no eos token; the chat templates end every answer with it")
+        raise DataError(f"tokenizer at {path} has no eos token; the chat templates end every answer with it")
     return tokenizer
 
 

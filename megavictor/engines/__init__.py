@@ -1,5 +1,7 @@
-"""Training engines: the shared step loop (`loop`) and the DeepSpeed engine (`deepspeed`, imported on demand).
+"""Training engines: one interface (`base.Engine`), two implementations.
 
-The megatron engine lives in `megavictor.trainer`, the `megavictor train` entry point, which picks one by
-`train.engine`.
+- `megatron`: tp x pp x dp on megatron-core (`VictorVLM`, megatron DDP and optimizer, dist_checkpointing).
+- `deepspeed`: ZeRO-1/2/3 data parallel on the HF-format model (imported only when chosen).
+
+The training loop (`megavictor.training`) composes an engine; it never subclasses one.
 """

@@ -2,92 +2,46 @@
 
 The model is `VictorLlavaForConditionalGeneration`, the very module `megavictor convert to-hf` exports, fed the
 loader's packed rows (`cu_seqlens`: SDPA with a block-diagonal mask, or flash-attn varlen on GPU). Everything around
-it is the megatron engine's: the same data stream, global batch and per-token loss (`TrainLoop`), AdamW with
-megatron's weight-decay groups, megatron's warmup + cosine schedule, the same stage freezing, metrics, run directory,
-checkpoint layout and stop signals. Parallelism is data parallel only (tp = pp = 1); DeepSpeed shards optimizer state
-(ZeRO-1), gradients (ZeRO-2) and parameters (ZeRO-3) over the ranks.
+it is shared with the megatron engine: the training loop, the same data stream, global batch and per-token loss,
+AdamW with megatron's weight-decay groups, megatron's warmup + cosine schedule, the same stage freezing, the initial
+weights (`megavictor.initial_weights`), the checkpoint directory layout (`megavictor.checkpoint`). Parallelism is
+data parallel only (tp = pp = 1); DeepSpeed shards optimizer state (ZeRO-1), gradients (ZeRO-2) and parameters
+(ZeRO-3) over the ranks.
 
-Top to bottom:
-1. `import_deepspeed`: the lazy import, with the settings DeepSpeed needs on a CPU-only machine.
-2. `build_model`: HF config and weights from a full state (the layout-independent init, or `train.init_from`),
-   freezing, attention implementation, gradient checkpointing; `param_groups`; `hf_inputs`.
-3. `DeepSpeedTrainer`: `deepspeed.initialize`, one optimizer step, evaluation, save and resume.
-4. Reading checkpoints without a process group (`gather_full_state`, `checkpoint_config`): `convert to-hf`,
-   `eval --checkpoint` and `train.init_from` of either engine go through these.
+Top to bottom: `build_model` (HF config and weights from a full state, freezing, attention implementation,
+gradient checkpointing), `param_groups`, `hf_inputs`, `deepspeed_config`, then `DeepSpeedEngine`.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
-import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from megavictor import checkpoint
-from megavictor.config import Config, ConfigError, config_from_dict
-from megavictor.distributed import init_from_config
-from megavictor.engines.loop import TrainLoop, build_scheduler, micro_batches_per_rank
-from megavictor.hf.convert import (
-    check_state,
-    expected_shapes,
-    full_state_of,
-    hf_reference_names,
-    hf_state,
-    victor_hf_config,
-)
+from megavictor.checkpoint import deepspeed as deepspeed_checkpoint
+from megavictor.checkpoint.commit import CheckpointError, commit_atomically
+from megavictor.checkpoint.rng import rng_state, set_rng_state
+from megavictor.compat import import_deepspeed
+from megavictor.config import AttentionBackend, Config, Precision
+from megavictor.distributed import ParallelDims
+from megavictor.engines.base import Restored, StepResult, build_scheduler, micro_batches_per_rank
+from megavictor.hf.convert import hf_reference_names, hf_state, victor_hf_config
 from megavictor.hf.modeling_victor_llava import VictorLlavaForConditionalGeneration
+from megavictor.initial_weights import InitialWeights, WeightSource, checkpoints_dir, fresh_state
 from megavictor.model.batch import KIND_REGISTER, KIND_VISUAL, VictorBatch
-from megavictor.model.layout import initial_value, load_vision_tower
 from megavictor.model.recipe import is_trainable
+from megavictor.model.reference import full_shapes
 
-# --------------------------------------------------------------------------- 1. the import
-
-
-def import_deepspeed() -> Any:
-    """`deepspeed`, imported on first use, set up for this machine.
-
-    Without CUDA: the CPU accelerator (`DS_ACCELERATOR=cpu`, gloo collectives), and no build of its shared-memory
-    all-reduce op, which DeepSpeed otherwise compiles with g++ at start-up (about 80 s per machine) and uses only for
-    inference tensor parallelism. A `DS_ACCELERATOR` already in the environment is left alone.
-    """
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    try:
-        import deepspeed
-        import deepspeed.ops
-    except ImportError as exc:
-        raise RuntimeError("train.engine=deepspeed needs DeepSpeed: pip install -e '.[deepspeed]'") from exc
-    if os.environ.get("DS_ACCELERATOR") == "cpu":
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    # ZeRO calls torch.distributed's all_gather_into_tensor / reduce_scatter_tensor, deprecated since torch 2.12.
-    warnings.filterwarnings("ignore", r".*is deprecated. Please use `torch\.distributed\.", FutureWarning)
-    return deepspeed
-
-
-# --------------------------------------------------------------------------- 2. the model
-
-
-def initial_state(cfg: Config) -> dict[str, torch.Tensor]:
-    """The layout-independent initial weights (reference names) that megatron's `VictorVLM` starts from too."""
-    m, shapes = cfg.model, expected_shapes(cfg)
-    state = {name: initial_value(name, tuple(shape), m.init_method_std, m.num_layers, cfg.train.seed)
-             for name, shape in shapes.items()}
-    if cfg.vision.init_from:  # a pretrained ViT, as megatron's fresh runs load it
-        state.update(load_vision_tower(cfg.vision.init_from,
-                                       {n: tuple(s) for n, s in shapes.items() if n.startswith("vision.")}))
-    return state
+# --------------------------------------------------------------------------- the model
 
 
 def build_model(cfg: Config, full_state: dict[str, torch.Tensor]) -> VictorLlavaForConditionalGeneration:
     """The HF Victor LLaVA with `full_state`'s weights, trainable per the LLaVA stage (`recipe.is_trainable`)."""
-    attention = "flash_attention_2" if cfg.train.attention_backend == "flash" else "sdpa"
+    attention = "flash_attention_2" if cfg.train.attention_backend == AttentionBackend.FLASH else "sdpa"
     if attention == "flash_attention_2" and (importlib.util.find_spec("flash_attn") is None
                                              or not torch.cuda.is_available()):
         raise RuntimeError("train.attention_backend=flash needs flash-attn on a CUDA GPU (pip install -e '.[gpu]'); "
@@ -112,7 +66,7 @@ def build_model(cfg: Config, full_state: dict[str, torch.Tensor]) -> VictorLlava
 def param_groups(cfg: Config, model: torch.nn.Module) -> list[dict[str, Any]]:
     """Trainable parameters in megatron's two weight-decay groups, decided on the megavictor parameter each is part
     of: no decay for biases and 1-D tensors (`wd_mult`, applied by the scheduler)."""
-    names, shapes = hf_reference_names(cfg), expected_shapes(cfg)
+    names, shapes = hf_reference_names(cfg), full_shapes(cfg)
     groups: dict[float, list[torch.nn.Parameter]] = {1.0: [], 0.0: []}
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -138,7 +92,7 @@ def deepspeed_config(cfg: Config, dp: int) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
         "gradient_accumulation_steps": micro_batches_per_rank(cfg, dp),
         "gradient_clipping": t.clip_grad,  # the same rule as megatron's: scale by clip / (norm + 1e-6) when below 1
-        "bf16": {"enabled": t.precision == "bf16"},
+        "bf16": {"enabled": t.precision == Precision.BF16},
         "zero_optimization": {"stage": t.zero_stage},
         "zero_allow_untested_optimizer": True,  # torch's AdamW: the update megatron makes, on CPU and GPU
         "steps_per_print": 2**62,
@@ -146,29 +100,22 @@ def deepspeed_config(cfg: Config, dp: int) -> dict[str, Any]:
     }
 
 
-# --------------------------------------------------------------------------- 3. the trainer
+# --------------------------------------------------------------------------- the engine
 
 
-class DeepSpeedTrainer(TrainLoop):
-    def __init__(self, cfg: Config) -> None:
+class DeepSpeedEngine:
+    """`engines.base.Engine` on DeepSpeed."""
+
+    def __init__(self, cfg: Config, dims: ParallelDims, weights: InitialWeights) -> None:
         deepspeed = import_deepspeed()
-        # torch.distributed (gloo on CPU, nccl on GPU) and megatron's groups at tp = pp = 1, which the loop's
-        # loss reduction and reading megatron checkpoints (`train.init_from`) use; DeepSpeed joins this process group.
-        dims = init_from_config(cfg)
+        self.cfg, self.dims = cfg, dims
         if dims.world == 1:  # a plain process; torchrun and `megavictor launch` set it
             os.environ.setdefault("LOCAL_RANK", "0")
-        latest = checkpoint.latest_checkpoint(Path(cfg.train.run_dir) / "checkpoints")
-        if latest is not None:
-            check_resumable(latest, cfg, dims.world)
-        if cfg.train.init_from and latest is None:
-            # Weights only, from a checkpoint of either engine (`convert from-hf` writes a megatron one).
-            full = checkpoint.load_full_state(cfg.train.init_from)[1]
-            try:
-                check_state(cfg, full)
-            except ValueError as exc:
-                raise ConfigError(f"train.init_from={cfg.train.init_from}: {exc}") from exc
+        if weights.source == WeightSource.RESUME:
+            check_resumable(weights.checkpoint, cfg, dims.world)
+            full = fresh_state(cfg, InitialWeights(WeightSource.FRESH))  # overwritten by `load`
         else:
-            full = initial_state(cfg)  # a resumed run overwrites them from its checkpoint
+            full = fresh_state(cfg, weights)
         model = build_model(cfg, full)
         optimizer = torch.optim.AdamW(param_groups(cfg, model), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                                       eps=cfg.train.adam_eps)
@@ -177,13 +124,12 @@ class DeepSpeedTrainer(TrainLoop):
                                                                  config=deepspeed_config(cfg, dims.dp))
         self.hf_config = model.config
         self.scheduler = build_scheduler(cfg, self.optimizer)  # sets lr and weight decay of DeepSpeed's groups
-        super().__init__(cfg, dims)
 
-    def optimize(self, micro_batches: list[VictorBatch], global_tokens: int) -> tuple[float, int, float, Any]:
+    def train_step(self, micro_batches: list[VictorBatch], global_loss_tokens: int) -> StepResult:
         self.scheduler.step(1)  # the lr of step n (1-based), used by the optimizer step at the last micro-batch
         lr = self.optimizer.param_groups[0]["lr"]
-        normaliser = max(global_tokens, 1)
-        loss_sum, num_tokens = 0.0, 0
+        normaliser = max(global_loss_tokens, 1)
+        loss_sum, loss_tokens = 0.0, 0
         for batch in micro_batches:
             # The model returns (sum of this micro-batch's token losses) / (loss tokens of the whole global batch).
             # DeepSpeed averages gradients over the data-parallel ranks, hence the factor dp, and must not divide
@@ -192,88 +138,51 @@ class DeepSpeedTrainer(TrainLoop):
             self.engine.backward(out.loss * self.dims.dp, scale_wrt_gas=False)
             self.engine.step()  # reduces gradients and steps the optimizer at the last micro-batch of the step
             loss_sum += float(out.loss.detach()) * normaliser
-            num_tokens += batch.num_loss_tokens()
-        return loss_sum, num_tokens, lr, self.engine.get_global_grad_norm()
+            loss_tokens += batch.num_loss_tokens()
+        grad_norm = self.engine.get_global_grad_norm()
+        return StepResult(loss_sum, loss_tokens, lr, None if grad_norm is None else float(grad_norm))
 
-    def forward_only(self, micro_batches: list[VictorBatch]) -> tuple[float, int]:
-        # ZeRO-3 gathers parameters collectively: every rank runs as many forwards as the busiest one.
-        rounds = torch.tensor([len(micro_batches)])
-        dist.all_reduce(rounds, op=dist.ReduceOp.MAX)
+    def loss(self, micro_batches: list[VictorBatch]) -> tuple[float, int]:
+        # ZeRO-3 gathers parameters collectively: the loop gives every rank the same number of micro-batches.
         self.engine.eval()
-        loss_sum, num_tokens = 0.0, 0
-        for i in range(int(rounds)):
-            batch = micro_batches[min(i, len(micro_batches) - 1)]
-            out = self.engine(**hf_inputs(batch, self.hf_config, self.engine.device), num_items_in_batch=1)
-            if i < len(micro_batches):
+        loss_sum, loss_tokens = 0.0, 0
+        with torch.no_grad():
+            for batch in micro_batches:
+                out = self.engine(**hf_inputs(batch, self.hf_config, self.engine.device), num_items_in_batch=1)
                 loss_sum += float(out.loss)
-                num_tokens += batch.num_loss_tokens()
+                loss_tokens += batch.num_loss_tokens()
         self.engine.train()
-        return loss_sum, num_tokens
+        return loss_sum, loss_tokens
 
-    def save(self) -> Path:
+    def save(self, step: int, extra: dict[str, Any]) -> Path:
         """DeepSpeed's own checkpoint (every rank its ZeRO shards) in `step_XXXXXX.tmp`, then our marker with the
-        config, step, loader and scheduler state; renamed and named by `latest` only once complete."""
-        state = {"step": self.step, "loader": self.loader.state_dict(), "scheduler": self.scheduler.state_dict()}
+        config and step; the loop's state and the lr schedule travel in DeepSpeed's client state."""
+        state = {"step": step, "extra": extra, "scheduler": self.scheduler.state_dict()}
 
         def write(tmp: Path) -> None:
             self.engine.save_checkpoint(str(tmp.parent), tag=tmp.name, client_state=state, save_latest=False)
-            torch.save(checkpoint.rng_state(), tmp / f"rng_rank{dist.get_rank():05d}.pt")
+            torch.save(rng_state(), deepspeed_checkpoint.rng_file(tmp, dist.get_rank()))
             dist.barrier()
             if dist.get_rank() == 0:
-                marker = {"engine": "deepspeed", "step": self.step, "zero_stage": self.cfg.train.zero_stage,
-                          "world_size": self.dims.world, "config": self.cfg.to_dict()}
-                (tmp / checkpoint.DEEPSPEED_MARKER).write_text(json.dumps(marker, indent=2))
+                deepspeed_checkpoint.write_marker(tmp, step, self.cfg.train.zero_stage, self.dims.world, self.cfg)
 
-        return checkpoint.commit_atomically(self.checkpoints, self.step, write, self.cfg.train.keep_last)
+        return commit_atomically(checkpoints_dir(self.cfg), step, write, self.cfg.train.keep_last)
 
-    def resume(self) -> None:
-        """Continue exactly from RUN_DIR's latest checkpoint: weights, optimizer, scheduler, data position, RNG."""
-        latest = checkpoint.latest_checkpoint(self.checkpoints)
-        if latest is None:
-            return
-        loaded, client = self.engine.load_checkpoint(str(latest.parent), tag=latest.name,
+    def load(self, path: Path) -> Restored:
+        """Continue exactly from `path`: weights, optimizer, scheduler, RNG; the step and the loop's state."""
+        loaded, client = self.engine.load_checkpoint(str(path.parent), tag=path.name,
                                                      load_optimizer_states=True, load_lr_scheduler_states=False)
         if loaded is None:
-            raise RuntimeError(f"DeepSpeed could not load {latest}")
-        self.step = int(client["step"])
-        self.loader.load_state_dict(client["loader"])
+            raise CheckpointError(f"DeepSpeed could not load {path}")
         self.scheduler.load_state_dict(client["scheduler"])
-        rng = latest / f"rng_rank{dist.get_rank():05d}.pt"
-        checkpoint.set_rng_state(torch.load(rng, weights_only=False))
+        set_rng_state(torch.load(deepspeed_checkpoint.rng_file(path, dist.get_rank()), weights_only=False))
+        return Restored(step=int(client["step"]), extra=client["extra"])
 
 
 def check_resumable(latest: Path, cfg: Config, world: int) -> None:
     """A DeepSpeed checkpoint of the same ZeRO stage and world size (its shards are per rank)."""
-    if checkpoint.engine_of(latest) != "deepspeed":
-        raise ConfigError(f"train.run_dir={cfg.train.run_dir} holds megatron checkpoints: resume it with "
-                          f"train.engine=megatron, or start a new run with train.init_from={latest}")
-    saved = _marker(latest)
+    saved = deepspeed_checkpoint.read_marker(latest)
     if (saved["zero_stage"], saved["world_size"]) != (cfg.train.zero_stage, world):
-        raise ConfigError(f"train.zero_stage={cfg.train.zero_stage} on {world} ranks: {latest} was written with "
-                          f"ZeRO-{saved['zero_stage']} on {saved['world_size']} ranks; resume with those, or start "
-                          f"a new run with train.init_from={latest}")
-
-
-# --------------------------------------------------------------------------- 4. reading checkpoints
-
-
-def _marker(path: str | Path) -> dict[str, Any]:
-    return json.loads((Path(path) / checkpoint.DEEPSPEED_MARKER).read_text())
-
-
-def checkpoint_config(path: str | Path) -> Config:
-    """The resolved config a DeepSpeed checkpoint was written with."""
-    return config_from_dict(_marker(path)["config"])
-
-
-def gather_full_state(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
-    """The fp32 weights of a DeepSpeed checkpoint (ZeRO-1/2/3 shards merged by DeepSpeed's `zero_to_fp32`, in this
-    process, without a process group) in megavictor's full-state names, and its config."""
-    import_deepspeed()
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    path = Path(path)
-    cfg = checkpoint_config(path)
-    tensors = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
-    # ZeRO-1/2 hand out views into one flat buffer per group: own storage each, so safetensors can write them.
-    return cfg, {name: t.clone() for name, t in full_state_of(cfg, tensors, str(path)).items()}
+        raise CheckpointError(f"train.zero_stage={cfg.train.zero_stage} on {world} ranks: {latest} was written with "
+                              f"ZeRO-{saved['zero_stage']} on {saved['world_size']} ranks; resume with those, or "
+                              f"start a new run with train.init_from={latest}")

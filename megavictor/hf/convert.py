@@ -37,17 +37,18 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from megavictor.config import Config, ModelConfig, VisionConfig, load_config
+from megavictor.config import Config, ModelConfig, VictorMask, VisionActivation, VisionConfig, load_config
 from megavictor.data.images import CLIP_MEAN, CLIP_STD
 from megavictor.hf.configuration_victor_llava import VictorLlavaConfig
 from megavictor.hf.processing_victor_llava import VictorLlavaProcessor
-from megavictor.model.reference import ReferenceVLM
+from megavictor.model.reference import check_full_state, full_shapes
 
 Tensor = torch.Tensor
 IMAGE_TOKEN = "<image>"
 REGISTER_TOKEN = "<register>"
 LLAVA_FEATURE_LAYER = -2  # LLaVA-1.5 reads CLIP's penultimate layer
-REMOTE_CODE = ("configuration_victor_llava.py", "modeling_victor_llava.py", "processing_victor_llava.py")
+REMOTE_CODE = ("configuration_victor_llava.py", "modeling_victor_llava.py", "processing_victor_llava.py",
+               "victor_drop.py")
 LLAVA_LM, LLAVA_VISION, LLAVA_HEAD = "model.language_model.", "model.vision_tower.vision_model.", "lm_head.weight"
 
 
@@ -180,7 +181,7 @@ def _vision_section(vc: CLIPVisionConfig, feature_layer: int) -> dict:
     used = feature_layer if feature_layer >= 0 else vc.num_hidden_layers + 1 + feature_layer
     _require(1 <= used <= vc.num_hidden_layers,
              f"vision_feature_layer={feature_layer} selects no layer of a {vc.num_hidden_layers}-layer ViT")
-    _require(vc.hidden_act in ("quick_gelu", "gelu"), f"ViT hidden_act={vc.hidden_act!r} is not supported")
+    _require(vc.hidden_act in set(VisionActivation), f"ViT hidden_act={vc.hidden_act!r} is not supported")
     return {"image_size": vc.image_size, "patch_size": vc.patch_size, "num_layers": used,
             "hidden_size": vc.hidden_size, "ffn_hidden_size": vc.intermediate_size,
             "num_attention_heads": vc.num_attention_heads, "activation": vc.hidden_act,
@@ -255,26 +256,10 @@ def _current_llava_name(name: str) -> str:
     return name
 
 
-def expected_shapes(cfg: Config) -> dict[str, torch.Size]:
-    with torch.device("meta"):
-        return {name: p.shape for name, p in ReferenceVLM(cfg).named_parameters()}
-
-
-def check_state(cfg: Config, state: dict[str, Tensor]) -> None:
-    """Raise ValueError unless `state` has exactly ReferenceVLM(cfg)'s tensors and shapes."""
-    expected = expected_shapes(cfg)
-    problems = [f"missing {n}" for n in expected if n not in state]
-    problems += [f"unexpected {n}" for n in state if n not in expected]
-    problems += [f"{n} has shape {tuple(state[n].shape)}, the config needs {tuple(s)}"
-                 for n, s in expected.items() if n in state and state[n].shape != s]
-    if problems:
-        raise ValueError(f"state does not match the config ({len(problems)} problems): {'; '.join(problems[:5])}")
-
-
 def complete_state(cfg: Config, state: dict[str, Tensor], seed: int = 0) -> dict[str, Tensor]:
     """Add what an HF checkpoint cannot hold for `cfg` (projector, registers: N(0, init_method_std), zero biases),
-    drop registers the config has none for, then `check_state`."""
-    expected = expected_shapes(cfg)
+    drop registers the config has none for, then `check_full_state`."""
+    expected = full_shapes(cfg)
     dtype = state["embedding.word_embeddings.weight"].dtype
     generator = torch.Generator().manual_seed(seed)
     out = {n: t for n, t in state.items() if n != "registers" or "registers" in expected}
@@ -284,7 +269,7 @@ def complete_state(cfg: Config, state: dict[str, Tensor], seed: int = 0) -> dict
         fresh = torch.zeros(shape) if name.endswith("bias") else \
             torch.randn(shape, generator=generator) * cfg.model.init_method_std
         out[name] = fresh.to(dtype)
-    check_state(cfg, out)
+    check_full_state(cfg, out)
     return out
 
 
@@ -388,9 +373,9 @@ def to_hf(cfg: Config, full_state: dict[str, Tensor], out_dir: str | Path, token
     token is suppressed in generation). A Victor model ships its remote code (`trust_remote_code=True`) and needs
     no padding: its image and register ids are never looked up.
     """
-    check_state(cfg, full_state)
+    check_full_state(cfg, full_state)
     vi = cfg.victor
-    if vi.enabled and vi.mask != "causal":
+    if vi.enabled and vi.mask != VictorMask.CAUSAL:
         raise NotImplementedError(f"victor.mask={vi.mask!r} has no HF implementation (only causal)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,7 @@ from transformers.models.llava.modeling_llava import (
 from transformers.utils import can_return_tuple
 
 from .configuration_victor_llava import VictorLlavaConfig
+from .victor_drop import keep_index, runs_of, segment_ids
 
 IGNORE_INDEX = -100
 
@@ -77,38 +78,6 @@ def victor_cache(past_key_values: Optional[Cache], use_cache: bool) -> Optional[
         return VictorCache()
     raise TypeError(f"VictorLlava needs a VictorCache (or an empty DynamicCache), got {type(past_key_values).__name__}"
                     ": its layers >= drop_layer cache only registers and text")
-
-
-def keep_index(visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices [B, L] of the slots that survive the drop, right-aligned per row, and which of them are fillers.
-
-    L is the largest number of non-visual slots in a row; a row with fewer is filled on the left with its own
-    last dropped visual slots (to be masked out).
-    """
-    s = visual.shape[1]
-    kept = (~visual).sum(dim=1)
-    length = int(kept.max())
-    order = torch.arange(s, device=visual.device)
-    # Ascending sort puts visual slots first, then kept slots, each in sequence order; keep the last `length`.
-    index = ((~visual).long() * s + order).argsort(dim=1)[:, s - length:]
-    filler = torch.arange(length, device=visual.device)[None, :] < (length - kept)[:, None]
-    return index, filler
-
-
-def segment_ids(cu_seqlens: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """[B, S] index of the packed sample each slot belongs to, from boundaries over the flattened B*S slots."""
-    flat = torch.arange(shape[0] * shape[1], device=cu_seqlens.device)
-    return (torch.searchsorted(cu_seqlens.long(), flat, right=True) - 1).view(shape)
-
-
-def runs_of(segments: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Boundaries (int32, flash-attn varlen's `cu_seqlens`) of the runs of equal ids in the flattened `segments`, and
-    the longest run."""
-    flat = segments.flatten()
-    starts = torch.ones_like(flat, dtype=torch.bool)
-    starts[1:] = flat[1:] != flat[:-1]
-    cu = torch.cat([starts.nonzero().flatten(), flat.new_tensor([flat.numel()])]).to(torch.int32)
-    return cu, int((cu[1:] - cu[:-1]).max())
 
 
 @dataclass

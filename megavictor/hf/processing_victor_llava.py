@@ -1,7 +1,7 @@
 """Processor of a Victor LLaVA model (standalone: imports only transformers, so it ships with exports).
 
 A `LlavaProcessor` whose `<image>` expands to the image's visual tokens followed by `num_registers` register
-tokens: the slot layout megavictor trains on (`megavictor.model.batch.layout_sample`), so its output goes straight
+tokens: the slot order megavictor trains on (`megavictor.model.batch.expand_sample`), so its output goes straight
 into `model.generate(**inputs)`.
 """
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from megavictor.hf.victor_drop import segment_ids
+
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = -1  # stands for one image in `Sample.tokens`
 
@@ -23,7 +25,7 @@ KIND_TEXT, KIND_VISUAL, KIND_REGISTER, KIND_PAD = 0, 1, 2, 3
 
 @dataclass
 class Sample:
-    """One example before layout: text token ids with IMAGE_PLACEHOLDER where each image goes.
+    """One example before slot expansion: text token ids with IMAGE_PLACEHOLDER where each image goes.
 
     `trainable[i]` says whether text token i is a target (assistant tokens in LLaVA's chat formats).
     """
@@ -46,7 +48,7 @@ class Sample:
 
 
 @dataclass
-class LaidOutSample:
+class ExpandedSample:
     """A sample expanded to slots; all lists have the same length."""
 
     tokens: list[int]
@@ -58,7 +60,7 @@ class LaidOutSample:
         return len(self.tokens)
 
 
-def layout_sample(sample: Sample, visual_tokens: int, registers: int, pad_id: int = 0) -> LaidOutSample:
+def expand_sample(sample: Sample, visual_tokens: int, registers: int, pad_id: int = 0) -> ExpandedSample:
     """Expand image placeholders into V visual + R register slots and shift targets into per-slot labels."""
     tokens: list[int] = []
     kinds: list[int] = []
@@ -76,7 +78,7 @@ def layout_sample(sample: Sample, visual_tokens: int, registers: int, pad_id: in
     for i in range(len(tokens) - 1):
         if trainable[i + 1] and kinds[i] != KIND_VISUAL:
             labels[i] = tokens[i + 1]
-    return LaidOutSample(tokens=tokens, kinds=kinds, labels=labels, images=list(sample.images))
+    return ExpandedSample(tokens=tokens, kinds=kinds, labels=labels, images=list(sample.images))
 
 
 def truncate_sample(sample: Sample, max_slots: int, visual_tokens: int, registers: int) -> Sample:
@@ -111,10 +113,7 @@ class VictorBatch:
 
     def segment_ids(self) -> torch.Tensor:
         """[B, S] index of the packed sample each slot belongs to (global over the batch)."""
-        b, s = self.shape
-        flat = torch.arange(b * s, device=self.tokens.device)
-        ids = torch.searchsorted(self.cu_seqlens.to(flat.device, torch.int64), flat, right=True) - 1
-        return ids.view(b, s)
+        return segment_ids(self.cu_seqlens.to(self.tokens.device), self.tokens.shape)
 
     def num_loss_tokens(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())
@@ -123,7 +122,7 @@ class VictorBatch:
         return VictorBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
     def validate(self, visual_tokens: int, registers: int) -> None:
-        """Check the layout invariants the model relies on; raises ValueError naming the broken one."""
+        """Check the slot invariants the model relies on; raises ValueError naming the broken one."""
         b, s = self.shape
         for name in ("kinds", "position_ids", "labels"):
             if tuple(getattr(self, name).shape) != (b, s):
@@ -144,9 +143,9 @@ class VictorBatch:
             raise ValueError("VictorBatch.cu_seqlens must start a new segment at every row")
 
 
-def collate_rows(rows: list[list[LaidOutSample]], seq_length: int, pad_id: int = 0,
+def collate_rows(rows: list[list[ExpandedSample]], seq_length: int, pad_id: int = 0,
                  image_shape: tuple[int, int, int] | None = None) -> VictorBatch:
-    """Pack rows of laid-out samples into one VictorBatch of shape [len(rows), seq_length]."""
+    """Pack rows of expanded samples into one VictorBatch of shape [len(rows), seq_length]."""
     tokens, kinds, positions, labels, images, image_segments = [], [], [], [], [], []
     cu = [0]
     for r, row in enumerate(rows):

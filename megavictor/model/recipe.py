@@ -8,7 +8,7 @@ from megavictor.config import Config
 
 
 def is_trainable(name: str, cfg: Config) -> bool:
-    """Stage 1 trains projector + registers; stage 2 also the LLM; the ViT only when `vision.freeze` is off."""
+    """LLaVA stage 1 trains projector + registers; stage 2 also the LLM; the ViT only when `vision.freeze` is off."""
     if name.startswith("vision."):
         return not cfg.vision.freeze
     if name.startswith("projector.") or name == "registers":

@@ -2,7 +2,7 @@
 
 Parameter names are those of the unsharded megatron model (`decoder.layers.{global index}...`), with megatron's
 fused layouts: `linear_qkv` rows grouped per query group as [q heads of the group, k, v], `linear_fc1` of the
-SwiGLU MLP as [gate; up]. `megavictor.model.layout` maps these to and from tensor/pipeline-parallel shards.
+SwiGLU MLP as [gate; up]. `megavictor.model.sharding` maps these to and from tensor/pipeline-parallel shards.
 Used to check the parallel model numerically, and as the base of the HF export and the DeepSpeed engine.
 """
 
@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megavictor.config import Config
+from megavictor.config import Config, VisionActivation
 from megavictor.model.batch import VictorBatch
-from megavictor.model.layout import initialize
+from megavictor.model.drop_plan import DropPlan, build_drop_plan, scatter_image_slots
 from megavictor.model.recipe import apply_freezing
-from megavictor.model.victor import DropPlan, build_drop_plan, scatter_image_slots
+from megavictor.model.weight_init import initialize
 
 MASKED_SCORE = -10000.0  # megatron's attention_mask_func fill value
 
@@ -30,13 +30,6 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
-
-
-def rope_angles(position_ids: torch.Tensor, head_dim: int, base: float) -> torch.Tensor:
-    """[B, S] -> [B, S, 1, head_dim] angles, halves duplicated (non-interleaved RoPE)."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    freqs = position_ids.float()[..., None] * inv_freq.to(position_ids.device)
-    return torch.cat((freqs, freqs), dim=-1).unsqueeze(2)
 
 
 class Attention(nn.Module):
@@ -112,7 +105,7 @@ class VisionTower(nn.Module):
         super().__init__()
         v = cfg.vision
         norm = lambda: nn.LayerNorm(v.hidden_size, eps=v.norm_epsilon)  # noqa: E731
-        act = quick_gelu if v.activation == "quick_gelu" else F.gelu
+        act = quick_gelu if v.activation == VisionActivation.QUICK_GELU else F.gelu
         self.conv1 = nn.Conv2d(3, v.hidden_size, kernel_size=v.patch_size, stride=v.patch_size, bias=False)
         self.class_token = nn.Parameter(torch.zeros(1, 1, v.hidden_size))
         self.position_embeddings = nn.Embedding(v.num_visual_tokens + 1, v.hidden_size)
@@ -168,28 +161,21 @@ class ReferenceVLM(nn.Module):
         initialize(self, m.init_method_std, m.num_layers, cfg.train.seed)
         apply_freezing(self, cfg)
 
-    def plan(self, batch: VictorBatch) -> DropPlan:
-        v = self.cfg.victor
-        return build_drop_plan(batch, v.enabled, v.drop_layer, v.mask == "text_blind")
-
     def hidden_states(self, batch: VictorBatch, plan: DropPlan) -> torch.Tensor:
         """Final-norm hidden states [B, S', H] of the slots that reach the loss."""
-        m = self.cfg.model
         x = self.embedding.word_embeddings(batch.tokens)
         visual = self.projector(self.vision(batch.images)) if batch.images.shape[0] else None
         x = scatter_image_slots(x, batch.kinds, visual, self.registers)
-        head_dim = m.hidden_size // m.num_attention_heads
-        ropes = {id(view): rope_angles(view.position_ids, head_dim, m.rotary_base) for view in (plan.long, plan.short)}
         for index, layer in enumerate(self.decoder.layers):
             if plan.drop_layer == index:
                 x = plan.drop(x, seq_dim=1)
             view = plan.view_for_layer(index)
-            x = layer(x, view.mask, ropes[id(view)])
+            x = layer(x, view.mask, view.rope.transpose(0, 1))
         return self.decoder.final_layernorm(x)
 
     def forward(self, batch: VictorBatch, plan: DropPlan | None = None, return_logits: bool = False) -> torch.Tensor:
         """Per-slot losses [B, S'] (zero where masked), or logits [B, S', V]; same contract as `VictorVLM`."""
-        plan = plan if plan is not None else self.plan(batch)
+        plan = plan if plan is not None else build_drop_plan(batch, self.cfg)
         logits = self.output_layer(self.hidden_states(batch, plan))
         if return_logits:
             return logits
@@ -197,3 +183,24 @@ class ReferenceVLM(nn.Module):
         mask = labels >= 0
         losses = F.cross_entropy(logits.float().flatten(0, 1), torch.where(mask, labels, 0).flatten(), reduction="none")
         return losses.view_as(labels) * mask
+
+
+def full_shapes(cfg: Config) -> dict[str, torch.Size]:
+    """Every parameter of the full model (reference names) and its shape, without allocating it."""
+    with torch.device("meta"):
+        return {name: p.shape for name, p in ReferenceVLM(cfg).named_parameters()}
+
+
+def shape_problems(shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]) -> list[str]:
+    """What keeps tensors of `shapes` from being exactly the tensors (names and shapes) of `expected`."""
+    problems = [f"missing {n}" for n in expected if n not in shapes]
+    problems += [f"unexpected {n}" for n in shapes if n not in expected]
+    return problems + [f"{n} has shape {tuple(shapes[n])}, the config needs {tuple(s)}"
+                       for n, s in expected.items() if n in shapes and tuple(shapes[n]) != tuple(s)]
+
+
+def check_full_state(cfg: Config, state: dict[str, torch.Tensor]) -> None:
+    """Raise ValueError unless `state` has exactly ReferenceVLM(cfg)'s tensors and shapes."""
+    problems = shape_problems({n: t.shape for n, t in state.items()}, full_shapes(cfg))
+    if problems:
+        raise ValueError(f"the weights do not match the config ({len(problems)} problems): {'; '.join(problems[:5])}")

@@ -7,42 +7,56 @@ the same drop works with the local layers (CPU) and the Transformer Engine layer
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from megatron.core.activations import quick_gelu
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_local_spec
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from megavictor.config import Config
-from megavictor.model.victor import DropPlan
+from megavictor.config import AttentionBackend, Config, Precision, VisionActivation
+from megavictor.model.drop_plan import DropPlan
 
 # Fusions that only exist as CUDA kernels; their unfused paths are numerically the reference.
 _UNFUSED = dict(masked_softmax_fusion=False, bias_activation_fusion=False, bias_dropout_fusion=False,
                 apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False)
 
 
-class VictorTransformerLayer(TransformerLayer):
-    """A decoder layer that reads the micro-batch's `DropPlan` (passed as `attention_mask`).
+@dataclass
+class DropPlanParams(PackedSeqParams):
+    """A micro-batch's `DropPlan`, carried to every decoder layer as megatron's `packed_seq_params`.
 
-    Layer k gathers the surviving slots before attending; layers >= k use the short view's mask and positions.
-    The plan travels through `TransformerBlock.forward` untouched, which is why megatron's full-layer recompute
-    (which saves only tensor arguments) is not supported with Victor; selective recompute is.
+    `TransformerBlock` hands that one argument to each layer untouched, also through full-layer recompute, whose
+    checkpoint function keeps only tensor positional arguments (a plan in `attention_mask` would not survive it).
     """
 
-    def forward(self, hidden_states, attention_mask=None, rotary_pos_emb=None, **kwargs):  # type: ignore[override]
-        plan = attention_mask
-        if isinstance(plan, DropPlan):
-            index = self.layer_number - 1  # layer_number is global and 1-based
-            if plan.drop_layer == index:
-                hidden_states = plan.drop(hidden_states)
-            view = plan.view_for_layer(index)
-            attention_mask, rotary_pos_emb = view.mask, view.rope
-        return super().forward(hidden_states, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb, **kwargs)
+    plan: DropPlan | None = None
+
+
+class VictorTransformerLayer(TransformerLayer):
+    """A decoder layer that performs the Victor drop and attends with its side of the plan.
+
+    Layer k gathers the surviving slots before attending; every layer takes its view's mask and RoPE angles from the
+    plan (`DropPlanParams`) instead of the block's arguments.
+    """
+
+    def forward(self, hidden_states, attention_mask=None, rotary_pos_emb=None, packed_seq_params=None,
+                **kwargs):  # type: ignore[override]
+        if not isinstance(packed_seq_params, DropPlanParams):
+            raise TypeError("VictorTransformerLayer needs the micro-batch's DropPlanParams as packed_seq_params")
+        plan = packed_seq_params.plan
+        index = self.layer_number - 1  # layer_number is global and 1-based
+        if plan.drop_layer == index:
+            hidden_states = plan.drop(hidden_states)
+        view = plan.view_for_layer(index)
+        return super().forward(hidden_states, attention_mask=view.mask, rotary_pos_emb=view.rope,
+                               packed_seq_params=None, **kwargs)
 
 
 def _with_mask_type(spec: ModuleSpec, mask_type: AttnMaskType) -> ModuleSpec:
@@ -63,13 +77,13 @@ def _require_te() -> None:
         raise RuntimeError("train.attention_backend=te needs a CUDA GPU; use train.attention_backend=local on CPU")
 
 
-def decoder_layer_spec(backend: str) -> ModuleSpec:
+def decoder_layer_spec(backend: AttentionBackend) -> ModuleSpec:
     """LLaMA-style layer (RMSNorm, SwiGLU, RoPE) that performs the Victor drop.
 
     Attention takes an explicit mask (block-diagonal causal over packed samples, plus the drop), hence
     `arbitrary` rather than megatron's implicit causal mask.
     """
-    if backend == "te":
+    if backend == AttentionBackend.TE:
         _require_te()
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
@@ -81,9 +95,9 @@ def decoder_layer_spec(backend: str) -> ModuleSpec:
     return spec
 
 
-def vision_layer_spec(backend: str) -> ModuleSpec:
+def vision_layer_spec(backend: AttentionBackend) -> ModuleSpec:
     """CLIP ViT layer; bidirectional attention (megatron's local ViT spec says causal, which CLIP is not)."""
-    if backend == "te":
+    if backend == AttentionBackend.TE:
         _require_te()
         from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_transformer_engine_spec
 
@@ -93,9 +107,9 @@ def vision_layer_spec(backend: str) -> ModuleSpec:
     return _with_mask_type(spec, AttnMaskType.no_mask)
 
 
-def vision_norm(backend: str) -> type:
+def vision_norm(backend: AttentionBackend) -> type:
     """The ViT's ln_pre (CLIPViTModel's default is a bare torch LayerNorm, which megatron cannot build)."""
-    if backend == "te":
+    if backend == AttentionBackend.TE:
         _require_te()
         from megatron.core.extensions.transformer_engine import TENorm
 
@@ -106,12 +120,12 @@ def vision_norm(backend: str) -> type:
 
 
 def _dtype(cfg: Config) -> dict:
-    bf16 = cfg.train.precision == "bf16"
+    bf16 = cfg.train.precision == Precision.BF16
     dtype = torch.bfloat16 if bf16 else torch.float32
     return dict(bf16=bf16, params_dtype=dtype, pipeline_dtype=dtype)
 
 
-def stage_layout(layers_per_stage: list[int]) -> list[list[str]]:
+def pipeline_layout(layers_per_stage: list[int]) -> list[list[str]]:
     """megatron's `pipeline_model_parallel_layout` for an arbitrary per-stage decoder layer split."""
     layout = [["decoder"] * n for n in layers_per_stage]
     layout[0].insert(0, "embedding")
@@ -128,7 +142,7 @@ def language_config(cfg: Config, layers_per_stage: list[int]) -> TransformerConf
         activation_func=F.silu, add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
         init_method_std=m.init_method_std,
         tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp,
-        pipeline_model_parallel_layout=stage_layout(layers_per_stage) if p.pp > 1 else None,
+        pipeline_model_parallel_layout=pipeline_layout(layers_per_stage) if p.pp > 1 else None,
         sequence_parallel=p.sequence_parallel,
         # Stages after the drop receive shorter sequences, and how much shorter depends on the images packed
         # into each micro-batch: shapes are exchanged per send. megatron requires the alltoall dispatcher
@@ -136,8 +150,8 @@ def language_config(cfg: Config, layers_per_stage: list[int]) -> TransformerConf
         variable_seq_lengths=True, moe_token_dispatcher_type="alltoall",
         calculate_per_token_loss=True,
         use_cpu_initialization=True,
-        fp8=t.fp8, fp8_recipe=t.fp8_recipe,
-        recompute_granularity="selective" if t.recompute == "selective" else None,
+        fp8=None if t.fp8 is None else str(t.fp8), fp8_recipe=str(t.fp8_recipe),
+        recompute_granularity=None if t.recompute is None else str(t.recompute),
         **_dtype(cfg), **_UNFUSED,
     )
 
@@ -148,7 +162,7 @@ def vision_config(cfg: Config) -> TransformerConfig:
         num_layers=v.num_layers, hidden_size=v.hidden_size, ffn_hidden_size=v.ffn_hidden_size,
         num_attention_heads=v.num_attention_heads, normalization="LayerNorm", layernorm_epsilon=v.norm_epsilon,
         gated_linear_unit=False, add_bias_linear=True, add_qkv_bias=True,
-        activation_func=quick_gelu if v.activation == "quick_gelu" else F.gelu,
+        activation_func=quick_gelu if v.activation == VisionActivation.QUICK_GELU else F.gelu,
         hidden_dropout=0.0, attention_dropout=0.0, init_method_std=cfg.model.init_method_std,
         # The ViT runs whole on the first pipeline stage: no pipeline split of its own.
         tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=1, use_cpu_initialization=True,

@@ -12,7 +12,6 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
-from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.vision.clip_vit_model import CLIPViTModel
 from megatron.core.models.vision.multimodal_projector import MultimodalProjector
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -24,26 +23,18 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megavictor.config import Config
 from megavictor.model import specs
 from megavictor.model.batch import VictorBatch
-from megavictor.model.layout import initialize
+from megavictor.model.drop_plan import DropPlan, build_drop_plan, scatter_image_slots
 from megavictor.model.recipe import apply_freezing
-from megavictor.model.victor import DropPlan, build_drop_plan, scatter_image_slots
-
-
-def rope_for_positions(rotary: RotaryEmbedding, position_ids: torch.Tensor) -> torch.Tensor:
-    """RoPE angles for explicit positions, [B, S] -> [S, B, 1, D].
-
-    megatron derives positions 0..S-1 from a stage's input length; after the drop the retained slots must keep
-    their original positions, so we index megatron's table with the real ones.
-    """
-    table = rotary(int(position_ids.max()) + 1)[:, 0, 0, :]  # [P, D]
-    return table[position_ids.t()].unsqueeze(2)
+from megavictor.model.sharding import first_layer
+from megavictor.model.specs import DropPlanParams
+from megavictor.model.weight_init import initialize
 
 
 def build_vision_tower(cfg: Config) -> CLIPViTModel:
     """The CLIP-style ViT of `cfg.vision` (also what `megavictor prep digits` pretrains as the demo's encoder)."""
-    v = cfg.vision
-    return CLIPViTModel(specs.vision_config(cfg), specs.vision_layer_spec(cfg.train.attention_backend),
-                        ln_pre_impl=specs.vision_norm(cfg.train.attention_backend), ln_post_impl=None,
+    v, backend = cfg.vision, cfg.train.attention_backend
+    return CLIPViTModel(specs.vision_config(cfg), specs.vision_layer_spec(backend),
+                        ln_pre_impl=specs.vision_norm(backend), ln_post_impl=None,
                         add_class_token=True, class_token_len=1,
                         patch_dim=v.patch_size, img_h=v.image_size, img_w=v.image_size)
 
@@ -74,18 +65,16 @@ class VictorVLM(MegatronModule):
             self.registers = (torch.nn.Parameter(torch.empty(registers, cfg.model.hidden_size,
                                                              dtype=lm_config.params_dtype))
                               if registers else None)
-        self.rotary = RotaryEmbedding(kv_channels=lm_config.kv_channels, rotary_percent=1.0,
-                                      rotary_base=cfg.model.rotary_base, use_cpu_initialization=True)
         self.decoder = TransformerBlock(lm_config, specs.decoder_layer_spec(backend),
                                         pre_process=pre_process, post_process=post_process)
         if post_process:
             self.output_layer = ColumnParallelLinear(
                 cfg.model.hidden_size, cfg.model.vocab_size, config=lm_config, init_method=lm_config.init_method,
                 bias=False, gather_output=False, skip_bias_add=False)
-        stage = parallel_state.get_pipeline_model_parallel_rank()
+        self.layer_offset = first_layer(layers_per_stage, parallel_state.get_pipeline_model_parallel_rank())
         initialize(self, cfg.model.init_method_std, cfg.model.num_layers, cfg.train.seed,
                    tp_rank=parallel_state.get_tensor_model_parallel_rank(), tp=cfg.parallel.tp,
-                   layer_offset=sum(layers_per_stage[:stage]))
+                   layer_offset=self.layer_offset)
         apply_freezing(self, cfg)
 
     def set_input_tensor(self, input_tensor: torch.Tensor | list | None) -> None:
@@ -93,11 +82,6 @@ class VictorVLM(MegatronModule):
         if isinstance(input_tensor, list):
             input_tensor = input_tensor[0]
         self.decoder.set_input_tensor(input_tensor)
-
-    def plan(self, batch: VictorBatch) -> DropPlan:
-        v = self.cfg.victor
-        align = 16 if self.cfg.train.fp8 else 1
-        return build_drop_plan(batch, v.enabled, v.drop_layer, v.mask == "text_blind", align)
 
     def embed(self, batch: VictorBatch) -> torch.Tensor:
         """First stage: word embeddings with image and register slots filled in; [S, B, H]."""
@@ -113,11 +97,9 @@ class VictorVLM(MegatronModule):
     def forward(self, batch: VictorBatch, plan: DropPlan | None = None, return_logits: bool = False) -> torch.Tensor:
         """Hidden states to send on (inner stages), or on the last stage per-slot losses [B, S'] (masked by the
         plan's loss mask), or with `return_logits` the full-vocabulary logits [B, S', V]."""
-        plan = plan if plan is not None else self.plan(batch)
-        for view in {id(plan.long): plan.long, id(plan.short): plan.short}.values():
-            view.rope = rope_for_positions(self.rotary, view.position_ids)
+        plan = plan if plan is not None else build_drop_plan(batch, self.cfg)
         hidden = self.embed(batch) if self.pre_process else None
-        hidden = self.decoder(hidden_states=hidden, attention_mask=plan)
+        hidden = self.decoder(hidden_states=hidden, attention_mask=None, packed_seq_params=DropPlanParams(plan=plan))
         if not self.post_process:
             return hidden
         logits, _ = self.output_layer(hidden)  # [S', B, V / tp]

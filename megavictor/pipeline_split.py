@@ -14,7 +14,7 @@ import argparse
 import json
 from dataclasses import dataclass
 
-from megavictor.config import Config, load_config
+from megavictor.config import Config, PipelineSplit, load_config
 
 TRAIN_FACTOR = 3.0  # forward + backward ~ 3 forwards
 
@@ -136,12 +136,12 @@ def layers_per_stage(cfg: Config) -> list[int]:
     split, pp = cfg.parallel.pp_split, cfg.parallel.pp
     if isinstance(split, list):
         return list(split)
-    if split == "balanced":
+    if split == PipelineSplit.BALANCED:
         return balanced_split(cfg, pp)
     return even_split(cfg.model.num_layers, pp)
 
 
-def plan_report(cfg: Config) -> dict:
+def split_report(cfg: Config) -> dict:
     pp = cfg.parallel.pp
     splits = {"even": even_split(cfg.model.num_layers, pp), "balanced": balanced_split(cfg, pp)}
     mean = sum(stage_costs(cfg, splits["even"])) / pp
@@ -160,7 +160,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     overrides = list(args.overrides) + ([f"parallel.pp={args.pp}"] if args.pp else [])
     cfg = load_config(args.config, overrides)
-    report = plan_report(cfg)
+    report = split_report(cfg)
     shape = sample_shape(cfg)
     print(f"{cfg.model.num_layers} layers on {cfg.parallel.pp} stages; per sample {shape.visual} visual + "
           f"{shape.registers} registers + {shape.text} text slots; victor "

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 
-from megavictor.config import Config
+from megavictor.config import Config, PipelineSplit
 from megavictor.data.images import load_image
 from megavictor.data.manifest import load_manifest
 from megavictor.data.reader import ShardReader
 from megavictor.data.tokenizer import ChatTokenizer, load_tokenizer, render
-from megavictor.model.batch import Sample, VictorBatch, collate_rows, layout_sample
-from megavictor.model.victor import DropPlan, build_drop_plan
+from megavictor.model.batch import Sample, VictorBatch, collate_rows, expand_sample
+from megavictor.model.drop_plan import DropPlan, build_drop_plan
 
 
 @dataclass
@@ -43,7 +43,7 @@ class Question:
 def load_questions(cfg: Config, data_path: str | Path, split: str, limit: int | None = None) -> tuple[list[Question], ChatTokenizer]:
     manifest = load_manifest(data_path)
     tokenizer_dir = cfg.data.tokenizer or Path(data_path) / manifest.tokenizer
-    chat = ChatTokenizer(load_tokenizer(tokenizer_dir), cfg.data.prompt_format)
+    chat = ChatTokenizer(load_tokenizer(tokenizer_dir), cfg.data.prompt_format, cfg.data.system_prompt)
     reader = ShardReader(data_path, manifest.split_shards(split))
     n = len(reader) if limit is None else min(limit, len(reader))
     questions = []
@@ -75,10 +75,10 @@ def greedy_generate(logits_fn: LogitsFn, cfg: Config, prompts: list[Sample], max
     generated: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     for _ in range(max_new_tokens):
-        rows = [[layout_sample(Sample(p.tokens + g, p.trainable + [False] * len(g), p.images), v, r, pad_id)]
+        rows = [[expand_sample(Sample(p.tokens + g, p.trainable + [False] * len(g), p.images), v, r, pad_id)]
                 for p, g in zip(prompts, generated)]
         batch = collate_rows(rows, seq_length, pad_id)
-        plan = build_drop_plan(batch, cfg.victor.enabled, cfg.victor.drop_layer, cfg.victor.mask == "text_blind")
+        plan = build_drop_plan(batch, cfg)
         logits = logits_fn(batch, plan)
         for i, row in enumerate(rows):
             if done[i]:
@@ -145,7 +145,7 @@ def hf_config(model_dir: str | Path, data_path: str | Path) -> Config:
     from transformers import AutoConfig
 
     cfg = Config()
-    cfg.data.path, cfg.data.tokenizer = str(data_path), str(model_dir)
+    cfg.data.path, cfg.data.tokenizer, cfg.data.system_prompt = str(data_path), str(model_dir), ""
     cfg.vision.image_size = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=True).vision_config.image_size
     return cfg
 
@@ -153,17 +153,17 @@ def hf_config(model_dir: str | Path, data_path: str | Path) -> Config:
 def megatron_logits_fn(checkpoint_path: str | Path, data_path: str | Path) -> tuple[LogitsFn, Config]:
     """A single-process (tp=1, pp=1) VictorVLM with the checkpoint's weights, whatever layout (or engine: megatron,
     DeepSpeed) saved them."""
-    from megavictor import checkpoint
+    from megavictor.checkpoint import load_full_state
     from megavictor.distributed import init_distributed
+    from megavictor.model.sharding import shard_into
     from megavictor.model.vlm import VictorVLM
 
-    path = checkpoint.resolve(checkpoint_path)
-    cfg = checkpoint.config_of(path)
-    cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.pp_split = 1, 1, "even"
+    cfg, full = load_full_state(checkpoint_path)
+    cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.pp_split = 1, 1, PipelineSplit.EVEN
     cfg.data.path = str(data_path)
     init_distributed(tp=1, pp=1, seed=cfg.train.seed)
     model = VictorVLM(cfg, [cfg.model.num_layers])
-    checkpoint.load_weights(path, model)
+    shard_into(model, full, tp_rank=0, tp=1, layer_offset=0)
     model.eval()
     return (lambda batch, plan: model(batch, plan, return_logits=True)), cfg
 

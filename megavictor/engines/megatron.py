@@ -1,0 +1,144 @@
+"""The megatron engine: tp x pp x dp `VictorVLM` on megatron-core, megatron DDP and optimizer, dist_checkpointing.
+
+Built the way Megatron-LM's `get_model` builds a model chunk: the stage's `VictorVLM` (layers of this pipeline
+stage, shards of this tensor-parallel rank) with its initial weights applied, wrapped in `Float16Module` for bf16
+(every submodule cast, also plain torch layers such as CLIP's patch conv), moved to this rank's GPU when there is
+one, then megatron's DDP and the optimizer, which clones its fp32 main parameters from the weights already in place.
+
+Each step runs megatron's pipeline schedule (1F1B) over this rank's micro-batches. The loss is a per-token sum
+(megatron's `calculate_per_token_loss`): each micro-batch returns (sum of token losses, number of loss tokens),
+gradients are sums, and megatron divides them by the token count we hand it, the global batch's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
+from megatron.core.utils import get_attr_wrapped_model
+
+from megavictor.checkpoint import megatron as megatron_checkpoint
+from megavictor.checkpoint.commit import engine_of
+from megavictor.config import Config, Engine, Precision
+from megavictor.distributed import ParallelDims
+from megavictor.engines.base import Restored, StepResult, build_scheduler
+from megavictor.initial_weights import InitialWeights, WeightSource, checkpoints_dir, init_from_state, \
+    vision_tower_state
+from megavictor.model.batch import VictorBatch
+from megavictor.model.drop_plan import build_drop_plan
+from megavictor.model.sharding import full_name, full_shape, shard_into
+from megavictor.model.vlm import VictorVLM
+from megavictor.pipeline_split import layers_per_stage
+
+
+def apply_initial_weights(model: VictorVLM, cfg: Config, weights: InitialWeights, dims: ParallelDims) -> None:
+    """Copy `train.init_from`'s or `vision.init_from`'s weights into this stage's shards (before any optimizer)."""
+    if weights.source == WeightSource.INIT_FROM:
+        if engine_of(weights.checkpoint) == Engine.MEGATRON:  # reshards on load, reading only this rank's shards
+            megatron_checkpoint.load_model_weights(weights.checkpoint, model)
+        else:
+            shard_into(model, init_from_state(cfg, weights.checkpoint), dims.tp_rank, dims.tp, model.layer_offset)
+    elif weights.vision_tower is not None and dims.is_first_stage:
+        expected = {full_name(n, 0): full_shape(n, p.shape, dims.tp)
+                    for n, p in model.named_parameters() if n.startswith("vision.")}
+        shard_into(model, vision_tower_state(weights.vision_tower, expected), dims.tp_rank, dims.tp,
+                   layer_offset=0, prefix="vision.")
+
+
+def build_model(cfg: Config, dims: ParallelDims, weights: InitialWeights | None = None) -> torch.nn.Module:
+    """This rank's model chunk with its initial weights, in the training precision, on its device."""
+    model = VictorVLM(cfg, layers_per_stage(cfg), pre_process=dims.is_first_stage, post_process=dims.is_last_stage)
+    if weights is not None:
+        apply_initial_weights(model, cfg, weights, dims)
+    chunk: torch.nn.Module = Float16Module(model.config, model) if cfg.train.precision == Precision.BF16 else model
+    if torch.cuda.is_available():
+        chunk.cuda(torch.cuda.current_device())
+    return chunk
+
+
+def wrap_for_training(cfg: Config, model: torch.nn.Module) -> tuple[DistributedDataParallel, Any]:
+    """megatron DDP (gradients summed across data parallel) and the AdamW optimizer, as the training job uses them."""
+    t = cfg.train
+    config = get_attr_wrapped_model(model, "config")
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                               use_distributed_optimizer=torch.cuda.is_available())
+    ddp = DistributedDataParallel(config, ddp_config, model)
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = ddp.no_sync
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay, adam_eps=t.adam_eps,
+        clip_grad=t.clip_grad, bf16=t.precision == Precision.BF16, params_dtype=config.params_dtype,
+        use_distributed_optimizer=ddp_config.use_distributed_optimizer), [ddp])
+    return ddp, optimizer
+
+
+def _forward_step(data_iterator: Iterator[VictorBatch], model: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
+    batch = next(data_iterator)
+    if torch.cuda.is_available():
+        batch = batch.to(torch.cuda.current_device())
+    plan = build_drop_plan(batch, get_attr_wrapped_model(model, "cfg"))
+    output = model(batch, plan)
+    mask = plan.loss_mask()
+
+    def loss_func(token_losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        loss_sum = token_losses.sum()
+        num_tokens = mask.sum().to(torch.int)
+        return loss_sum, num_tokens, {"loss": torch.stack([loss_sum.detach(), num_tokens.float()])}
+
+    return output, loss_func
+
+
+def forward_backward(model: torch.nn.Module, micro_batches: list[VictorBatch],
+                     forward_only: bool = False) -> tuple[float, int]:
+    """Run all micro-batches through the pipeline schedule; gradients (unless `forward_only`) accumulate as
+    per-token sums. Returns (sum of token losses, loss tokens) on the last pipeline stage, (0.0, 0) elsewhere."""
+    b, s = micro_batches[0].shape
+    outputs = get_forward_backward_func()(
+        forward_step_func=_forward_step, data_iterator=iter(micro_batches), model=[model],
+        num_microbatches=len(micro_batches), seq_length=s, micro_batch_size=b, forward_only=forward_only)
+    if not parallel_state.is_pipeline_last_stage():
+        return 0.0, 0
+    return sum(float(item["loss"][0]) for item in outputs), sum(int(item["loss"][1]) for item in outputs)
+
+
+class MegatronEngine:
+    """`engines.base.Engine` on megatron-core."""
+
+    def __init__(self, cfg: Config, dims: ParallelDims, weights: InitialWeights) -> None:
+        self.cfg = cfg
+        self.model = build_model(cfg, dims, weights)
+        self.ddp, self.optimizer = wrap_for_training(cfg, self.model)
+        self.scheduler = build_scheduler(cfg, self.optimizer)
+
+    def train_step(self, micro_batches: list[VictorBatch], global_loss_tokens: int) -> StepResult:
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        # megatron divides the summed gradients by the token count the last stage reports for the step; all
+        # ranks agree on the global one through finalize_model_grads' reduction of each rank's count.
+        loss_sum, loss_tokens = forward_backward(self.ddp, micro_batches)
+        self.scheduler.step(1)
+        lr = self.optimizer.param_groups[0]["lr"]
+        _, grad_norm, _ = self.optimizer.step()
+        return StepResult(loss_sum, loss_tokens, lr, None if grad_norm is None else float(grad_norm))
+
+    def loss(self, micro_batches: list[VictorBatch]) -> tuple[float, int]:
+        self.ddp.eval()
+        with torch.no_grad():
+            result = forward_backward(self.ddp, micro_batches, forward_only=True)
+        self.ddp.train()
+        return result
+
+    def save(self, step: int, extra: dict[str, Any]) -> Path:
+        return megatron_checkpoint.save(checkpoints_dir(self.cfg), step, self.model, self.optimizer, self.scheduler,
+                                        extra=extra, cfg=self.cfg, keep_last=self.cfg.train.keep_last)
+
+    def load(self, path: Path) -> Restored:
+        common = megatron_checkpoint.load(path, self.model, self.optimizer, self.scheduler)
+        return Restored(step=int(common["step"]), extra=common.get("extra", {}))
