@@ -84,12 +84,22 @@ def current_dims() -> ParallelDims:
     )
 
 
-def collective_device() -> torch.device:
-    """The device of tensors our own collectives use: the one the default process group's backend serves
-    (NCCL: the current GPU; gloo: the CPU), as Megatron-LM's `dist_signal_handler` picks it."""
-    if dist.get_backend() == "nccl":
+def served_device_types(group: dist.ProcessGroup | None = None) -> list[str]:
+    """The device types the backend(s) of `group` (default: the world) serve: ["cuda"] under NCCL, ["cpu"] under
+    gloo; a collective with a tensor on any other device fails ("No backend type associated with device type")."""
+    group = group if group is not None else dist.group.WORLD
+    return [device.type for device in group._device_types]
+
+
+def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """Where the tensor of a collective our own code issues on `group` must live: a device its backend serves, as
+    Megatron-LM's `dist_signal_handler` picks it (NCCL: this rank's GPU; gloo: the CPU; the CPU when served)."""
+    served = served_device_types(group)
+    if "cpu" in served or not served:
+        return torch.device("cpu")
+    if served[0] == "cuda":
         return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    return torch.device(served[0])
 
 
 def shutdown() -> None:

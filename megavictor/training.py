@@ -149,8 +149,9 @@ def global_mean_loss(loss_sum: float, loss_tokens: int, dims: ParallelDims) -> f
     """Per-token mean over the global batch, on the last pipeline stage (summed over data parallel)."""
     if not dims.is_last_stage:
         return None
-    totals = torch.tensor([loss_sum, float(loss_tokens)], dtype=torch.float64, device=collective_device())
-    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    group = parallel_state.get_data_parallel_group()
+    totals = torch.tensor([loss_sum, float(loss_tokens)], dtype=torch.float64, device=collective_device(group))
+    dist.all_reduce(totals, group=group)
     return float(totals[0] / totals[1].clamp_min(1))
 
 
