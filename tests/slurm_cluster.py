@@ -1,9 +1,13 @@
-"""A real single-node SLURM cluster on this machine (munge, MariaDB, slurmdbd, slurmctld, slurmd) for the launcher
+"""A real SLURM cluster on this machine (munge, MariaDB, slurmdbd, slurmctld, one slurmd per node) for the launcher
 tests: real sbatch/srun/sacct, no mocks.
 
-CLI: `python -m tests.slurm_cluster up|down|status` (what `.ci/slurm-up.sh` / `.ci/slurm-down.sh` call);
-`session()`, behind the `slurm_cluster` fixture in tests/test_launch.py, reuses a running cluster or starts one.
-Needs root (apt, daemons). Everything lives in STATE_DIR (one cluster per machine: the ports are fixed); clients
+One node: slurmd in the root namespace, as a workstation. N > 1 nodes: each node is a network namespace with its own
+address (tests/slurm_network.py) running its own `slurmd -N NAME` (NodeAddr in slurm.conf); the controller, slurmdbd,
+MariaDB and munge stay in the root namespace, reached at the bridge's address, and the filesystem is shared.
+
+CLI: `python -m tests.slurm_cluster up [--nodes N]|down|status` (what `.ci/slurm-up.sh` / `.ci/slurm-down.sh` call);
+`session(nodes)`, behind the `slurm_cluster` fixtures, reuses a running cluster with enough nodes or starts one.
+Needs root (apt, daemons, namespaces). Everything lives in STATE_DIR (one cluster per machine: the ports are fixed); clients
 find it through SLURM_CONF. No systemd here, so the daemons run in the foreground as children in their own
 sessions, and are stopped by their recorded PIDs.
 
@@ -26,6 +30,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests import slurm_network
+
 STATE_DIR = Path(os.environ.get("MEGAVICTOR_SLURM_DIR", "/tmp/megavictor-slurm"))
 CLUSTER = "megavictor"
 ACCOUNT = "megavictor"
@@ -34,7 +40,7 @@ PORTS = {"slurmctld": 6817, "slurmd": 6818, "slurmdbd": 6819, "mariadbd": 6820}
 PACKAGES = ["slurm-wlm", "munge", "slurmdbd", "mariadb-server"]
 BINARIES = ["slurmctld", "slurmd", "slurmdbd", "sbatch", "sacct", "munged", "mariadbd", "mariadb-install-db"]
 DB_PASSWORD = "megavictor-test"  # a throw-away database reachable only on 127.0.0.1
-STOP_ORDER = ["slurmd", "slurmctld", "slurmdbd", "mariadbd", "munged"]
+STOP_ORDER = ["slurmctld", "slurmdbd", "mariadbd", "munged"]  # after every slurmd-*
 
 
 class ClusterError(RuntimeError):
@@ -156,23 +162,32 @@ def install() -> None:
             raise ClusterError(f"{' '.join(argv)} failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
 
 
-def _write_configs(host: str) -> None:
+@dataclass(frozen=True)
+class Node:
+    name: str
+    addr: str
+    netns: str | None  # None: the root namespace (the one-node cluster)
+
+
+def _write_configs(host: str, nodes: list[Node], controller_addr: str) -> None:
     root = PATHS.root
     cpus = os.cpu_count() or 1
+    ctld = host if controller_addr == "127.0.0.1" else f"{host}({controller_addr})"  # (addr): where nodes reach it
+    node_lines = "\n".join(f"NodeName={n.name} NodeAddr={n.addr} CPUs={cpus} State=UNKNOWN" for n in nodes)
     PATHS.conf.write_text(f"""\
 ClusterName={CLUSTER}
-SlurmctldHost={host}
+SlurmctldHost={ctld}
 SlurmUser=root
 AuthType=auth/munge
 AuthInfo=cred_expire=10
 SlurmctldPort={PORTS['slurmctld']}
 SlurmdPort={PORTS['slurmd']}
 StateSaveLocation={root}/spool/ctld
-SlurmdSpoolDir={root}/spool/d
+SlurmdSpoolDir={root}/spool/d/%n
 SlurmctldPidFile={root}/run/slurmctld.pid
-SlurmdPidFile={root}/run/slurmd.pid
+SlurmdPidFile={root}/run/slurmd-%n.pid
 SlurmctldLogFile={root}/log/slurmctld.log
-SlurmdLogFile={root}/log/slurmd.log
+SlurmdLogFile={root}/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MpiDefault=none
@@ -184,11 +199,11 @@ ReturnToService=2
 KillWait=5
 MinJobAge=3600
 AccountingStorageType=accounting_storage/slurmdbd
-AccountingStorageHost=localhost
+AccountingStorageHost={controller_addr}
 AccountingStoragePort={PORTS['slurmdbd']}
 JobAcctGatherType=jobacct_gather/linux
 JobCompType=jobcomp/none
-NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
+{node_lines}
 PartitionName={PARTITION} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """)
     dbd = root / "etc" / "slurmdbd.conf"
@@ -249,19 +264,22 @@ def _start_mariadb() -> None:
     subprocess.run([*client, "-e", sql], check=True, capture_output=True)
 
 
-def _node_idle() -> bool:
+def _nodes_idle(count: int) -> bool:
     proc = _run(["sinfo", "-h", "-N", "-o", "%T"], check=False)
-    return proc.returncode == 0 and proc.stdout.split() == ["idle"]
+    return proc.returncode == 0 and proc.stdout.split() == ["idle"] * count
 
 
-def _start_slurm(host: str) -> None:
+def _start_slurm(nodes: list[Node]) -> None:
     _spawn("slurmdbd", ["slurmdbd", "-D"])  # reads slurmdbd.conf beside $SLURM_CONF
     _wait("slurmdbd", lambda: _run(["sacctmgr", "-n", "list", "cluster"], check=False).returncode == 0, "slurmdbd")
     _run(["sacctmgr", "-i", "add", "cluster", CLUSTER])
     _spawn("slurmctld", ["slurmctld", "-D", "-f", str(PATHS.conf)])
     _wait("slurmctld", lambda: _run(["scontrol", "ping"], check=False).returncode == 0, "slurmctld")
-    _spawn("slurmd", ["slurmd", "-D", "-f", str(PATHS.conf), "-N", host])
-    _wait("node idle in sinfo", _node_idle, "slurmd")
+    for node in nodes:
+        (PATHS.root / "spool" / "d" / node.name).mkdir()
+        argv = ["slurmd", "-D", "-f", str(PATHS.conf), "-N", node.name]
+        _spawn(f"slurmd-{node.name}", slurm_network.on_node(node.netns, argv) if node.netns else argv)
+    _wait(f"{len(nodes)} node(s) idle in sinfo", lambda: _nodes_idle(len(nodes)), "slurmd")
     _run(["sacctmgr", "-i", "add", "account", ACCOUNT, f"Cluster={CLUSTER}", "Description=tests", "Organization=ci"])
     _run(["sacctmgr", "-i", "add", "user", "root", f"Account={ACCOUNT}", f"Cluster={CLUSTER}"])
     assocs = _run(["sacctmgr", "-n", "-P", "list", "assoc", "format=cluster,account,user"]).stdout
@@ -272,41 +290,59 @@ def _start_slurm(host: str) -> None:
 # --------------------------------------------------------------------------- public API
 
 
+def node_names() -> list[str]:
+    """The nodes of the configured cluster, in slurm.conf order."""
+    if not PATHS.conf.is_file():
+        return []
+    return [line.split()[0].removeprefix("NodeName=") for line in PATHS.conf.read_text().splitlines()
+            if line.startswith("NodeName=")]
+
+
+def _daemons() -> list[str]:
+    return ["slurmdbd", "slurmctld", "mariadbd", *(f"slurmd-{n}" for n in node_names())]
+
+
 def is_up() -> bool:
-    """All recorded SLURM daemons alive and the node idle or busy (answering sinfo)."""
-    daemons = ["slurmdbd", "slurmctld", "slurmd", "mariadbd"]
-    if not PATHS.conf.is_file() or not all((p := _pid(d)) is not None and _alive(p) for d in daemons):
+    """All recorded SLURM daemons alive and the nodes idle or busy (answering sinfo)."""
+    if not PATHS.conf.is_file() or not all((p := _pid(d)) is not None and _alive(p) for d in _daemons()):
         return False
     proc = _run(["sinfo", "-h", "-N", "-o", "%T"], check=False)
     return proc.returncode == 0 and bool(proc.stdout.split())
 
 
-def up() -> float:
-    """Install if needed and start the cluster unless it is up; returns the seconds spent starting (0 if up)."""
-    if is_up():
+def up(nodes: int = 1, exact: bool = True) -> float:
+    """Install if needed and start an N-node cluster unless one is up (with exactly N nodes, or with `exact` False
+    at least N); returns the seconds spent starting (0 if up)."""
+    if is_up() and (len(node_names()) == nodes or not exact and len(node_names()) >= nodes):
         return 0.0
     if os.geteuid() != 0:
-        raise ClusterError("starting SLURM needs root (apt-get, munged, slurmd)")
+        raise ClusterError("starting SLURM needs root (apt-get, munged, slurmd, ip netns)")
     t0 = time.monotonic()
     install()
-    down()  # whatever is left of a half-started cluster
+    down()  # whatever is left of a half-started cluster, or one of another size
     shutil.rmtree(PATHS.root, ignore_errors=True)
     for sub in ("etc", "log", "pids", "run", "users", "spool/ctld", "spool/d"):
         (PATHS.root / sub).mkdir(parents=True)
     host = socket.gethostname()
-    _write_configs(host)
     try:
+        if nodes == 1:
+            cluster, controller_addr = [Node(host, "127.0.0.1", None)], "127.0.0.1"
+        else:
+            cluster = [Node(name, addr, name) for name, addr in slurm_network.up(nodes)]
+            controller_addr = slurm_network.CONTROLLER_ADDR
+        _write_configs(host, cluster, controller_addr)
         _start_munge()
         _start_mariadb()
-        _start_slurm(host)
+        _start_slurm(cluster)
     except BaseException:
-        down()  # leave no half-started daemons behind; the logs stay in STATE_DIR/log
+        down()  # leave no half-started daemons or namespaces behind; the logs stay in STATE_DIR/log
         raise
     return time.monotonic() - t0
 
 
 def down() -> None:
-    """Cancel every job, then stop the daemons this module started (by recorded PID; munged only if ours)."""
+    """Cancel every job, stop the daemons this module started (by recorded PID; munged only if ours), then remove
+    the nodes' namespaces, links and /etc/hosts entries."""
     if PATHS.conf.is_file() and (pid := _pid("slurmctld")) is not None and _alive(pid):
         jobs = _run(["squeue", "-h", "-o", "%i"], check=False).stdout.split()
         if jobs:
@@ -314,8 +350,10 @@ def down() -> None:
             deadline = time.monotonic() + 15
             while _run(["squeue", "-h", "-o", "%i"], check=False).stdout.split() and time.monotonic() < deadline:
                 time.sleep(0.5)
-    for name in STOP_ORDER:
+    slurmds = sorted(p.stem for p in PATHS.pids.glob("slurmd*.pid")) if PATHS.pids.is_dir() else []
+    for name in [*slurmds, *STOP_ORDER]:
         _stop(name)
+    slurm_network.down()
     PATHS.auto.unlink(missing_ok=True)
 
 
@@ -329,10 +367,16 @@ def _locked() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def session() -> Iterator[Paths]:
-    """Use the running cluster or start one; a cluster a session started goes down with its last user."""
+def session(nodes: int = 1) -> Iterator[Paths]:
+    """Use the running cluster if it has at least `nodes` nodes, or start one; a cluster a session started goes down
+    with its last user. Restarting a smaller cluster that other sessions use would kill their jobs: that errors."""
     with _locked():
-        started = up()
+        others = [p.name for p in PATHS.users.glob("*") if _alive(int(p.name))] if PATHS.users.is_dir() else []
+        if is_up() and len(node_names()) < nodes and others:
+            raise ClusterError(f"the running {len(node_names())}-node test cluster is in use (pytest PIDs "
+                               f"{', '.join(others)}); start {nodes} nodes with `bash .ci/slurm-up.sh --nodes "
+                               f"{nodes}` when it is free")
+        started = up(nodes, exact=False)
         if started:
             PATHS.auto.touch()
             print(f"\nslurm_cluster: started in {started:.1f} s", file=sys.stderr)
@@ -350,20 +394,26 @@ def session() -> Iterator[Paths]:
 
 
 def main(argv: list[str]) -> int:
-    if argv == ["up"]:
+    if argv[:1] == ["up"] and (argv[1:] == [] or len(argv) == 3 and argv[1] == "--nodes" and argv[2].isdigit()
+                               and int(argv[2]) >= 1):
+        nodes = int(argv[2]) if len(argv) == 3 else 1
         with _locked():
-            seconds = up()
-        print(f"slurm up ({seconds:.1f} s to start); export SLURM_CONF={PATHS.conf}")
+            seconds = up(nodes)
+        print(f"slurm up: {nodes} node(s) {', '.join(node_names())} ({seconds:.1f} s to start); "
+              f"export SLURM_CONF={PATHS.conf}")
         return 0
     if argv == ["down"]:
         with _locked():
             down()
+        if left := slurm_network.leftovers():
+            print(f"slurm down, but left behind: {', '.join(left)}", file=sys.stderr)
+            return 1
         print("slurm down")
         return 0
     if argv == ["status"]:
         print("up" if is_up() else "down")
         return 0 if is_up() else 1
-    print("usage: python -m tests.slurm_cluster up|down|status", file=sys.stderr)
+    print("usage: python -m tests.slurm_cluster up [--nodes N]|down|status", file=sys.stderr)
     return 2
 
 
