@@ -344,6 +344,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+def with_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """A validated copy of `cfg` with dotted overrides applied (e.g. inference settings on a checkpoint's config)."""
+    out = config_from_dict(_merge(cfg.to_dict(), parse_overrides(overrides)))
+    validate(out)
+    return out
+
+
 # --------------------------------------------------------------------------- validation
 
 

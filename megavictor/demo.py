@@ -34,7 +34,7 @@ def train_and_evaluate(run_dir: Path, data: Path, overrides: list[str]) -> dict:
     the result is also written to RUN_DIR/eval.json. `eval_s` is the wall time of the greedy evaluation."""
     from data_prep.vision_encoder import ENCODER_FILE
     from megavictor import trainer
-    from megavictor.vqa import evaluate, megatron_logits_fn
+    from megavictor.vqa import checkpoint_generator, evaluate
 
     ensure_digits(data)
     for llava_stage in (1, 2):
@@ -48,9 +48,9 @@ def train_and_evaluate(run_dir: Path, data: Path, overrides: list[str]) -> dict:
         fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731  (None: the stage was already complete)
         print(f"stage {llava_stage}: {summary.final_step} steps, loss {fmt(summary.final_loss)}, "
               f"val loss {fmt(summary.val_loss)}")
-    logits_fn, cfg = megatron_logits_fn(run_dir / "stage2", data)
+    generate, cfg = checkpoint_generator(run_dir / "stage2", data)
     start = time.perf_counter()
-    result = evaluate(logits_fn, cfg, data, cfg.data.test_split)
+    result = evaluate(generate, cfg, data, cfg.data.test_split)
     result.update(eval_s=time.perf_counter() - start, split=cfg.data.test_split, run_dir=str(run_dir))
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
     return result

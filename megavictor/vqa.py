@@ -5,6 +5,11 @@ model answers greedily (until eos or `--max-new-tokens`) and the answer must mat
 (case and surrounding space ignored). `chance` is the accuracy of always giving the most common answer to each
 question text of the split, the floor a model that ignores the image can reach.
 
+Decoding uses a KV cache (`megavictor.model.kv_cache`, on the plain-PyTorch twin of the model); `--no-kv-cache`
+re-runs the whole prefix through the megatron model at every token instead, which gives the same answers.
+Overrides after the arguments change the checkpoint's config for inference, e.g. `peer.fastv_layer=1` to apply
+FastV training-free to a baseline checkpoint.
+
 `--hf DIR` answers the same questions with an exported model (`megavictor convert to-hf`) through transformers
 alone: its processor on the rendered prompt text and the encoded images, then `generate()` greedily.
 """
@@ -15,13 +20,14 @@ import argparse
 import io
 import json
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from megavictor.config import Config, PipelineSplit
+from megavictor.config import Config, PipelineSplit, with_overrides
 from megavictor.data.images import load_image
 from megavictor.data.manifest import load_manifest
 from megavictor.data.reader import ShardReader
@@ -63,19 +69,24 @@ def load_questions(cfg: Config, data_path: str | Path, split: str, limit: int | 
 
 
 LogitsFn = Callable[[VictorBatch, DropPlan], torch.Tensor]
+# prompts, max_new_tokens, eos id, pad id -> the generated token ids of each prompt (without eos)
+Generate = Callable[[list[Sample], int, int, int], list[list[int]]]
 
 
 @torch.no_grad()
 def greedy_generate(logits_fn: LogitsFn, cfg: Config, prompts: list[Sample], max_new_tokens: int,
                     eos_id: int, pad_id: int) -> list[list[int]]:
-    """Greedy decoding without a KV cache: each step re-runs the packed batch (one prompt per row)."""
+    """Greedy decoding without a KV cache: each step re-runs the packed batch (one prompt per row).
+
+    The tokens generated so far are marked as targets: that changes no logit, but it names the last prompt slot
+    as FastV's ranking query (the slot that predicts the first target), as the cached prefill does."""
     v, r = cfg.vision.num_visual_tokens, cfg.victor.registers_per_image
     longest = max(p.num_slots(v, r) for p in prompts)
     seq_length = longest + max_new_tokens
     generated: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     for _ in range(max_new_tokens):
-        rows = [[expand_sample(Sample(p.tokens + g, p.trainable + [False] * len(g), p.images), v, r, pad_id)]
+        rows = [[expand_sample(Sample(p.tokens + g, p.trainable + [True] * len(g), p.images), v, r, pad_id)]
                 for p, g in zip(prompts, generated)]
         batch = collate_rows(rows, seq_length, pad_id)
         plan = build_drop_plan(batch, cfg)
@@ -108,14 +119,14 @@ def accuracy(questions: list[Question], answers: list[str]) -> dict:
             "by_question": {text: round(sum(h) / len(h), 4) for text, h in sorted(per_question.items())}}
 
 
-def evaluate(logits_fn: LogitsFn, cfg: Config, data_path: str | Path, split: str, limit: int | None = None,
+def evaluate(generate: Generate, cfg: Config, data_path: str | Path, split: str, limit: int | None = None,
              batch_size: int = 32, max_new_tokens: int = 8) -> dict:
     questions, chat = load_questions(cfg, data_path, split, limit)
     eos = chat.tokenizer.eos_token_id
     answers = []
     for start in range(0, len(questions), batch_size):
         chunk = questions[start:start + batch_size]
-        for ids in greedy_generate(logits_fn, cfg, [q.prompt for q in chunk], max_new_tokens, eos, chat.pad_id):
+        for ids in generate([q.prompt for q in chunk], max_new_tokens, eos, chat.pad_id):
             answers.append(chat.tokenizer.decode(ids, skip_special_tokens=True))
     return accuracy(questions, answers)
 
@@ -150,22 +161,47 @@ def hf_config(model_dir: str | Path, data_path: str | Path) -> Config:
     return cfg
 
 
-def megatron_logits_fn(checkpoint_path: str | Path, data_path: str | Path) -> tuple[LogitsFn, Config]:
-    """A single-process (tp=1, pp=1) VictorVLM with the checkpoint's weights, whatever layout (or engine: megatron,
-    DeepSpeed) saved them."""
+def _inference_state(checkpoint_path: str | Path, data_path: str | Path,
+                     overrides: Sequence[str]) -> tuple[Config, dict[str, torch.Tensor]]:
+    """The checkpoint's config (single process, `overrides` applied) and full weights."""
     from megavictor.checkpoint import load_full_state
-    from megavictor.distributed import init_distributed
-    from megavictor.model.sharding import shard_into
-    from megavictor.model.vlm import VictorVLM
 
     cfg, full = load_full_state(checkpoint_path)
     cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.pp_split = 1, 1, PipelineSplit.EVEN
     cfg.data.path = str(data_path)
+    return (with_overrides(cfg, list(overrides)) if overrides else cfg), full
+
+
+def megatron_logits_fn(checkpoint_path: str | Path, data_path: str | Path,
+                       overrides: Sequence[str] = ()) -> tuple[LogitsFn, Config]:
+    """A single-process (tp=1, pp=1) VictorVLM with the checkpoint's weights, whatever layout (or engine: megatron,
+    DeepSpeed) saved them."""
+    from megavictor.distributed import init_distributed
+    from megavictor.model.sharding import shard_into
+    from megavictor.model.vlm import VictorVLM
+
+    cfg, full = _inference_state(checkpoint_path, data_path, overrides)
     init_distributed(tp=1, pp=1, seed=cfg.train.seed)
     model = VictorVLM(cfg, [cfg.model.num_layers])
     shard_into(model, full, tp_rank=0, tp=1, layer_offset=0)
     model.eval()
     return (lambda batch, plan: model(batch, plan, return_logits=True)), cfg
+
+
+def checkpoint_generator(checkpoint_path: str | Path, data_path: str | Path, kv_cache: bool = True,
+                         overrides: Sequence[str] = ()) -> tuple[Generate, Config]:
+    """Greedy decoding for a checkpoint: with the KV cache (the plain-PyTorch twin, `ReferenceVLM`, holding the
+    checkpoint's weights), or recomputing the prefix through the megatron model."""
+    if not kv_cache:
+        logits_fn, cfg = megatron_logits_fn(checkpoint_path, data_path, overrides)
+        return partial(greedy_generate, logits_fn, cfg), cfg
+    from megavictor.model.kv_cache import greedy_generate_cached
+    from megavictor.model.reference import ReferenceVLM
+
+    cfg, full = _inference_state(checkpoint_path, data_path, overrides)
+    model = ReferenceVLM(cfg)
+    model.load_state_dict(full)
+    return partial(greedy_generate_cached, model.eval(), cfg), cfg
 
 
 def main(argv: list[str]) -> int:
@@ -177,6 +213,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--split", default="test", help="split name, or test/val for the config's data.*_split")
     parser.add_argument("--limit", type=int, help="evaluate only the first N records")
     parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--no-kv-cache", action="store_true",
+                        help="recompute the whole prefix at every token (megatron model) instead of the KV cache")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides for inference, e.g. peer.fastv_layer=1")
     args = parser.parse_args(argv)
     if args.hf:
         cfg = hf_config(args.hf, args.data)
@@ -184,9 +223,9 @@ def main(argv: list[str]) -> int:
         questions, _ = load_questions(cfg, args.data, split, args.limit)
         result = accuracy(questions, hf_answers(args.hf, questions, max_new_tokens=args.max_new_tokens))
     else:
-        logits_fn, cfg = megatron_logits_fn(args.checkpoint, args.data)
+        generate, cfg = checkpoint_generator(args.checkpoint, args.data, not args.no_kv_cache, args.overrides)
         split = {"test": cfg.data.test_split, "val": cfg.data.val_split}.get(args.split, args.split)
-        result = evaluate(logits_fn, cfg, args.data, split, args.limit, max_new_tokens=args.max_new_tokens)
+        result = evaluate(generate, cfg, args.data, split, args.limit, max_new_tokens=args.max_new_tokens)
     result["split"] = split
     print(f"{split}: accuracy {result['accuracy']:.3f} on {result['n']} questions (chance {result['chance']:.3f})")
     print(json.dumps(result))

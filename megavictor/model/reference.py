@@ -32,6 +32,21 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+class KVSlot:
+    """One decoder layer's KV cache for greedy decoding (`megavictor.model.kv_cache`): keys after RoPE and values,
+    [B, cached slots, heads, head_dim], grown by each forward that is given the slot."""
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new slots' keys and values; return all cached ones (the new included)."""
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=1)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=1)
+        return self.k, self.v
+
+
 class Attention(nn.Module):
     def __init__(self, hidden: int, heads: int, groups: int, bias: bool) -> None:
         super().__init__()
@@ -39,7 +54,9 @@ class Attention(nn.Module):
         self.linear_qkv = nn.Linear(hidden, (heads + 2 * groups) * self.head_dim, bias=bias)
         self.linear_proj = nn.Linear(hidden, hidden, bias=bias)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, rope: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, rope: torch.Tensor | None,
+                kv: KVSlot | None = None) -> torch.Tensor:
+        """`mask` [B, 1, S, keys] (True: masked); with `kv`, the keys are the cached slots followed by `x`'s."""
         b, s, _ = x.shape
         per_group = self.heads // self.groups
         qkv = self.linear_qkv(x).view(b, s, self.groups, (per_group + 2) * self.head_dim)
@@ -50,6 +67,8 @@ class Attention(nn.Module):
         if rope is not None:
             q = q * rope.cos() + rotate_half(q) * rope.sin()
             k = k * rope.cos() + rotate_half(k) * rope.sin()
+        if kv is not None:
+            k, v = kv.extend(k, v)
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(self.head_dim)
         if mask is not None:
             scores = scores.masked_fill(mask, MASKED_SCORE)
@@ -85,8 +104,9 @@ class Layer(nn.Module):
         self.pre_mlp_layernorm = norm()
         self.mlp = MLP(hidden, ffn, gated, bias, activation)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, rope: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.self_attention(self.input_layernorm(x), mask, rope)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, rope: torch.Tensor | None,
+                kv: KVSlot | None = None) -> torch.Tensor:
+        x = x + self.self_attention(self.input_layernorm(x), mask, rope, kv)
         return x + self.mlp(self.pre_mlp_layernorm(x))
 
 
@@ -161,8 +181,9 @@ class ReferenceVLM(nn.Module):
         initialize(self, m.init_method_std, m.num_layers, cfg.train.seed)
         apply_freezing(self, cfg)
 
-    def hidden_states(self, batch: VictorBatch, plan: DropPlan) -> torch.Tensor:
-        """Final-norm hidden states [B, S', H] of the slots that reach the loss."""
+    def hidden_states(self, batch: VictorBatch, plan: DropPlan, cache: list[KVSlot] | None = None) -> torch.Tensor:
+        """Final-norm hidden states [B, S', H] of the slots that reach the loss; with `cache` (one empty slot per
+        decoder layer), each layer also keeps its keys and values (the prefill of `megavictor.model.kv_cache`)."""
         x = self.embedding.word_embeddings(batch.tokens)
         visual = self.projector(self.vision(batch.images)) if batch.images.shape[0] else None
         x = scatter_image_slots(x, batch.kinds, visual, self.registers)
@@ -170,7 +191,7 @@ class ReferenceVLM(nn.Module):
             if plan.drop_layer == index:
                 x = plan.drop(x, seq_dim=1)
             view = plan.view_for_layer(index)
-            x = layer(x, view.mask, view.rope.transpose(0, 1))
+            x = layer(x, view.mask, view.rope.transpose(0, 1), None if cache is None else cache[index])
         return self.decoder.final_layernorm(x)
 
     def forward(self, batch: VictorBatch, plan: DropPlan | None = None, return_logits: bool = False) -> torch.Tensor:
