@@ -1,8 +1,10 @@
 """Where a training run's initial weights come from, decided once, before any model or optimizer exists.
 
 In order of precedence:
-1. RESUME: the run directory has a `latest` checkpoint; the engine loads everything from it (weights, optimizer
-   state including fp32 main params, lr schedule, data position, RNG) after building its optimizer.
+1. RESUME: the run directory has checkpoints; the engine loads everything from the one `latest` names (weights,
+   optimizer state including fp32 main params, lr schedule, data position, RNG) after building its optimizer. When
+   that one fails verification (or, in the training loop, loading), the newest one that verifies is used instead,
+   saying so; when none does, the run stops with one line rather than silently starting over.
 2. INIT_FROM: `train.init_from` names a checkpoint of either engine; its weights only.
 3. FRESH: the layout-independent initial values (`model.weight_init`), with the ViT from `vision.init_from` when
    given.
@@ -21,9 +23,11 @@ from pathlib import Path
 
 import torch
 
-from megavictor.checkpoint import CheckpointError, engine_of, latest_checkpoint, load_full_state, resolve
+from megavictor.checkpoint import CheckpointError, engine_of, load_full_state, resolve
+from megavictor.checkpoint.commit import checkpoint_problem, resume_candidates
 from megavictor.checkpoint.megatron import read_shapes
 from megavictor.config import Config, ConfigError, Engine
+from megavictor.errors import notice
 from megavictor.model.reference import full_shapes, shape_problems
 from megavictor.model.weight_init import initial_value
 
@@ -39,23 +43,21 @@ class InitialWeights:
     source: WeightSource
     checkpoint: Path | None = None  # RESUME: the run's latest checkpoint; INIT_FROM: the resolved checkpoint
     vision_tower: Path | None = None  # FRESH: `vision.init_from`, if given
+    rejected: tuple[Path, ...] = ()  # RESUME: newer checkpoints that failed verification or loading
 
 
 def checkpoints_dir(cfg: Config) -> Path:
     return Path(cfg.train.run_dir) / "checkpoints"
 
 
-def choose_initial_weights(cfg: Config) -> InitialWeights:
-    """Decide the source (checking that what it names exists and fits this run); raises a one-line user error."""
-    latest = latest_checkpoint(checkpoints_dir(cfg))
-    if latest is not None:
-        if engine_of(latest) != cfg.train.engine:
-            raise CheckpointError(f"train.run_dir={cfg.train.run_dir} holds checkpoints of train.engine="
-                                  f"{engine_of(latest)}; resume it with that engine, or start a new run with "
-                                  f"train.init_from={latest}")
-        if engine_of(latest) == Engine.MEGATRON:
-            _check_fits(cfg, latest, read_shapes(latest), key="train.run_dir")
-        return InitialWeights(WeightSource.RESUME, checkpoint=latest)
+def choose_initial_weights(cfg: Config, exclude: tuple[Path, ...] = ()) -> InitialWeights:
+    """Decide the source (checking that what it names exists and fits this run); raises a one-line user error.
+
+    `exclude`: checkpoints of this run already found unloadable (the loop asks again without them)."""
+    root = checkpoints_dir(cfg)
+    candidates = [path for path in resume_candidates(root) if path not in exclude]
+    if candidates or exclude:
+        return _resume(cfg, root, candidates, list(exclude))
     if cfg.train.init_from:
         try:
             path = resolve(cfg.train.init_from)
@@ -69,6 +71,33 @@ def choose_initial_weights(cfg: Config) -> InitialWeights:
         raise ConfigError(f"vision.init_from={tower} does not exist; for the demo, `megavictor prep digits` writes "
                           "vision_encoder.safetensors into the data folder")
     return InitialWeights(WeightSource.FRESH, vision_tower=Path(tower) if tower else None)
+
+
+def _resume(cfg: Config, root: Path, candidates: list[Path], excluded: list[Path]) -> InitialWeights:
+    """The first of `candidates` that verifies (every file's size and sha256 against its manifest)."""
+    failed: list[tuple[Path, str]] = []
+    for path in candidates:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            for bad, why in failed:
+                notice(f"cannot resume from {bad.name}: {why}")
+            if failed or excluded:
+                notice(f"resuming from {path} instead, the newest checkpoint that verifies")
+            return _resumable(cfg, path, tuple(excluded + [bad for bad, _ in failed]))
+        failed.append((path, problem))
+    named = f" ({failed[0][1]})" if failed else ""
+    raise CheckpointError(f"no checkpoint in {root} verifies and loads{named}; restore one, or move {root} away to "
+                          "start the run over")
+
+
+def _resumable(cfg: Config, path: Path, rejected: tuple[Path, ...]) -> InitialWeights:
+    if engine_of(path) != cfg.train.engine:
+        raise CheckpointError(f"train.run_dir={cfg.train.run_dir} holds checkpoints of train.engine="
+                              f"{engine_of(path)}; resume it with that engine, or start a new run with "
+                              f"train.init_from={path}")
+    if engine_of(path) == Engine.MEGATRON:
+        _check_fits(cfg, path, read_shapes(path), key="train.run_dir")
+    return InitialWeights(WeightSource.RESUME, checkpoint=path, rejected=rejected)
 
 
 def _check_fits(cfg: Config, path: Path, shapes: dict[str, tuple[int, ...]], key: str = "train.init_from") -> None:

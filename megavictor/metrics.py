@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from megavictor.config import Config
+from megavictor.errors import notice
 from megavictor.model.batch import KIND_VISUAL, VictorBatch
 from megavictor.pipeline_split import TRAIN_FACTOR, transformer_layer_flops
 
@@ -105,20 +106,31 @@ class MetricsLogger:
         self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
     def _drop_steps_after(self, step: int) -> None:
-        """On resume, forget lines for steps the checkpoint does not cover (logged after it, then lost)."""
+        """On resume, forget lines for steps the checkpoint does not cover (logged after it, then lost), and a torn
+        last line (the job killed, or the disk full, during an append), saying so."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = []
+        for number, line in enumerate(self.path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                notice(f"{self.path}: dropped line {number}, torn by an interrupted append ({line[:40]!r}...)")
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
 
     def log(self, record: dict[str, Any]) -> None:
         """Every step into metrics.jsonl; every `log.log_interval` steps (and always with a val_loss) to wandb and
         the progress bar's figures."""
         if not self.active:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.path, json.dumps(record))
         self._bar.update(1)
         if record["step"] % self.interval and "val_loss" not in record:
             return
@@ -132,6 +144,24 @@ class MetricsLogger:
             self._bar.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append `line` with one write(2) of the whole line; a short write (a full disk) is undone, so that the file
+    never ends in a torn line that the job itself left."""
+    data = (line + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        before = os.fstat(fd).st_size
+        try:
+            written, error = os.write(fd, data), "a short write"
+        except OSError as exc:
+            written, error = -1, str(exc)
+        if written != len(data):
+            os.ftruncate(fd, before)
+            raise OSError(f"{path}: could not append a line ({error})")
+    finally:
+        os.close(fd)
 
 
 def _wandb_id(run_dir: Path) -> str:

@@ -23,10 +23,12 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megavictor.checkpoint import step_dir_name
+from megavictor.checkpoint.commit import adopt_fallback, first_failure
 from megavictor.config import Config, Engine
 from megavictor.data.loader import VictorLoader
 from megavictor.distributed import ParallelDims, collective_device, init_from_config
-from megavictor.engines.base import TrainingEngine, micro_batches_per_rank
+from megavictor.engines.base import Restored, TrainingEngine, micro_batches_per_rank
+from megavictor.errors import notice
 from megavictor.initial_weights import InitialWeights, WeightSource, choose_initial_weights
 from megavictor.metrics import MetricsLogger, batch_train_flops, peak_flops
 from megavictor.model.batch import KIND_PAD, KIND_TEXT, KIND_VISUAL, VictorBatch, collate_rows
@@ -103,8 +105,8 @@ def train(cfg: Config) -> Summary:
     engine = build_engine(cfg, dims, weights)
     step, saved = 0, None
     if weights.source == WeightSource.RESUME:
-        restored = engine.load(weights.checkpoint)
-        step, saved = restored.step, weights.checkpoint
+        saved, restored = resume(cfg, engine, weights)
+        step = restored.step
         data.load_state_dict(restored.extra["loader"])
     reports = dims.is_last_stage and dims.tp_rank == 0 and dims.dp_rank == 0  # the rank holding the global loss
     metrics = MetricsLogger(cfg, Path(t.run_dir), reports, t.max_steps, step)
@@ -130,6 +132,26 @@ def train(cfg: Config) -> Summary:
     metrics.close()
     val_loss = None if stopped else validation_loss(cfg, engine, dims)
     return Summary(step, last_loss, val_loss, stopped, str(saved))
+
+
+def resume(cfg: Config, engine: TrainingEngine, weights: InitialWeights) -> tuple[Path, Restored]:
+    """Load the verified checkpoint `weights` names; one that fails to load on any rank is reported in one line and
+    the next verified one tried (each load replaces all state, so a failed attempt leaves nothing behind). Having
+    fallen back, rank 0 sets the newer damaged checkpoints aside, points `latest` at the one used and protects it."""
+    while True:
+        try:
+            restored, error = engine.load(weights.checkpoint), None
+        except Exception as exc:  # any failure to read it: named below, then the next checkpoint
+            restored, error = None, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
+        error = first_failure(error)
+        if error is None:
+            break
+        notice(f"cannot resume from {weights.checkpoint}: it does not load ({error})")
+        weights = choose_initial_weights(cfg, exclude=(*weights.rejected, weights.checkpoint))
+    if weights.rejected and dist.get_rank() == 0:
+        adopt_fallback(weights.checkpoint.parent, weights.checkpoint, weights.rejected)
+    dist.barrier()
+    return weights.checkpoint, restored
 
 
 def train_step(engine: TrainingEngine, data: TrainData, dims: ParallelDims) -> dict[str, Any]:

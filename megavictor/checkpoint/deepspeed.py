@@ -1,8 +1,9 @@
 """The DeepSpeed engine's checkpoint format: DeepSpeed's own files (per-rank ZeRO shards) plus our marker.
 
-`write_marker` is written last into the temporary directory (after DeepSpeed's files and the per-rank RNG states),
-so the marker's presence means the checkpoint is complete (`commit.is_complete`). Offline readers (`read_config`,
-`read_weights`) need no process group: DeepSpeed's `zero_to_fp32` merges the ZeRO-1/2/3 shards in this process.
+`write_marker` is written into the temporary directory after DeepSpeed's files and the per-rank RNG states; the
+manifest that makes the checkpoint complete (`commit.is_complete`) comes after it and covers all of them. Offline
+readers (`read_config`, `read_weights`) need no process group: DeepSpeed's `zero_to_fp32` merges the ZeRO-1/2/3
+shards in this process.
 """
 
 from __future__ import annotations

@@ -74,7 +74,10 @@ def read_common(path: str | Path) -> dict[str, Any]:
     common = Path(path) / "common.pt"
     if not common.is_file():
         raise CheckpointError(f"{common} is missing: {path} is not a complete megatron-format checkpoint")
-    return torch.load(common, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(common, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a truncated or overwritten file: torch names neither the file nor the checkpoint
+        raise CheckpointError(f"{common} cannot be read ({str(exc).splitlines()[0][:200]})") from exc
 
 
 def load_model_weights(path: str | Path, model: torch.nn.Module) -> None:

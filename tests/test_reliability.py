@@ -1,0 +1,196 @@
+"""Fault injection on real runs (CPU, gloo, kill by pid): no partial or damaged checkpoint is ever trusted, restarts
+fall back to the newest good one, non-finite steps are skipped and stop the run, one run per run directory, full
+disks and torn metrics lines, no process outliving a killed trainer.
+
+One tiny reference run (2 layers, 4 steps, a checkpoint every step) is shared by the whole module; every damaged
+run directory is a copy of it, so each test costs at most one or two short training processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from megavictor.checkpoint.commit import LATEST, MANIFEST, PRE_ANOMALY, checkpoint_problem, commit_atomically, \
+    resume_candidates, write_manifest
+from megavictor.config import load_config
+from megavictor.initial_weights import WeightSource, choose_initial_weights
+from tests.runs import ROOT, STAGE2, losses, run, train_cmd
+
+STEPS = 4
+TINY = ["model.num_layers=2", "victor.drop_layer=1", f"train.max_steps={STEPS}", "train.save_interval=1",
+        "train.keep_last=0", "train.eval_batches=1"]
+
+
+def tiny_cmd(data: Path, run_dir: Path, *overrides: str) -> list[str]:
+    return train_cmd(1, data, run_dir, *TINY, *overrides)
+
+
+def tiny_config(data: Path, run_dir: Path, *overrides: str):
+    return load_config(STAGE2, [f"data.path={data}", f"train.run_dir={run_dir}", "train.init_from=null",
+                                "log.wandb=false", *TINY, *overrides])
+
+
+def train(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+
+
+def notices(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("megavictor")]
+
+
+@pytest.fixture(scope="module")
+def reference(digits_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted run: checkpoints step_000001..4, metrics.jsonl with the losses of steps 1..4."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    run(tiny_cmd(digits_data, run_dir))
+    return run_dir
+
+
+def copy_run(reference: Path, dest: Path) -> Path:
+    shutil.copytree(reference, dest)
+    return dest / "checkpoints"
+
+
+def step(checkpoints: Path, n: int) -> Path:
+    return checkpoints / f"step_{n:06d}"
+
+
+# --------------------------------------------------------------------------- manifest, re-save
+
+
+def test_every_checkpoint_carries_a_manifest_of_all_its_files(reference: Path) -> None:
+    for path in resume_candidates(reference / "checkpoints"):
+        listed = set(json.loads((path / MANIFEST).read_text())["files"])
+        on_disk = {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()} - {MANIFEST}
+        assert listed == on_disk and "common.pt" in listed and "metadata.json" in listed
+        assert checkpoint_problem(path) is None
+
+
+def _commit(root: Path, n: int, payload: str) -> None:
+    def write(tmp: Path) -> None:
+        (tmp / "payload").write_text(payload)
+        (tmp / "metadata.json").write_text("{}")
+
+    commit_atomically(root, n, write)
+
+
+@pytest.mark.parametrize("crash_at", range(6))
+def test_a_resave_killed_at_any_point_leaves_a_verified_checkpoint_to_resume(tmp_path: Path, monkeypatch,
+                                                                              crash_at: int) -> None:
+    """Re-save step 2 while `latest` names it, dying at each rename / removal of the commit in turn: the first
+    candidate a restart would take that verifies always holds a complete step 2 (old or new copy)."""
+    from megavictor.checkpoint import commit
+
+    _commit(tmp_path, 1, "one")
+    _commit(tmp_path, 2, "old")
+    calls = []
+
+    def dying(real):
+        def op(*args, **kwargs):
+            calls.append(args)
+            if len(calls) > crash_at:
+                raise KeyboardInterrupt("killed")
+            return real(*args, **kwargs)
+        return op
+
+    monkeypatch.setattr(commit.os, "replace", dying(os.replace))
+    monkeypatch.setattr(commit.shutil, "rmtree", dying(shutil.rmtree))
+    with pytest.raises(KeyboardInterrupt):
+        _commit(tmp_path, 2, "new")
+    monkeypatch.undo()
+    good = next(p for p in resume_candidates(tmp_path) if checkpoint_problem(p) is None)
+    assert commit.step_of(good) == 2 and (good / "payload").read_text() in ("old", "new")
+
+
+def test_kill_during_a_resave_then_restart_reproduces_the_losses(reference: Path, digits_data: Path,
+                                                                 tmp_path: Path) -> None:
+    """`latest` back at step 2 while steps 3 and 4 exist: the run saves them again. SIGKILL it while a save is in
+    flight (its .tmp or .old directory on disk), restart: the uninterrupted run's losses."""
+    checkpoints = copy_run(reference, tmp_path / "run")
+    (checkpoints / LATEST).write_text("step_000002\n")
+    cmd = tiny_cmd(digits_data, tmp_path / "run")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not any(p.suffix in (".tmp", ".old") and p.name.startswith("step_") for p in checkpoints.iterdir()):
+        assert proc.poll() is None, "the run ended before a save could be interrupted"
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    run(cmd)
+    assert losses(tmp_path / "run") == losses(reference)
+    assert not [p for p in checkpoints.iterdir() if p.suffix in (".tmp", ".old")]
+
+
+# --------------------------------------------------------------------------- damaged checkpoints
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])
+    path.write_bytes(bytes(data))
+
+
+CORRUPTIONS = {
+    "truncated shard": ("__0_0.distcp", _truncate),
+    "deleted shard": ("__0_1.distcp", Path.unlink),
+    "truncated common.pt": ("common.pt", _truncate),
+    "truncated .metadata": (".metadata", _truncate),
+    "bytes flipped in a shard": ("__0_0.distcp", _flip),
+}
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_a_damaged_latest_is_named_and_the_previous_checkpoint_chosen(reference: Path, digits_data: Path,
+                                                                      tmp_path: Path, capfd, corruption: str) -> None:
+    checkpoints = copy_run(reference, tmp_path / "run")
+    name, damage = CORRUPTIONS[corruption]
+    damage(step(checkpoints, STEPS) / name)
+    weights = choose_initial_weights(tiny_config(digits_data, tmp_path / "run"))
+    assert weights.source == WeightSource.RESUME and weights.checkpoint == step(checkpoints, STEPS - 1)
+    assert weights.rejected == (step(checkpoints, STEPS),)
+    assert str(step(checkpoints, STEPS) / name) in capfd.readouterr().err
+
+
+def test_restart_falls_back_past_damaged_checkpoints_and_reproduces_the_losses(reference: Path, digits_data: Path,
+                                                                                tmp_path: Path) -> None:
+    """Step 4: bytes flipped in a shard (fails verification). Step 3: common.pt truncated and the manifest written
+    again to match (verifies, fails to load). The restart names both files, resumes from step 2 with the
+    reference's losses, sets the damaged ones aside and protects step 2 from rotation. The torn last line of
+    metrics.jsonl (a kill during an append) is dropped with a message."""
+    checkpoints = copy_run(reference, tmp_path / "run")
+    _flip(step(checkpoints, 4) / "__0_0.distcp")
+    _truncate(step(checkpoints, 3) / "common.pt")
+    write_manifest(step(checkpoints, 3))
+    with (tmp_path / "run" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "loss": 3.')
+    proc = train(tiny_cmd(digits_data, tmp_path / "run"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = "\n".join(notices(proc.stderr))
+    assert "step_000004/__0_0.distcp" in said and "step_000003/common.pt" in said and "torn" in said
+    assert "resuming from " + str(step(checkpoints, 2)) in said
+    assert losses(tmp_path / "run") == losses(reference)
+    assert (checkpoints / PRE_ANOMALY).read_text().strip() == "step_000002"
+    assert step(checkpoints, 3).with_suffix(".bad").is_dir() and step(checkpoints, 4).with_suffix(".bad").is_dir()
+
+
+def test_with_no_checkpoint_that_verifies_the_restart_stops_in_one_line(reference: Path, digits_data: Path,
+                                                                        tmp_path: Path) -> None:
+    checkpoints = copy_run(reference, tmp_path / "run")
+    for n in range(1, STEPS + 1):
+        _truncate(step(checkpoints, n) / "common.pt")
+    proc = train(tiny_cmd(digits_data, tmp_path / "run"))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no checkpoint" in lines[0] and "step_000004/common.pt" in lines[0], proc.stderr
