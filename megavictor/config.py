@@ -141,6 +141,21 @@ class VictorConfig:
 
 
 @dataclass
+class PeerConfig:
+    """The token-reduction methods the Victor paper compares with, as switches on the same model and recipe
+    (`megavictor.model.peers`). Megatron engine only; no HF export."""
+
+    # FastV: layers >= K see only the top `fastv_keep` share of each image's visual tokens, ranked by the attention
+    # (head mean, layer K-1) they receive from the slot that predicts the first answer token. Needs
+    # victor.enabled=false; set at inference only (`megavictor eval ... peer.fastv_layer=K`) it is training-free.
+    fastv_layer: int | None = None
+    fastv_keep: float = 0.5
+    # A fixed compressor: each image's visual tokens average-pooled (over the patch grid) to this many tokens, which
+    # fill the register slots; with victor.drop_layer=0 the LLM never sees the visual tokens themselves.
+    avg_pool_to: int | None = None
+
+
+@dataclass
 class ParallelConfig:
     """Model-parallel layout; data parallel is whatever is left of the world size."""
 
@@ -212,6 +227,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     victor: VictorConfig = field(default_factory=VictorConfig)
+    peer: PeerConfig = field(default_factory=PeerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -448,11 +464,39 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
              f"data.seq_length={d.seq_length} must be a multiple of 16 with train.fp8 (FP8 GEMM alignment)")
     _require(t.fp8 is None or t.attention_backend == "te",
              f"train.fp8={t.fp8} needs train.attention_backend=te (Transformer Engine on a CUDA GPU)")
+    _validate_peer(cfg)
     _validate_engine(cfg)
     per_step = d.micro_batch_size * (world_size // (p.tp * p.pp) if world_size else 1)
     _require(t.global_batch_size % per_step == 0,
              f"train.global_batch_size={t.global_batch_size} is not a multiple of data.micro_batch_size="
              f"{d.micro_batch_size} x data-parallel size")
+
+
+def _validate_peer(cfg: Config) -> None:
+    """FastV ranks by layer K-1's attention probabilities (megatron's local attention, one pipeline stage, no
+    Victor drop); the average pool fills the register slots, so it needs exactly that many and the drop at 0."""
+    pe, vi, t, p = cfg.peer, cfg.victor, cfg.train, cfg.parallel
+    n_layers, visual = cfg.model.num_layers, cfg.vision.num_visual_tokens
+    used = [key for key, value in (("peer.fastv_layer", pe.fastv_layer), ("peer.avg_pool_to", pe.avg_pool_to))
+            if value is not None]
+    _require(len(used) <= 1, "peer.fastv_layer and peer.avg_pool_to are alternatives: set one of them")
+    _require(not used or t.engine == Engine.MEGATRON,
+             f"{used[0] if used else ''} needs train.engine=megatron (the peers have no HF implementation)")
+    _require(0 < pe.fastv_keep <= 1, f"peer.fastv_keep={pe.fastv_keep} must be in (0, 1]")
+    if pe.fastv_layer is not None:
+        k = pe.fastv_layer
+        _require(1 <= k < n_layers, f"peer.fastv_layer={k} must be in [1, model.num_layers={n_layers})")
+        _require(not vi.enabled, f"peer.fastv_layer={k} replaces the Victor drop: set victor.enabled=false")
+        _require(p.pp == 1, f"peer.fastv_layer={k} needs parallel.pp=1 (the kept slots are chosen during the "
+                            "forward; later pipeline stages could not know them)")
+        _require(t.attention_backend == AttentionBackend.LOCAL,
+                 f"peer.fastv_layer={k} needs train.attention_backend=local (it reads the attention probabilities)")
+    if pe.avg_pool_to is not None:
+        r = pe.avg_pool_to
+        _require(1 <= r <= visual, f"peer.avg_pool_to={r} must be in [1, {visual}] (the visual tokens per image)")
+        _require(vi.enabled and vi.num_registers == r and vi.drop_layer == 0,
+                 f"peer.avg_pool_to={r} fills the register slots: set victor.enabled=true victor.num_registers={r} "
+                 "victor.drop_layer=0")
 
 
 def _validate_engine(cfg: Config) -> None:

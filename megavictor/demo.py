@@ -29,12 +29,11 @@ def ensure_digits(path: Path) -> None:
         raise SystemExit(f"megavictor demo: preparing the digits data in {path} failed")
 
 
-def train_and_evaluate(run_dir: Path, data: Path, overrides: list[str]) -> dict:
-    """Stage 1, stage 2 (each resumes or is skipped if `run_dir` already holds it), then test-split accuracy;
-    the result is also written to RUN_DIR/eval.json. `eval_s` is the wall time of the greedy evaluation."""
+def train_stages(run_dir: Path, data: Path, overrides: list[str], recipe: str = "demo") -> None:
+    """LLaVA stage 1 then stage 2 of `configs/<recipe>_stage{1,2}.yaml` in RUN_DIR/stage{1,2} (each resumes, or is
+    skipped if already complete)."""
     from data_prep.vision_encoder import ENCODER_FILE
     from megavictor import trainer
-    from megavictor.vqa import checkpoint_generator, evaluate
 
     ensure_digits(data)
     for llava_stage in (1, 2):
@@ -43,26 +42,44 @@ def train_and_evaluate(run_dir: Path, data: Path, overrides: list[str]) -> dict:
             stage_overrides.append(f"vision.init_from={data / ENCODER_FILE}")
         else:
             stage_overrides.append(f"train.init_from={run_dir / 'stage1'}")
-        cfg = load_config(CONFIGS / f"demo_stage{llava_stage}.yaml", stage_overrides + list(overrides))
+        cfg = load_config(CONFIGS / f"{recipe}_stage{llava_stage}.yaml", stage_overrides + list(overrides))
         summary = trainer.run(cfg)
         fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731  (None: the stage was already complete)
         print(f"stage {llava_stage}: {summary.final_step} steps, loss {fmt(summary.final_loss)}, "
               f"val loss {fmt(summary.val_loss)}")
-    generate, cfg = checkpoint_generator(run_dir / "stage2", data)
+
+
+def evaluate_run(run_dir: Path, data: Path, out_dir: Path | None = None, overrides: list[str] | None = None,
+                 limit: int | None = None) -> dict:
+    """Test-split accuracy of RUN_DIR/stage2 (inference `overrides`, e.g. FastV on a baseline; the first `limit`
+    questions), written to OUT_DIR/eval.json (default RUN_DIR). `eval_s` is the wall time of the greedy evaluation."""
+    from megavictor.vqa import checkpoint_generator, evaluate
+
+    out_dir = run_dir if out_dir is None else out_dir
+    generate, cfg = checkpoint_generator(run_dir / "stage2", data, overrides=overrides or [])
     start = time.perf_counter()
-    result = evaluate(generate, cfg, data, cfg.data.test_split)
+    result = evaluate(generate, cfg, data, cfg.data.test_split, limit)
     result.update(eval_s=time.perf_counter() - start, split=cfg.data.test_split, run_dir=str(run_dir))
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "eval.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def train_and_evaluate(run_dir: Path, data: Path, overrides: list[str], recipe: str = "demo") -> dict:
+    """Stage 1, stage 2, then test-split accuracy (also written to RUN_DIR/eval.json)."""
+    train_stages(run_dir, data, overrides, recipe)
+    return evaluate_run(run_dir, data)
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="megavictor demo", description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", default="runs/demo")
     parser.add_argument("--data", default="data/digits")
+    parser.add_argument("--recipe", choices=("demo", "fidelity"), default="demo",
+                        help="configs/<recipe>_stage{1,2}.yaml; fidelity: 8 layers, drop after layer 1 (k/L as in the paper)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides for both stages, e.g. victor.num_registers=4")
     args = parser.parse_args(argv)
-    result = train_and_evaluate(Path(args.run_dir), Path(args.data), args.overrides)
+    result = train_and_evaluate(Path(args.run_dir), Path(args.data), args.overrides, args.recipe)
     print(f"test accuracy {result['accuracy']:.3f} on {result['n']} questions (chance {result['chance']:.3f})")
     print(json.dumps(result))
     return 0

@@ -16,6 +16,7 @@ import torch
 from megavictor.config import Config
 from megavictor.errors import notice
 from megavictor.model.batch import KIND_VISUAL, VictorBatch
+from megavictor.model.peers import removed_visual, shortened_from
 from megavictor.pipeline_split import TRAIN_FACTOR, transformer_layer_flops
 
 # Peak dense throughput used for MFU where no GPU says otherwise (CPU: a nominal 1 TFLOP/s per process).
@@ -34,8 +35,9 @@ def decoder_flops(cfg: Config, long: int, short: int, factor: float = TRAIN_FACT
     m = cfg.model
     groups = m.num_query_groups or m.num_attention_heads
     total = 0.0
+    first_short = shortened_from(cfg)
     for i in range(m.num_layers):
-        dropped = cfg.victor.enabled and i >= cfg.victor.drop_layer
+        dropped = first_short is not None and i >= first_short
         seq, context = (short, context_short) if dropped else (long, context_long)
         total += factor * transformer_layer_flops(seq, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads,
                                                   groups, gated=True, context=context)
@@ -59,7 +61,7 @@ def batch_train_flops(cfg: Config, batch: VictorBatch) -> float:
     visual_per_row = (batch.kinds == KIND_VISUAL).sum(dim=1)
     total = 0.0
     for r in range(rows):
-        short = long - int(visual_per_row[r]) if cfg.victor.enabled else long
+        short = long - removed_visual(cfg, int(visual_per_row[r]))
         total += decoder_flops(cfg, long, short)
     return total + vision_flops(cfg, batch.images.shape[0], train=True)
 
@@ -68,7 +70,7 @@ def generate_flops(cfg: Config, rows: int, visual: int, prompt: int, new_tokens:
     """Forward FLOPs of `generate` with a KV cache: `rows` prompts of `prompt` slots holding `visual` visual
     slots each (one image per prompt), a prefill that computes logits for the last slot only, then
     `new_tokens - 1` single-token decode steps."""
-    short = prompt - visual if cfg.victor.enabled else prompt
+    short = prompt - removed_visual(cfg, visual)
     total = rows * decoder_flops(cfg, prompt, short, factor=1.0, head_tokens=1)
     for t in range(1, new_tokens):
         total += rows * decoder_flops(cfg, 1, 1, factor=1.0, context_long=prompt + t, context_short=short + t)

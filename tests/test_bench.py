@@ -86,21 +86,46 @@ def test_bench_infer_on_an_hf_export(capsys: pytest.CaptureFixture[str], tmp_pat
     assert out["flop_bound"] > 1 and positive(out["speedup"]) and positive(out["decode_speedup"])
 
 
-def test_bench_accuracy_quick(capsys: pytest.CaptureFixture[str], digits_data: Path, tmp_path: Path) -> None:
-    """`bench accuracy --quick` with a 2-step budget: the three variants train and evaluate like the demo, the
-    JSON has the documented fields, the speedups are relative to the baseline, and the plot is a PNG."""
-    out = last_json(capsys, ["accuracy", "--quick", "--run-dir", str(tmp_path), "--data", str(digits_data),
-                             "train.max_steps=2", "data.seq_length=128", "log.wandb=false"])
-    names = [r["name"] for r in out["results"]]
-    assert names == ["baseline", "R8_k3", "R0_k3"]
+def test_accuracy_mean_and_sample_std() -> None:
+    from megavictor.benchmarks.accuracy import mean_std
+
+    mean, std = mean_std([0.5, 0.7, 0.6])
+    assert mean == pytest.approx(0.6) and std == pytest.approx(0.1)
+    assert mean_std([0.25]) == (0.25, 0.0)
+
+
+def test_bench_accuracy_sweep_over_seeds(capsys: pytest.CaptureFixture[str], digits_data: Path,
+                                         tmp_path: Path) -> None:
+    """`bench accuracy` on a 2-step budget and 2 seeds, the fidelity recipe cut to 2 layers: Victor R=8 and R=0,
+    the training-free FastV (the baseline's checkpoints) and the average pool. Each accuracy is the mean of its
+    seeds' eval.json with their sample std; the seeds differ in initialisation and data order; the JSON has the
+    fixed fields; the plot is a PNG."""
+    import statistics
+
+    from megavictor.benchmarks.accuracy import variants
+
+    assert [v.name for v in variants(1, quick=True)] == ["baseline", "R8_k1", "R0_k1"]
+    out = last_json(capsys, ["accuracy", "--seeds", "2", "--run-dir", str(tmp_path), "--data", str(digits_data),
+                             "--variants", "R8_k1,R0_k1,fastv_free_K1,avgpool_R4", "--eval-limit", "48",
+                             "train.max_steps=2", "data.seq_length=128", "log.wandb=false", "model.num_layers=2"])
+    assert (out["seeds"], out["drop_layer"], out["num_layers"]) == ([1234, 1235], 1, 2)
     by_name = {r["name"]: r for r in out["results"]}
-    assert by_name["baseline"]["enabled"] is False and by_name["baseline"]["train_speedup"] == 1.0
-    assert (by_name["R8_k3"]["num_registers"], by_name["R8_k3"]["drop_layer"]) == (8, 3)
-    assert by_name["R0_k3"]["num_registers"] == 0
+    assert list(by_name) == ["baseline", "R0_k1", "R8_k1", "fastv_free_K1", "avgpool_R4"]
     for r in out["results"]:
-        assert positive(r["train_speedup"]) and positive(r["infer_speedup"])
-        assert json.loads((tmp_path / r["name"] / "eval.json").read_text())["accuracy"] == r["accuracy"]
-    assert by_name["R8_k3"]["flop_bound"] > 1 and by_name["R0_k3"]["flop_bound"] > by_name["R8_k3"]["flop_bound"]
-    assert (out["baseline_accuracy"], out["victor_accuracy"], out["no_register_accuracy"]) == \
-        (by_name["baseline"]["accuracy"], by_name["R8_k3"]["accuracy"], by_name["R0_k3"]["accuracy"])
+        accuracies = [json.loads((tmp_path / r["name"] / f"seed{s}" / "eval.json").read_text())["accuracy"]
+                      for s in out["seeds"]]
+        assert r["accuracies"] == accuracies and r["seeds"] == out["seeds"]
+        assert r["accuracy"] == pytest.approx(statistics.fmean(accuracies))
+        assert r["accuracy_std"] == pytest.approx(statistics.stdev(accuracies))
+        assert positive(r["train_speedup"]) and positive(r["infer_speedup"]) and positive(r["flops"])
+    for field, name in (("baseline_accuracy", "baseline"), ("victor_accuracy", "R8_k1"),
+                        ("no_register_accuracy", "R0_k1")):
+        assert (out[field], out[f"{field}_std"]) == (by_name[name]["accuracy"], by_name[name]["accuracy_std"])
+    first_losses = [json.loads((tmp_path / "R8_k1" / f"seed{s}" / "stage2" / "metrics.jsonl").read_text()
+                               .splitlines()[0])["loss"] for s in out["seeds"]]
+    assert first_losses[0] != first_losses[1], "the seeds must differ (initialisation, data order)"
+    assert by_name["baseline"]["train_speedup"] == 1.0 and by_name["fastv_free_K1"]["train_speedup"] == 1.0
+    assert not (tmp_path / "fastv_free_K1" / "seed1234" / "stage2").exists()  # evaluated, not trained
+    assert by_name["R8_k1"]["flop_bound"] > 1 and by_name["R0_k1"]["flop_bound"] > by_name["R8_k1"]["flop_bound"]
+    assert by_name["avgpool_R4"]["flop_bound"] > by_name["R0_k1"]["flop_bound"]  # the LLM never sees the image
     assert Path(out["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,6 +1,7 @@
 """Greedy decoding with the KV cache gives the tokens of decoding without it (the whole prefix re-run per token).
 
-Prompts of different lengths and image counts share a batch (row padding, the drop's fillers). The cached path runs
+Prompts of different lengths and image counts share a batch (row padding, the drop's fillers); Victor, the
+baseline and every peer variant (`megavictor.model.peers`). The cached path runs
 the plain-PyTorch twin; the uncached one the megatron model with the same weights, so the check also covers the
 cache against an independent implementation of the forward. A larger init std than training's sharpens the random
 model's logits, so that greedy choices are not decided by rounding.
@@ -23,6 +24,8 @@ VARIANTS = {
     "victor": [],
     "baseline": ["victor.enabled=false"],
     "text_blind": ["victor.mask=text_blind", "victor.drop_layer=1"],
+    "fastv": ["victor.enabled=false", "peer.fastv_layer=2"],
+    "avg_pool": ["victor.num_registers=4", "victor.drop_layer=0", "peer.avg_pool_to=4"],
 }
 
 

@@ -377,6 +377,9 @@ def to_hf(cfg: Config, full_state: dict[str, Tensor], out_dir: str | Path, token
     vi = cfg.victor
     if vi.enabled and vi.mask != VictorMask.CAUSAL:
         raise NotImplementedError(f"victor.mask={vi.mask!r} has no HF implementation (only causal)")
+    for key, value in (("peer.fastv_layer", cfg.peer.fastv_layer), ("peer.avg_pool_to", cfg.peer.avg_pool_to)):
+        if value is not None:
+            raise NotImplementedError(f"{key}={value} has no HF implementation (megatron engine and eval only)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # Set up for `generate(**processor(...))` (init arguments, so they are saved): left padding for batches, and

@@ -17,6 +17,7 @@ from torch import nn
 from megavictor.config import Config, VisionActivation
 from megavictor.model.batch import VictorBatch
 from megavictor.model.drop_plan import DropPlan, build_drop_plan, scatter_image_slots
+from megavictor.model.peers import image_slot_fill, learned_registers, run_layer
 from megavictor.model.recipe import apply_freezing
 from megavictor.model.weight_init import initialize
 
@@ -53,6 +54,7 @@ class Attention(nn.Module):
         self.heads, self.groups, self.head_dim = heads, groups, hidden // heads
         self.linear_qkv = nn.Linear(hidden, (heads + 2 * groups) * self.head_dim, bias=bias)
         self.linear_proj = nn.Linear(hidden, hidden, bias=bias)
+        self.softmax = nn.Softmax(dim=-1)  # a module, so that FastV can read the probabilities (no parameters)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, rope: torch.Tensor | None,
                 kv: KVSlot | None = None) -> torch.Tensor:
@@ -72,7 +74,7 @@ class Attention(nn.Module):
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(self.head_dim)
         if mask is not None:
             scores = scores.masked_fill(mask, MASKED_SCORE)
-        out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(dim=-1), v)
+        out = torch.einsum("bhqk,bkhd->bqhd", self.softmax(scores), v)
         return self.linear_proj(out.reshape(b, s, -1))
 
 
@@ -171,7 +173,7 @@ class ReferenceVLM(nn.Module):
         self.vision = VisionTower(cfg)
         self.projector = Projector(cfg)
         self.embedding = Embedding(m.vocab_size, m.hidden_size)
-        registers = cfg.victor.registers_per_image
+        registers = learned_registers(cfg)
         self.registers = nn.Parameter(torch.zeros(registers, m.hidden_size)) if registers else None
         groups = m.num_query_groups or m.num_attention_heads
         self.decoder = Stack([Layer(m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, groups, norm,
@@ -186,12 +188,14 @@ class ReferenceVLM(nn.Module):
         decoder layer), each layer also keeps its keys and values (the prefill of `megavictor.model.kv_cache`)."""
         x = self.embedding.word_embeddings(batch.tokens)
         visual = self.projector(self.vision(batch.images)) if batch.images.shape[0] else None
-        x = scatter_image_slots(x, batch.kinds, visual, self.registers)
+        x = scatter_image_slots(x, batch.kinds, visual, image_slot_fill(self.cfg, visual, self.registers))
         for index, layer in enumerate(self.decoder.layers):
             if plan.drop_layer == index:
                 x = plan.drop(x, seq_dim=1)
             view = plan.view_for_layer(index)
-            x = layer(x, view.mask, view.rope.transpose(0, 1), None if cache is None else cache[index])
+            kv = None if cache is None else cache[index]
+            x = run_layer(plan, index, layer.self_attention.softmax,
+                          lambda: layer(x, view.mask, view.rope.transpose(0, 1), kv))
         return self.decoder.final_layernorm(x)
 
     def forward(self, batch: VictorBatch, plan: DropPlan | None = None, return_logits: bool = False) -> torch.Tensor:

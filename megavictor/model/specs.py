@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.activations import quick_gelu
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_local_spec
@@ -22,6 +23,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megavictor.config import AttentionBackend, Config, Precision, VisionActivation
 from megavictor.model.drop_plan import DropPlan
+from megavictor.model.peers import run_layer
 
 # Fusions that only exist as CUDA kernels; their unfused paths are numerically the reference.
 _UNFUSED = dict(masked_softmax_fusion=False, bias_activation_fusion=False, bias_dropout_fusion=False,
@@ -43,7 +45,8 @@ class VictorTransformerLayer(TransformerLayer):
     """A decoder layer that performs the Victor drop and attends with its side of the plan.
 
     Layer k gathers the surviving slots before attending; every layer takes its view's mask and RoPE angles from the
-    plan (`DropPlanParams`) instead of the block's arguments.
+    plan (`DropPlanParams`) instead of the block's arguments. Under FastV, layer K-1 also ranks the visual slots by
+    its attention probabilities (`megavictor.model.peers`), which closes the plan's short side for layer K.
     """
 
     def forward(self, hidden_states, attention_mask=None, rotary_pos_emb=None, packed_seq_params=None,
@@ -55,8 +58,21 @@ class VictorTransformerLayer(TransformerLayer):
         if plan.drop_layer == index:
             hidden_states = plan.drop(hidden_states)
         view = plan.view_for_layer(index)
-        return super().forward(hidden_states, attention_mask=view.mask, rotary_pos_emb=view.rope,
-                               packed_seq_params=None, **kwargs)
+        forward = lambda: super(VictorTransformerLayer, self).forward(  # noqa: E731
+            hidden_states, attention_mask=view.mask, rotary_pos_emb=view.rope, packed_seq_params=None, **kwargs)
+        return run_layer(plan, index, self.self_attention.core_attention.scale_mask_softmax, forward,
+                         _mean_over_tensor_parallel)
+
+
+def _mean_over_tensor_parallel(head_mean: torch.Tensor) -> torch.Tensor:
+    """A mean over this rank's attention heads -> the mean over all heads (tensor-parallel ranks hold equal
+    shares)."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if tp > 1:
+        head_mean = head_mean.clone()
+        torch.distributed.all_reduce(head_mean, group=parallel_state.get_tensor_model_parallel_group())
+        head_mean /= tp
+    return head_mean
 
 
 def _with_mask_type(spec: ModuleSpec, mask_type: AttnMaskType) -> ModuleSpec:

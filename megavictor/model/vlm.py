@@ -24,6 +24,7 @@ from megavictor.config import Config
 from megavictor.model import specs
 from megavictor.model.batch import VictorBatch
 from megavictor.model.drop_plan import DropPlan, build_drop_plan, scatter_image_slots
+from megavictor.model.peers import image_slot_fill, learned_registers
 from megavictor.model.recipe import apply_freezing
 from megavictor.model.sharding import first_layer
 from megavictor.model.specs import DropPlanParams
@@ -61,7 +62,7 @@ class VictorVLM(MegatronModule):
             self.embedding = LanguageModelEmbedding(lm_config, vocab_size=cfg.model.vocab_size,
                                                     max_sequence_length=cfg.data.seq_length,
                                                     position_embedding_type="rope")
-            registers = cfg.victor.registers_per_image
+            registers = learned_registers(cfg)
             self.registers = (torch.nn.Parameter(torch.empty(registers, cfg.model.hidden_size,
                                                              dtype=lm_config.params_dtype))
                               if registers else None)
@@ -90,7 +91,8 @@ class VictorVLM(MegatronModule):
         if batch.images.shape[0]:
             features = self.vision(batch.images.to(words.dtype))[:, 1:]  # drop the class token
             visual = self.projector(features)
-        filled = scatter_image_slots(words.transpose(0, 1), batch.kinds, visual, self.registers)
+        filled = scatter_image_slots(words.transpose(0, 1), batch.kinds, visual,
+                                     image_slot_fill(self.cfg, visual, self.registers))
         # Contiguous in [S, B, H] order: elementwise layers keep strides, and p2p sends need contiguous tensors.
         return filled.transpose(0, 1).contiguous()
 
