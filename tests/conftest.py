@@ -1,4 +1,4 @@
-"""Session fixtures shared by the data tests."""
+"""Session fixtures shared by the test modules: the digits data set and the tiny HF sources."""
 
 from __future__ import annotations
 
@@ -19,3 +19,11 @@ def digits_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert main(["digits", "--out", str(out), "--maxcount", str(DIGITS_MAXCOUNT),
                  "--vision-steps", str(VISION_STEPS)]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny random HF Llama (with its tokenizer) and CLIP vision tower (`tests.hf_fixtures.build_sources`)."""
+    from tests.hf_fixtures import build_sources
+
+    return build_sources(tmp_path_factory.mktemp("hf_sources"))

@@ -23,7 +23,7 @@ from megavictor.config import ConfigError, load_config
 from megavictor.model.batch import collate_rows, expand_sample
 from megavictor.model.reference import ReferenceVLM
 from tests.fixtures import packed_batches, samples, tiny_config
-from tests.test_hf_interop import assert_keeps_source_tensors, sources  # noqa: F401 (sources: a fixture)
+from tests.hf_fixtures import assert_keeps_source_tensors
 from tests.runs import ROOT, STAGE2, assert_close, losses, megavictor, run, sigterm_after, train_cmd
 
 HAS_FLASH = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
@@ -193,7 +193,7 @@ def test_zero3_checkpoint_exports_to_hf_with_the_same_accuracy(zero3_run: Path, 
     assert after == before
 
 
-def test_from_hf_initialises_a_zero3_run(sources: dict[str, Path], digits_data: Path,  # noqa: F811
+def test_from_hf_initialises_a_zero3_run(sources: dict[str, Path], digits_data: Path,
                                          tmp_path: Path) -> None:
     """HF Llama + CLIP -> `convert from-hf` (a megatron checkpoint) -> `train.init_from` of a ZeRO-3 run (frozen
     ViT, nothing trained) -> `convert to-hf`: every source tensor comes back bit for bit."""

@@ -1,6 +1,6 @@
 """`megavictor convert` and `megavictor eval --hf` on real checkpoints.
 
-Tiny random HF Llama + CLIP (tests/test_hf_interop.py's `sources`) -> `convert from-hf` -> loaded by the trainer
+Tiny random HF Llama + CLIP (the `sources` fixture) -> `convert from-hf` -> loaded by the trainer
 into a tp=2 x pp=2 layout and saved again (`train.max_steps=0`) -> `convert to-hf`: every tensor megavictor keeps
 comes back bit for bit, and the megatron model and the export agree (logits, KV-cached greedy generation). A
 short-trained digits demo checkpoint gives the same accuracy JSON from `eval --checkpoint` and `eval --hf`.
@@ -19,15 +19,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from megavictor.hf.convert import read_safetensors
 from megavictor.model.batch import Sample, collate_rows, expand_sample
 from megavictor.model.drop_plan import build_drop_plan
-from tests.test_hf_interop import (  # noqa: F401 (sources: a fixture)
-    PROMPTS,
-    assert_keeps_source_tensors,
-    generate,
-    generated_tokens,
-    image,
-    sources,
-    to_sample,
-)
+from tests.hf_fixtures import PROMPTS, assert_keeps_source_tensors, generate, generated_tokens, image, to_sample
 from tests.runs import STAGE2, megavictor, run, train_cmd
 
 GREEDY_STEPS = 16

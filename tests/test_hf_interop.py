@@ -1,36 +1,17 @@
 """HF interop: HF checkpoints <-> megavictor's full state, and the exported (Victor) LLaVA against ReferenceVLM.
 
-Everything is built here at tiny size with random weights (norms and biases randomised too, so a swapped or
-dropped tensor shows); nothing is downloaded.
+Everything is built at tiny size with random weights (`tests.hf_fixtures`); nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import ast
-import fcntl
-import io
-import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import transformers
-from PIL import Image
-from transformers import (
-    AutoModelForImageTextToText,
-    AutoProcessor,
-    CLIPVisionConfig,
-    CLIPVisionModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    LlavaForConditionalGeneration,
-)
+from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
 
-from data_prep.tokenizer import build_word_tokenizer
 from megavictor.config import Config
 from megavictor.data.images import load_image
 from megavictor.data.tokenizer import ChatTokenizer, render
@@ -53,53 +34,16 @@ from megavictor.model.batch import (
     expand_sample,
 )
 from megavictor.model.reference import ReferenceVLM
-
-CLIP_LAYERS = 3  # the import keeps 2 (LLaVA reads the penultimate layer)
-WORDS = "USER ASSISTANT : ? . what digit is this it a seven three and which one bigger hello there the left"
-PROMPTS = {
-    "one": "USER: <image>\nwhat digit is this ? ASSISTANT:",
-    "two": "USER: <image> and <image>\nwhich one is bigger ? ASSISTANT:",
-    "none": "USER: hello there ASSISTANT:",
-}
-
-
-def randomise(model: torch.nn.Module, seed: int) -> None:
-    """Weights ~ N(0, 0.1), norm weights ~ 1 + N(0, 0.1), biases too: every tensor matters to the outputs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g) * 0.1
-            p.copy_(noise + 1 if "norm" in name and name.endswith("weight") else noise)
-
-
-def image(seed: int, size: tuple[int, int] = (40, 48)) -> Image.Image:
-    g = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8)
-    return Image.fromarray(pixels.numpy())
-
-
-def png(img: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    img.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A GQA Llama (with a word tokenizer beside it, as in a real LLM dir) and a CLIP vision tower."""
-    root = tmp_path_factory.mktemp("hf_sources")
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=4,
-                                         num_attention_heads=4, num_key_value_heads=2, rope_theta=5000.0,
-                                         tie_word_embeddings=False))
-    randomise(llama, 0)
-    llama.save_pretrained(root / "llm")
-    build_word_tokenizer([WORDS], root / "llm", max_vocab=512)
-    clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=48, intermediate_size=192, num_hidden_layers=CLIP_LAYERS,
-                                            num_attention_heads=4, image_size=32, patch_size=8))
-    randomise(clip, 1)
-    clip.save_pretrained(root / "clip")
-    return {"llm": root / "llm", "clip": root / "clip"}
-
+from tests.hf_fixtures import (
+    CLIP_LAYERS,
+    PROMPTS,
+    assert_keeps_source_tensors,
+    generate,
+    generated_tokens,
+    image,
+    png,
+    to_sample,
+)
 
 def imported(sources: dict[str, Path], victor: bool) -> tuple[Config, dict[str, torch.Tensor]]:
     """from_hf + complete_state, with the fresh projector and registers scaled up so they matter."""
@@ -126,17 +70,6 @@ def victor(sources: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
             "processor": AutoProcessor.from_pretrained(out, trust_remote_code=True)}
 
 
-def to_sample(input_ids: list[int], image_id: int, register_id: int, images: list[torch.Tensor]) -> Sample:
-    """Processor ids -> megavictor Sample: each image's run of image + register tokens becomes one placeholder."""
-    tokens: list[int] = []
-    for i, tok in enumerate(input_ids):
-        if tok == image_id and (i == 0 or input_ids[i - 1] != image_id):
-            tokens.append(IMAGE_PLACEHOLDER)
-        elif tok not in (image_id, register_id):
-            tokens.append(tok)
-    return Sample(tokens, [False] * len(tokens), images)
-
-
 def reference_logits(ref: ReferenceVLM, sample: Sample) -> torch.Tensor:
     cfg = ref.cfg
     laid = expand_sample(sample, cfg.vision.num_visual_tokens, cfg.victor.registers_per_image)
@@ -157,42 +90,7 @@ def reference_greedy(ref: ReferenceVLM, sample: Sample, steps: int, eos: int) ->
     return generated, torch.stack(logits)
 
 
-def generate(model: torch.nn.Module, inputs: dict, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy `generate` with the KV cache: sequences [B, S + steps] and each step's logits [B, steps, V]."""
-    out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, output_logits=True,
-                         return_dict_in_generate=True)
-    return out.sequences, torch.stack(out.logits, dim=1)
-
-
-def generated_tokens(row: torch.Tensor, prompt_length: int, pad: int) -> list[int]:
-    """New tokens of one `generate` output row, without the padding after an early eos."""
-    new = row[prompt_length:].tolist()
-    while new and new[-1] == pad:
-        new.pop()
-    return new
-
-
 # --------------------------------------------------------------------------- conversion
-
-
-def assert_keeps_source_tensors(exported: dict[str, torch.Tensor], sources: dict[str, Path], victor_on: bool) -> None:
-    """Every Llama and CLIP tensor of `sources` that megavictor keeps is in the export, bit for bit."""
-    for name, tensor in read_safetensors(sources["llm"]).items():
-        hf_name = "lm_head.weight" if name == "lm_head.weight" else name.replace("model.", "model.language_model.", 1)
-        got = exported[hf_name]
-        if not victor_on and name in ("lm_head.weight", "model.embed_tokens.weight"):
-            # The stock model must embed <image> (id 512): one zero row is appended.
-            assert got.shape[0] == 513 and not got[512].any()
-            got = got[:512]
-        assert torch.equal(got, tensor), name
-    dropped = f"vision_model.encoder.layers.{CLIP_LAYERS - 1}."
-    for name, tensor in read_safetensors(sources["clip"]).items():
-        hf_name = "model.vision_tower." + name
-        if name.startswith(dropped):
-            assert hf_name not in exported, name
-        elif "post_layernorm" not in name:  # unused by LLaVA; exported as identity
-            assert torch.equal(exported[hf_name], tensor), name
-    assert ("model.registers" in exported) == victor_on
 
 
 @pytest.mark.parametrize("victor_on", [False, True], ids=["baseline", "victor"])
@@ -346,7 +244,7 @@ def test_exported_code_imports_only_torch_and_transformers(victor: dict) -> None
             modules = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module] if isinstance(node, ast.ImportFrom) else []
             for module in modules:
-                assert module.split(".")[0] in {"torch", "transformers", "typing", "dataclasses", "__future__"}, \
+                assert module.split(".")[0] in {"torch", "transformers", "typing", "dataclasses", "inspect", "__future__"}, \
                     (name, module)
 
 
@@ -355,52 +253,3 @@ def test_flash_attention_without_flash_attn_is_a_clear_error(victor: dict) -> No
     with pytest.raises(ImportError, match="flash_attn"):
         AutoModelForImageTextToText.from_pretrained(victor["dir"], trust_remote_code=True,
                                                     attn_implementation="flash_attention_2")
-
-
-# --------------------------------------------------------------------------- fresh environment
-
-VENV = Path(f"/tmp/megavictor-hf-venv-torch{torch.__version__}-transformers{transformers.__version__}")
-VENV_SCRIPT = """
-import importlib.util, json, sys
-import torch
-from transformers import AutoModelForImageTextToText
-assert importlib.util.find_spec("megavictor") is None, "megavictor must not be importable here"
-model = AutoModelForImageTextToText.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
-inputs = torch.load(sys.argv[2])
-print(json.dumps(model.generate(**inputs, max_new_tokens=8, do_sample=False).tolist()))
-"""
-
-
-def fresh_venv() -> Path:
-    """A venv with only torch + transformers (+ their deps) at this environment's versions, built once and kept
-    under /tmp; pip installs from the configured indexes (torch from the local CPU wheel)."""
-    VENV.parent.mkdir(exist_ok=True)
-    with open(f"{VENV}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (VENV / "ready").exists():
-            shutil.rmtree(VENV, ignore_errors=True)
-            env = {**os.environ, "PYTHONNOUSERSITE": "1"}
-            env.pop("PYTHONPATH", None)
-            subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True, env=env)
-            pip = subprocess.run([str(VENV / "bin" / "pip"), "install", "-q", f"torch=={torch.__version__}",
-                                  f"transformers=={transformers.__version__}"], env=env, capture_output=True,
-                                 text=True, timeout=900)
-            assert pip.returncode == 0, f"could not build the fresh venv (no network?):\n{pip.stderr[-3000:]}"
-            (VENV / "ready").touch()
-    return VENV
-
-
-def test_export_loads_and_generates_in_a_fresh_venv_without_megavictor(victor: dict, tmp_path: Path) -> None:
-    """Runs the exported dir in a separate venv (torch + transformers only): trust_remote_code must suffice.
-    The first run builds the venv (about a minute); later runs reuse it."""
-    model, processor = victor["model"], victor["processor"]
-    inputs = dict(processor(images=[image(12)], text=PROMPTS["one"], return_tensors="pt"))
-    torch.save(inputs, tmp_path / "inputs.pt")
-    expected = model.generate(**inputs, max_new_tokens=8, do_sample=False).tolist()
-    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), "PYTHONNOUSERSITE": "1",
-           "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run([str(fresh_venv() / "bin" / "python"), "-c", VENV_SCRIPT, str(victor["dir"]),
-                          str(tmp_path / "inputs.pt")], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert json.loads(run.stdout.strip().splitlines()[-1]) == expected

@@ -258,8 +258,9 @@ def save_failure(root: Path, tmp: Path, step: int, exc: BaseException | None) ->
 
 
 def commit_atomically(checkpoints_dir: str | Path, step: int, write: Callable[[Path], None],
-                      keep_last: int = 0) -> Path:
-    """Every rank calls `write(tmp_dir)`; rank 0 then writes the manifest, renames `step_XXXXXX.tmp` to
+                      keep_last: int = 0, attach: Callable[[Path], None] | None = None) -> Path:
+    """Every rank calls `write(tmp_dir)`; rank 0 then `attach(tmp_dir)` (files beside the format's own, such as the
+    recorded tokenizer, `hf_source`), writes the manifest (covering them), renames `step_XXXXXX.tmp` to
     `step_XXXXXX` and replaces `latest` (both atomic), keeping the newest `keep_last` checkpoints.
 
     A save killed midway leaves only the .tmp dir (no manifest: never counted). A save that fails (a full disk)
@@ -284,6 +285,8 @@ def commit_atomically(checkpoints_dir: str | Path, step: int, write: Callable[[P
         error = exc
     if not _failed(error) and rank0:
         try:
+            if attach is not None:
+                attach(tmp)
             write_manifest(tmp)
         except OSError as exc:
             error = exc

@@ -14,6 +14,7 @@ import torch
 
 from megavictor.checkpoint import deepspeed, megatron
 from megavictor.checkpoint.commit import CheckpointError, engine_of, resolve
+from megavictor.checkpoint.hf_source import HFSource
 from megavictor.config import Config, Engine, PipelineSplit, config_from_dict
 
 
@@ -35,8 +36,10 @@ def load_full_state(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
     return read_config(path), reader(path)
 
 
-def save_full_state(cfg: Config, full: dict[str, torch.Tensor], out: str | Path, tp: int = 1, pp: int = 1) -> Path:
-    """Write full parameters as a step-0 checkpoint in `out` (weights only), loadable into any tp/pp layout.
+def save_full_state(cfg: Config, full: dict[str, torch.Tensor], out: str | Path, tp: int = 1, pp: int = 1,
+                    source: HFSource | None = None) -> Path:
+    """Write full parameters as a step-0 checkpoint in `out` (weights only), loadable into any tp/pp layout, with
+    `source` (the HF source's tokenizer, config, ViT tail) recorded.
 
     `tp`/`pp` are recorded in the saved config as the intended layout; the files themselves reshard on load. Runs
     a single-process tp=1, pp=1 model (megatron's writer needs a process group), leaving `cfg` untouched.
@@ -52,4 +55,4 @@ def save_full_state(cfg: Config, full: dict[str, torch.Tensor], out: str | Path,
     shard_into(model, full, tp_rank=0, tp=1, layer_offset=0)
     saved = copy.deepcopy(cfg)
     saved.parallel.tp, saved.parallel.pp = tp, pp
-    return megatron.save(out, 0, model, cfg=saved)
+    return megatron.save(out, 0, model, cfg=saved, source=source)

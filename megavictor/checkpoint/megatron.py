@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from megavictor.checkpoint.commit import MARKERS, CheckpointError, commit_atomically
+from megavictor.checkpoint.hf_source import HFSource
 from megavictor.checkpoint.rng import rng_state, set_rng_state
 from megavictor.config import Config, Engine
 from megavictor.model.sharding import full_name
@@ -51,8 +52,9 @@ def _rng_object(data: Any) -> Any:
 
 def save(checkpoints_dir: str | Path, step: int, model: torch.nn.Module, optimizer: Any = None,
          scheduler: Any = None, extra: dict[str, Any] | None = None, cfg: Config | None = None,
-         keep_last: int = 0) -> Path:
-    """Write `step_XXXXXX` atomically (temp dir, rename, then `latest`), keeping the newest `keep_last`."""
+         keep_last: int = 0, source: HFSource | None = None) -> Path:
+    """Write `step_XXXXXX` atomically (temp dir, rename, then `latest`), keeping the newest `keep_last`, with
+    `source` (tokenizer, HF source config) recorded inside."""
     from megatron.core import dist_checkpointing
 
     def write(tmp: Path) -> None:
@@ -66,7 +68,7 @@ def save(checkpoints_dir: str | Path, step: int, model: torch.nn.Module, optimiz
             state["scheduler"] = scheduler.state_dict()
         dist_checkpointing.save(state, str(tmp))
 
-    return commit_atomically(checkpoints_dir, step, write, keep_last)
+    return commit_atomically(checkpoints_dir, step, write, keep_last, attach=source.write if source else None)
 
 
 def read_common(path: str | Path) -> dict[str, Any]:

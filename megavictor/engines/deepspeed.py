@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from megavictor.checkpoint import deepspeed as deepspeed_checkpoint
 from megavictor.checkpoint.commit import CheckpointError, commit_atomically
+from megavictor.checkpoint.hf_source import training_source
 from megavictor.checkpoint.rng import rng_state, set_rng_state
 from megavictor.compat import import_deepspeed
 from megavictor.config import AttentionBackend, Config, Precision
@@ -124,6 +125,7 @@ class DeepSpeedEngine:
                                                                  config=deepspeed_config(cfg, dims.dp))
         self.hf_config = model.config
         self.scheduler = build_scheduler(cfg, self.optimizer)  # sets lr and weight decay of DeepSpeed's groups
+        self.source = training_source(cfg, weights.checkpoint)
 
     def train_step(self, micro_batches: list[VictorBatch], global_loss_tokens: int) -> StepResult:
         self.scheduler.step(1)  # the lr of step n (1-based), used by the optimizer step at the last micro-batch
@@ -166,7 +168,8 @@ class DeepSpeedEngine:
             if dist.get_rank() == 0:
                 deepspeed_checkpoint.write_marker(tmp, step, self.cfg.train.zero_stage, self.dims.world, self.cfg)
 
-        return commit_atomically(checkpoints_dir(self.cfg), step, write, self.cfg.train.keep_last)
+        return commit_atomically(checkpoints_dir(self.cfg), step, write, self.cfg.train.keep_last,
+                                 attach=self.source.write)
 
     def load(self, path: Path) -> Restored:
         """Continue exactly from `path`: weights, optimizer, scheduler, RNG; the step and the loop's state."""

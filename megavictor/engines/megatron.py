@@ -26,6 +26,7 @@ from megatron.core.utils import get_attr_wrapped_model
 
 from megavictor.checkpoint import megatron as megatron_checkpoint
 from megavictor.checkpoint.commit import engine_of
+from megavictor.checkpoint.hf_source import training_source
 from megavictor.config import Config, Engine, Precision
 from megavictor.distributed import ParallelDims
 from megavictor.engines.base import Restored, StepResult, build_scheduler
@@ -116,6 +117,7 @@ class MegatronEngine:
         self.model = build_model(cfg, dims, weights)
         self.ddp, self.optimizer = wrap_for_training(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer)
+        self.source = training_source(cfg, weights.checkpoint)
 
     def train_step(self, micro_batches: list[VictorBatch], global_loss_tokens: int) -> StepResult:
         self.ddp.zero_grad_buffer()
@@ -137,7 +139,8 @@ class MegatronEngine:
 
     def save(self, step: int, extra: dict[str, Any]) -> Path:
         return megatron_checkpoint.save(checkpoints_dir(self.cfg), step, self.model, self.optimizer, self.scheduler,
-                                        extra=extra, cfg=self.cfg, keep_last=self.cfg.train.keep_last)
+                                        extra=extra, cfg=self.cfg, keep_last=self.cfg.train.keep_last,
+                                        source=self.source)
 
     def load(self, path: Path) -> Restored:
         common = megatron_checkpoint.load(path, self.model, self.optimizer, self.scheduler)

@@ -15,8 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from megavictor.config import Config
-from megavictor.data.manifest import DataError, load_manifest
+from megavictor.checkpoint.commit import CheckpointError, resolve
+from megavictor.checkpoint.hf_source import hf_dir_source, read_source
 from megavictor.hf.convert import complete_state, config_from_sections, from_hf, from_hf_llava, to_hf
 
 
@@ -36,20 +36,20 @@ def parser() -> argparse.ArgumentParser:
     exp.add_argument("--checkpoint", required=True,
                      help="megatron or DeepSpeed checkpoint (step, checkpoints or run dir)")
     exp.add_argument("--out", required=True, help="HF dir to write")
-    exp.add_argument("--tokenizer", help="tokenizer dir to ship (default: the one training used, if found)")
+    exp.add_argument("--tokenizer", help="tokenizer dir to ship (default: the one the checkpoint recorded)")
     exp.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
     return top
 
 
-def training_tokenizer(cfg: Config) -> str | None:
-    """The tokenizer the model was trained with: `data.tokenizer`, else the one stored beside the data set."""
-    if cfg.data.tokenizer:
-        return cfg.data.tokenizer
-    try:
-        stored = load_manifest(cfg.data.path).tokenizer
-    except DataError:
-        return None
-    return str(Path(cfg.data.path) / stored) if stored else None
+def export_tokenizer(checkpoint: Path, given: str | None) -> Path:
+    """`--tokenizer`, else the one the checkpoint recorded; never a guess (such as a data set in the working dir)."""
+    if given:
+        return Path(given)
+    recorded = read_source(checkpoint).tokenizer
+    if recorded is None:
+        raise CheckpointError(f"{checkpoint} records no tokenizer (its source HF dir had none, or it predates "
+                              "tokenizer records); pass --tokenizer DIR with the tokenizer its LLM was trained with")
+    return recorded
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,8 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.direction == "from-hf":
         if args.llava and not (args.llm or args.vision):
             sections, state = from_hf_llava(args.llava)
+            source = hf_dir_source(args.llava)
         elif args.llm and args.vision and not args.llava:
             sections, state = from_hf(args.llm, args.vision)
+            source = hf_dir_source(args.llm)
         else:
             cli.error("give either --llm and --vision, or --llava")
         parallel = [f"parallel.{key}={value}" for key, value in (("tp", args.tp), ("pp", args.pp))
@@ -68,14 +70,16 @@ def main(argv: list[str] | None = None) -> int:
         state = complete_state(cfg, state, seed=cfg.train.seed)
         from megavictor.checkpoint import save_full_state
 
-        save_full_state(cfg, state, args.out, cfg.parallel.tp, cfg.parallel.pp)
-        print(f"wrote {args.out} (tp={cfg.parallel.tp}, pp={cfg.parallel.pp}, {len(state)} tensors)")
+        save_full_state(cfg, state, args.out, cfg.parallel.tp, cfg.parallel.pp, source=source)
+        recorded = f"tokenizer of {source.tokenizer}" if source.tokenizer else "no tokenizer (the source has none)"
+        print(f"wrote {args.out} (tp={cfg.parallel.tp}, pp={cfg.parallel.pp}, {len(state)} tensors, {recorded})")
     else:
         from megavictor.checkpoint import load_full_state
 
-        cfg, state = load_full_state(args.checkpoint)
-        out = to_hf(cfg, state, args.out, tokenizer_dir=args.tokenizer or training_tokenizer(cfg),
-                    max_shard_size=args.max_shard_size)
+        checkpoint = resolve(args.checkpoint)
+        tokenizer = export_tokenizer(checkpoint, args.tokenizer)
+        cfg, state = load_full_state(checkpoint)
+        out = to_hf(cfg, state, args.out, tokenizer_dir=tokenizer, max_shard_size=args.max_shard_size)
         print(f"wrote {out} ({'Victor LLaVA, trust_remote_code' if cfg.victor.enabled else 'stock LLaVA'})")
     return 0
 

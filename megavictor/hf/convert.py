@@ -32,7 +32,6 @@ from transformers import (
     GenerationConfig,
     LlamaConfig,
     LlavaConfig,
-    LlavaForConditionalGeneration,
     LlavaProcessor,
     PreTrainedTokenizerBase,
 )
@@ -247,9 +246,15 @@ def from_hf_llava(llava_dir: str | Path) -> tuple[dict, dict[str, Tensor]]:
     return sections, _gather(params, tensors, str(llava_dir))
 
 
+# Older llava-hf checkpoints name tensors `language_model.model.*`: transformers' own renaming (4.5x's
+# `_checkpoint_conversion_mapping`; 5.x moved it into its weight-conversion machinery).
+LEGACY_LLAVA_NAMES = {r"^language_model.model": "model.language_model", r"^vision_tower": "model.vision_tower",
+                      r"^multi_modal_projector": "model.multi_modal_projector", r"^language_model.lm_head": "lm_head"}
+
+
 def _current_llava_name(name: str) -> str:
-    """Older llava-hf checkpoints name tensors `language_model.model.*`; use transformers' own renaming."""
-    for pattern, replacement in LlavaForConditionalGeneration._checkpoint_conversion_mapping.items():
+    """A tensor name of any llava-hf checkpoint in transformers' current naming."""
+    for pattern, replacement in LEGACY_LLAVA_NAMES.items():
         renamed, n = re.subn(pattern, replacement, name)
         if n:
             return renamed

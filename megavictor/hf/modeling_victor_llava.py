@@ -19,6 +19,7 @@ their boundaries (`flash_attn_varlen_func`).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -39,6 +40,11 @@ from .configuration_victor_llava import VictorLlavaConfig
 from .victor_drop import keep_index, runs_of, segment_ids
 
 IGNORE_INDEX = -100
+# transformers 5 renamed the cache argument and output field `past_key_values` to `cache`, dropped `cache_position`
+# (caches size the masks per layer: `create_causal_mask(..., layer_idx=)`) and returns image features inside a
+# model output. The exported model runs on both lines: users load it with whatever transformers they have.
+NEW_CACHE_API = "cache" in inspect.signature(LlavaModel.forward).parameters
+CACHE = "cache" if NEW_CACHE_API else "past_key_values"
 
 
 class VictorCache(DynamicCache):
@@ -52,19 +58,48 @@ class VictorCache(DynamicCache):
         super().__init__()
         self.short_attention_mask: Optional[torch.Tensor] = None
 
-    def crop(self, max_length: int) -> None:
+    def crop(self, *args: Any) -> None:
         raise NotImplementedError("VictorCache cannot be cropped to one length: its layers hold different numbers "
                                   "of tokens (assisted decoding is not supported)")
 
 
 class _LayerView:
-    """One cache layer's mask sizes, for `create_causal_mask`, which otherwise reads layer 0's."""
+    """One cache layer's mask sizes, for transformers 4's `create_causal_mask`, which otherwise reads layer 0's."""
 
     def __init__(self, cache: Cache, layer_idx: int) -> None:
         self.cache, self.layer_idx = cache, layer_idx
 
     def get_mask_sizes(self, cache_position: torch.Tensor, layer_idx: int) -> tuple[int, int]:
         return self.cache.get_mask_sizes(cache_position, self.layer_idx)
+
+
+def causal_mask(config: Any, hidden: torch.Tensor, attention_mask: torch.Tensor, cache: Optional[Cache],
+                first_layer: int, past: int) -> Any:
+    """The causal + padding mask of layers from `first_layer` on, sized by that layer's cache (`past` tokens).
+    No position ids: the packed-sequence detection must not see the gaps the drop leaves in them."""
+    if NEW_CACHE_API:
+        return create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=cache,
+                                  layer_idx=first_layer)
+    cache_position = torch.arange(past, past + hidden.shape[1], device=hidden.device)
+    return create_causal_mask(config=config, input_embeds=hidden, attention_mask=attention_mask,
+                              cache_position=cache_position,
+                              past_key_values=_LayerView(cache, first_layer) if cache is not None else None)
+
+
+def image_features(model: LlavaModel, pixel_values: torch.Tensor, layer: Optional[Union[int, list[int]]],
+                   strategy: Optional[str]) -> torch.Tensor:
+    """The projected features of all images, [images * tokens, hidden] (transformers 5 wraps them in an output)."""
+    out = model.get_image_features(pixel_values=pixel_values, vision_feature_layer=layer,
+                                   vision_feature_select_strategy=strategy)
+    return torch.cat(list(getattr(out, "pooler_output", out)), dim=0)
+
+
+def with_cache(output_class: type, cache: Optional[Cache], features: Optional[torch.Tensor], **fields: Any) -> Any:
+    """An output with the cache under this transformers' field name, and the image features under transformers 4's
+    (5 deprecates `image_hidden_states` for an `image_outputs` that Victor has no use for)."""
+    if not NEW_CACHE_API:
+        fields["image_hidden_states"] = features
+    return output_class(**fields, **{CACHE: cache})
 
 
 def victor_cache(past_key_values: Optional[Cache], use_cache: bool) -> Optional[VictorCache]:
@@ -102,7 +137,9 @@ class VictorLlavaModel(LlavaModel):
             raise ValueError("VictorLlavaConfig.register_token_id is required when num_registers > 0")
         super().__init__(config)
         text = config.text_config
-        self.registers = nn.Parameter(torch.randn(config.num_registers, text.hidden_size) * text.initializer_range)
+        # None without registers: a parameter of size 0 would be reported as "newly initialized" on every load.
+        self.registers = nn.Parameter(torch.randn(config.num_registers, text.hidden_size) * text.initializer_range) \
+            if config.num_registers else None
 
     def embed(self, input_ids: torch.LongTensor, pixel_values: Optional[torch.FloatTensor],
               vision_feature_layer: Optional[Union[int, list[int]]], vision_feature_select_strategy: Optional[str],
@@ -121,8 +158,7 @@ class VictorLlavaModel(LlavaModel):
         embeds = self.get_input_embeddings()(input_ids.masked_fill(image | register, 0))
         features = None
         if pixel_values is not None:
-            features = torch.cat(self.get_image_features(pixel_values, vision_feature_layer,
-                                                         vision_feature_select_strategy), dim=0)
+            features = image_features(self, pixel_values, vision_feature_layer, vision_feature_select_strategy)
             if int(image.sum()) != features.shape[0]:
                 raise ValueError(f"{int(image.sum())} image tokens for {features.shape[0]} image features")
             embeds = embeds.masked_scatter(image.unsqueeze(-1).expand_as(embeds), features.to(embeds.dtype))
@@ -135,25 +171,21 @@ class VictorLlavaModel(LlavaModel):
         if use_every_parameter and features is None:
             size = cfg.vision_config.image_size
             blank = embeds.new_zeros(1, cfg.vision_config.num_channels, size, size)
-            unused = torch.cat(self.get_image_features(blank, vision_feature_layer, vision_feature_select_strategy))
+            unused = image_features(self, blank, vision_feature_layer, vision_feature_select_strategy)
             embeds = embeds + 0.0 * unused.sum().to(embeds.dtype)
         if use_every_parameter and not n and cfg.num_registers:
             embeds = embeds + 0.0 * self.registers.sum().to(embeds.dtype)
         return embeds, features
 
     def run_layers(self, start: int, stop: int, hidden: torch.Tensor, attention_mask: torch.Tensor,
-                   cache: Optional[VictorCache], cache_position: torch.Tensor, position_ids: torch.Tensor,
-                   **kwargs: Any) -> torch.Tensor:
-        """Run decoder layers [start, stop), which share one cache length; position ids only feed RoPE (the
-        layers' packed-sequence detection must not see the gaps the drop leaves in them)."""
+                   cache: Optional[VictorCache], past: int, position_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """Run decoder layers [start, stop), which share one cache length (`past` tokens); position ids only feed
+        RoPE."""
         lm = self.language_model
-        mask = create_causal_mask(config=lm.config, input_embeds=hidden, attention_mask=attention_mask,
-                                  cache_position=cache_position, position_ids=position_ids,
-                                  past_key_values=_LayerView(cache, start) if cache is not None else None)
+        mask = causal_mask(lm.config, hidden, attention_mask, cache, start, past)
         rope = lm.rotary_emb(hidden, position_ids)
         for layer in lm.layers[start:stop]:
-            hidden = layer(hidden, attention_mask=mask, past_key_values=cache, cache_position=cache_position,
-                           position_embeddings=rope, **kwargs)
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=rope, **{CACHE: cache}, **kwargs)
         return hidden
 
     def run_packed_layers(self, start: int, stop: int, hidden: torch.Tensor, segments: torch.Tensor,
@@ -199,8 +231,8 @@ class VictorLlavaModel(LlavaModel):
         short_segments = torch.where(filler, alone, segments.gather(1, index))
         hidden = self.run_packed_layers(k, len(self.language_model.layers), hidden, short_segments,
                                         position_ids.gather(1, index), **kwargs)
-        return VictorLlavaModelOutputWithPast(last_hidden_state=self.language_model.norm(hidden),
-                                              image_hidden_states=features, kept_index=index)
+        return with_cache(VictorLlavaModelOutputWithPast, None, features,
+                          last_hidden_state=self.language_model.norm(hidden), kept_index=index)
 
     def forward(
         self,
@@ -213,10 +245,14 @@ class VictorLlavaModel(LlavaModel):
         vision_feature_layer: Optional[Union[int, list[int]]] = None,
         vision_feature_select_strategy: Optional[str] = None,
         use_cache: Optional[bool] = None,
-        cache_position: Optional[torch.LongTensor] = None,
         cu_seqlens: Optional[torch.Tensor] = None,
+        cache: Optional[Cache] = None,
         **kwargs: Any,
     ) -> VictorLlavaModelOutputWithPast:
+        """`cache` (transformers 5) and `past_key_values` (4) are the same argument; a `cache_position` from
+        transformers 4's `generate` is not needed (the cache knows its lengths)."""
+        past_key_values = cache if cache is not None else past_key_values
+        kwargs.pop("cache_position", None)
         if input_ids is None or inputs_embeds is not None:
             raise ValueError("VictorLlava needs input_ids (not inputs_embeds): image and register slots are found "
                              "by their token ids")
@@ -235,13 +271,11 @@ class VictorLlavaModel(LlavaModel):
 
         # Layers < k: the whole sequence, in the original (long) coordinates.
         past = cache.get_seq_length(0) if cache is not None else 0
-        if cache_position is None:
-            cache_position = torch.arange(past, past + q, device=device)
         if attention_mask is None:
             attention_mask = torch.ones(b, past + q, dtype=torch.long, device=device)
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q:]
-        hidden = self.run_layers(0, k, embeds, attention_mask, cache, cache_position, position_ids, **kwargs)
+        hidden = self.run_layers(0, k, embeds, attention_mask, cache, past, position_ids, **kwargs)
 
         # The drop, then layers >= k over registers and text only, in their own cache coordinates.
         index, filler = keep_index(input_ids == self.config.image_token_id)
@@ -253,11 +287,22 @@ class VictorLlavaModel(LlavaModel):
             short_mask = torch.cat([cache.short_attention_mask, short_mask], dim=1)
         if cache is not None:
             cache.short_attention_mask = short_mask
-        short_cache_position = torch.arange(short_past, short_past + index.shape[1], device=device)
-        hidden = self.run_layers(k, len(self.language_model.layers), hidden, short_mask, cache, short_cache_position,
+        hidden = self.run_layers(k, len(self.language_model.layers), hidden, short_mask, cache, short_past,
                                  short_positions, **kwargs)
-        return VictorLlavaModelOutputWithPast(last_hidden_state=self.language_model.norm(hidden),
-                                              past_key_values=cache, image_hidden_states=features, kept_index=index)
+        return with_cache(VictorLlavaModelOutputWithPast, cache, features,
+                          last_hidden_state=self.language_model.norm(hidden), kept_index=index)
+
+
+def targets_of(labels: torch.Tensor, input_ids: torch.Tensor, config: VictorLlavaConfig) -> torch.Tensor:
+    """HF `labels` (input positions, unshifted) -> the target of each input slot, shifted in the input's own
+    coordinates, before the drop: a slot followed by an image or register slot predicts nothing, as in megavictor's
+    training. (Shifting after the drop would make, with no registers, the last text token before an image predict
+    the first one after it.)"""
+    special = input_ids == config.image_token_id
+    if config.num_registers:
+        special |= input_ids == config.register_token_id
+    labels = labels.masked_fill(special, IGNORE_INDEX)
+    return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
 
 
 class VictorLlavaForConditionalGeneration(LlavaForConditionalGeneration):
@@ -291,33 +336,29 @@ class VictorLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         vision_feature_select_strategy: Optional[str] = None,
         labels: Optional[torch.LongTensor] = None,
         use_cache: Optional[bool] = None,
-        cache_position: Optional[torch.LongTensor] = None,
         logits_to_keep: Union[int, torch.Tensor] = 0,
         cu_seqlens: Optional[torch.Tensor] = None,
         shift_labels: Optional[torch.LongTensor] = None,
+        cache: Optional[Cache] = None,
         **kwargs: Any,
     ) -> VictorLlavaCausalLMOutputWithPast:
+        kwargs.pop("cache_position", None)  # transformers 4's `generate` passes it; the cache knows its lengths
         out = self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                         position_ids=position_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds,
-                         vision_feature_layer=vision_feature_layer,
+                         position_ids=position_ids, past_key_values=cache if cache is not None else past_key_values,
+                         inputs_embeds=inputs_embeds, vision_feature_layer=vision_feature_layer,
                          vision_feature_select_strategy=vision_feature_select_strategy, use_cache=use_cache,
-                         cache_position=cache_position, cu_seqlens=cu_seqlens, **kwargs)
+                         cu_seqlens=cu_seqlens, **kwargs)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(out.last_hidden_state[:, keep, :])
         loss = None
         if labels is not None:
-            cfg = self.config
-            special = input_ids == cfg.image_token_id
-            if cfg.num_registers:
-                special |= input_ids == cfg.register_token_id
-            labels = labels.masked_fill(special, IGNORE_INDEX).gather(1, out.kept_index)
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=cfg.text_config.vocab_size, **kwargs)
-        elif shift_labels is not None:  # the last register slot of an image predicts the text after it
+            shift_labels = targets_of(labels, input_ids, self.config)
+        if shift_labels is not None:  # the last register slot of an image predicts the text after it
             loss = self.loss_function(logits=logits, labels=None, shift_labels=shift_labels.gather(1, out.kept_index),
                                       vocab_size=self.config.text_config.vocab_size, **kwargs)
-        return VictorLlavaCausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
-                                                 image_hidden_states=out.image_hidden_states,
-                                                 kept_index=out.kept_index)
+        features = None if NEW_CACHE_API else out.image_hidden_states
+        return with_cache(VictorLlavaCausalLMOutputWithPast, getattr(out, CACHE), features, loss=loss, logits=logits,
+                          kept_index=out.kept_index)
 
 
 __all__ = ["VictorCache", "VictorLlavaForConditionalGeneration", "VictorLlavaModel"]

@@ -1,0 +1,160 @@
+"""What an export promises beyond the weights: the same loss as megavictor's, the tokenizer it was trained with, and
+a model that runs where megavictor is not installed, with the newest transformers 5 and with 4.57.
+
+Tiny random models built here; nothing downloaded. The clean venvs (`tests.hf_clean_venvs`) are built by `.ci/run`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from megavictor.checkpoint import resolve
+from megavictor.checkpoint.hf_source import files_sha256, tokenizer_files
+from megavictor.cli import main as megavictor_main
+from megavictor.hf.convert import complete_state, config_from_sections, from_hf, from_hf_llava, to_hf
+from megavictor.model.batch import IMAGE_PLACEHOLDER, KIND_REGISTER, KIND_VISUAL, Sample, collate_rows, expand_sample
+from megavictor.model.reference import ReferenceVLM
+from tests import hf_clean_venvs
+from tests.fixtures import tiny_config
+from tests.hf_fixtures import PROMPTS, image, png
+from tests.runs import ROOT
+
+
+@pytest.mark.parametrize("registers", [0, 1, 8])
+def test_hf_loss_equals_megavictor_loss(registers: int, tmp_path: Path) -> None:
+    """`labels=` on the exported model gives megavictor's training loss (per-token mean over the same targets).
+
+    Every text token is a target, also the first one after each image: megavictor predicts it from the image's last
+    register slot, or with R=0 from nothing (the last visual slot is dropped), never from the text before the image.
+    """
+    cfg = tiny_config([f"victor.num_registers={registers}"])
+    reference = ReferenceVLM(cfg).eval()
+    g = torch.Generator().manual_seed(registers)
+    with torch.no_grad():
+        for p in reference.parameters():  # weights that make every token's loss differ
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    model = AutoModelForImageTextToText.from_pretrained(to_hf(cfg, reference.state_dict(), tmp_path / "hf"),
+                                                        trust_remote_code=True).eval()
+    images = [torch.randn(3, 32, 32, generator=g) for _ in range(2)]
+    tokens = [5, 6, 7, IMAGE_PLACEHOLDER, 8, 9, 10, 11, IMAGE_PLACEHOLDER, 12, 13, 14]
+    sample = Sample(tokens, [i > 0 for i in range(len(tokens))], images)
+    laid = expand_sample(sample, cfg.vision.num_visual_tokens, cfg.victor.registers_per_image)
+    batch = collate_rows([[laid]], len(laid))
+    with torch.no_grad():
+        expected = reference(batch).sum() / (batch.labels >= 0).sum()
+
+    config = model.config
+    ids = torch.tensor([[config.image_token_id if k == KIND_VISUAL else config.register_token_id
+                         if k == KIND_REGISTER else t for t, k in zip(laid.tokens, laid.kinds)]])
+    trainable_text = torch.tensor([[k not in (KIND_VISUAL, KIND_REGISTER) for k in laid.kinds]])
+    labels = ids.masked_fill(~trainable_text, -100)
+    labels[0, 0] = -100
+    with torch.no_grad():
+        got = model(input_ids=ids, pixel_values=torch.stack(images), labels=labels).loss
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # The same targets: R > 0 scores the first token after each image, R = 0 cannot.
+    assert int((batch.labels >= 0).sum()) == len(tokens) - 1 - 2 - 2 * (registers == 0)
+
+
+def convert(*args: str | Path) -> int:
+    """`megavictor convert ...` in this process, from the repository root (where `data/digits` may lie)."""
+    return megavictor_main(["convert", *map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def tiny_llava(sources: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A stock `LlavaForConditionalGeneration` dir with its tokenizer (the tiny random Llama + CLIP as a LLaVA)."""
+    sections, state = from_hf(sources["llm"], sources["clip"])
+    cfg = config_from_sections(sections, None, ["log.wandb=false", "victor.enabled=false"])
+    return to_hf(cfg, complete_state(cfg, state), tmp_path_factory.mktemp("tiny_llava"), tokenizer_dir=sources["llm"])
+
+
+def test_to_hf_ships_the_tokenizer_from_hf_recorded(tiny_llava: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A LLaVA dir with its tokenizer -> `from-hf --llava` -> `to-hf` without `--tokenizer`, run from the repo root:
+    the export carries the source's tokenizer (same files, same `<image>` id), not one found in the working dir."""
+    monkeypatch.chdir(ROOT)
+    llava = tiny_llava
+    assert convert("from-hf", "--llava", llava, "--out", tmp_path / "ckpt", "log.wandb=false") == 0
+    recorded = json.loads((resolve(tmp_path / "ckpt") / "hf_source" / "provenance.json").read_text())["tokenizer"]
+    assert recorded == {"path": str(llava.resolve()), "sha256": files_sha256(tokenizer_files(llava))}
+
+    assert convert("to-hf", "--checkpoint", tmp_path / "ckpt", "--out", tmp_path / "hf") == 0
+    source_vocab = json.loads((llava / "tokenizer.json").read_text())["model"]["vocab"]
+    assert json.loads((tmp_path / "hf" / "tokenizer.json").read_text())["model"]["vocab"] == source_vocab
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["image_token_index"] == json.loads((llava / "config.json").read_text())["image_token_index"]
+
+
+def test_to_hf_without_a_recorded_tokenizer_stops_with_one_line(sources: dict[str, Path], tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.chdir(ROOT)
+    bare = tmp_path / "llm"  # the LLM's weights and config, no tokenizer files
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copyfile(sources["llm"] / name, bare / name)
+    assert convert("from-hf", "--llm", bare, "--vision", sources["clip"], "--out", tmp_path / "ckpt",
+                   "log.wandb=false") == 0
+    capsys.readouterr()
+    assert convert("to-hf", "--checkpoint", tmp_path / "ckpt", "--out", tmp_path / "hf") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "records no tokenizer" in err[0] and "--tokenizer" in err[0], err
+    assert not (tmp_path / "hf").exists()
+
+
+VENV_SCRIPT = """
+import importlib.util, json, sys
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+assert importlib.util.find_spec("megavictor") is None, "megavictor must not be importable here"
+model_dir, image_path, prompt = sys.argv[1:]
+model = AutoModelForImageTextToText.from_pretrained(model_dir, trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
+inputs = processor(images=[Image.open(image_path)], text=prompt, return_tensors="pt")
+sequences = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+loss = model(**inputs, labels=inputs["input_ids"]).loss
+print(json.dumps({"input_ids": inputs["input_ids"].tolist(), "sequences": sequences.tolist(), "loss": float(loss)}))
+"""
+
+
+@pytest.fixture(scope="module")
+def victor_from_llava(tiny_llava: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny LLaVA converted to a Victor model (R=8, k=3, fresh registers) and exported with its tokenizer."""
+    sections, state = from_hf_llava(tiny_llava)
+    cfg = config_from_sections(sections, None, ["log.wandb=false", "victor.enabled=true"])
+    return to_hf(cfg, complete_state(cfg, state), tmp_path_factory.mktemp("victor_from_llava"),
+                 tokenizer_dir=tiny_llava)
+
+
+@pytest.mark.parametrize("version", hf_clean_venvs.TRANSFORMERS)
+def test_export_runs_in_a_clean_venv(version: str, victor_from_llava: Path, tmp_path: Path) -> None:
+    """Processor, `generate` and `labels=` loss in a venv with only torch + transformers `version`: the same ids,
+    tokens and loss as here."""
+    python = hf_clean_venvs.ready(version)
+    if python is None:
+        pytest.skip(f"no clean venv with transformers {version} under {hf_clean_venvs.cache_dir()}: build it with "
+                    "`python -m tests.hf_clean_venvs` (.ci/run does)")
+    picture = tmp_path / "image.png"
+    picture.write_bytes(png(image(12)))
+    model = AutoModelForImageTextToText.from_pretrained(victor_from_llava, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(victor_from_llava, trust_remote_code=True)
+    inputs = processor(images=[Image.open(picture)], text=PROMPTS["one"], return_tensors="pt")
+    with torch.no_grad():
+        sequences = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+        loss = float(model(**inputs, labels=inputs["input_ids"]).loss)
+    run = subprocess.run([str(python), "-c", VENV_SCRIPT, str(victor_from_llava), str(picture), PROMPTS["one"]],
+                         cwd=tmp_path, env=hf_clean_venvs.clean_env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["input_ids"] == inputs["input_ids"].tolist()
+    assert got["sequences"] == sequences.tolist() and sequences.shape[1] == inputs["input_ids"].shape[1] + 8
+    assert got["loss"] == pytest.approx(loss, abs=1e-5)
