@@ -19,6 +19,7 @@ def parity_rank(overrides_per_case: list[list[str]]) -> list[dict]:
     """Runs on every rank: build both models from the same weights, step once, compare this rank's shard."""
     from megavictor.distributed import init_from_config
     from megavictor.model.batch import KIND_VISUAL
+    from megavictor.model.peers import removed_visual, shortened_from
     from megavictor.engines.megatron import forward_backward
     from megavictor.model.reference import ReferenceVLM
     from megavictor.model.sharding import first_layer, full_name, shard, shard_into
@@ -63,8 +64,8 @@ def parity_rank(overrides_per_case: list[list[str]]) -> list[dict]:
         results.append(dict(
             overrides=overrides, layers=layers, is_last=dims.is_last_stage, loss=loss_sum,
             ref_loss=float(ref_loss), grad_errors=grad_errors, missing=missing, seen_lengths=seen_lengths,
-            seq_length=cfg.data.seq_length, drop_layer=cfg.victor.drop_layer if cfg.victor.enabled else None,
-            visual_per_batch=[int((b.kinds == KIND_VISUAL).sum()) for b in batches],
+            seq_length=cfg.data.seq_length, drop_layer=shortened_from(cfg),
+            removed_per_batch=[removed_visual(cfg, int((b.kinds == KIND_VISUAL).sum())) for b in batches],
             trainable=sum(p.requires_grad for p in model.parameters())))
     return results
 
@@ -79,10 +80,11 @@ def check(all_ranks: list[list[dict]]) -> None:
             assert case["trainable"] == 0 or case["grad_errors"], label
             worst = max(case["grad_errors"].items(), key=lambda kv: kv[1], default=("-", 0.0))
             assert worst[1] <= REL_TOL, f"{label}: gradient of {worst[0]} off by {worst[1]:.2e} (relative)"
-            # The drop is real: layers >= k attend over the sequence without its visual slots.
+            # The drop is real: layers >= k attend over the sequence without its visual slots (FastV: without the
+            # half it does not keep).
             for layer, lengths in case["seen_lengths"].items():
                 dropped = case["drop_layer"] is not None and layer >= case["drop_layer"]
-                expected = [case["seq_length"] - (v if dropped else 0) for v in case["visual_per_batch"]]
+                expected = [case["seq_length"] - (v if dropped else 0) for v in case["removed_per_batch"]]
                 assert lengths == expected, f"{label}: layer {layer} saw lengths {lengths}, expected {expected}"
 
 
@@ -93,7 +95,9 @@ UNFROZEN = ["vision.freeze=false"]
 @pytest.mark.parametrize("layout,world,cases", [
     pytest.param(["parallel.tp=2"], 2, [["victor.drop_layer=3"], ["victor.enabled=false"],
                                         ["victor.mask=text_blind"], ["train.stage=1"],
-                                        ["model.num_query_groups=2"], ["train.recompute=selective"]],
+                                        ["model.num_query_groups=2"], ["train.recompute=selective"],
+                                        ["victor.enabled=false", "peer.fastv_layer=2"],
+                                        ["victor.num_registers=4", "victor.drop_layer=0", "peer.avg_pool_to=4"]],
                  id="tp2"),
     # With the even split [2, 2]: k=1 inside stage 0, k=2 at the boundary, k=3 inside stage 1.
     pytest.param(["parallel.pp=2"], 2, VICTOR_K, id="pp2"),
