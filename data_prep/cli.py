@@ -25,6 +25,16 @@ def build_parser() -> argparse.ArgumentParser:
     llava.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="image-checking processes")
     llava.add_argument("--strict", action="store_true", help="fail on the first bad record instead of skipping")
     llava.add_argument("--restart", action="store_true", help="discard an interrupted run in --out, do not resume")
+    llava.add_argument("--tokenizer", default=None,
+                       help="your LLM's HF tokenizer dir: also write the length index (else run `prep index` later)")
+    llava.add_argument("--system-prompt", default="", help="the v1 system prompt for the index (data.system_prompt)")
+    llava.add_argument("--max-slots", type=int, default=None,
+                       help="skip records needing more slots than this (data.seq_length; needs --tokenizer)")
+    llava.add_argument("--image-slots", type=int, default=584,
+                       help="slots per image for --max-slots (visual + register tokens; default 576 + 8)")
+    llava.add_argument("--min-image-side", type=int, default=8, help="skip images with a shorter side (default 8)")
+    llava.add_argument("--max-image-pixels", type=int, default=40_000_000,
+                       help="skip images with more pixels (default 4e7)")
 
     digits = sub.add_parser("digits", help="the embedded handwritten-digit grids (captions + VQA) + tokenizer")
     digits.add_argument("--out", type=Path, default=Path("data/digits"), help="output folder (default data/digits)")
@@ -38,19 +48,34 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: the demo's configs/demo_stage1.yaml)")
     digits.add_argument("--vision-steps", type=int, default=600,
                         help="vision pretraining steps of 64 images (default 600, ~30 s on 2 cores; 0: skip)")
+    index = sub.add_parser("index", help="write (or rewrite) the per-sample length index of a prepared data set")
+    index.add_argument("--data", type=Path, required=True, help="prepared data set folder (holds manifest.json)")
+    index.add_argument("--tokenizer", type=Path, default=None,
+                       help="HF tokenizer dir (default: the one stored beside the shards)")
+    index.add_argument("--system-prompt", default="",
+                       help="the v1 system prompt the runs will use (data.system_prompt; default empty)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from data_prep.shards import PrepError  # after parsing, so --help does not import webdataset/torch
+    from megavictor.data.manifest import DataError
 
     try:
         if args.source == "llava":
-            from data_prep.llava import prep_llava
+            from data_prep.llava import RecordLimits, prep_llava
 
+            limits = RecordLimits(min_image_side=args.min_image_side, max_image_pixels=args.max_image_pixels,
+                                  max_slots=args.max_slots, image_slots=args.image_slots, tokenizer=args.tokenizer,
+                                  system=args.system_prompt)
             prep_llava(args.json, args.images, args.out, split=args.split, maxcount=args.maxcount,
-                       maxsize=args.maxsize, workers=args.workers, strict=args.strict, restart=args.restart)
+                       maxsize=args.maxsize, workers=args.workers, strict=args.strict, restart=args.restart,
+                       limits=limits)
+        elif args.source == "index":
+            from megavictor.data.index import build_index
+
+            print(f"wrote {build_index(args.data, args.tokenizer, args.system_prompt)}")
         else:
             from data_prep.digits import prep_digits
             from data_prep.vision_encoder import ensure_vision_encoder
@@ -58,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             prep_digits(args.out, maxcount=args.maxcount, seed=args.seed, restart=args.restart, grid=args.grid)
             if args.vision_steps > 0:
                 ensure_vision_encoder(args.out, args.vision_config, args.vision_steps, args.seed)
-    except PrepError as exc:
+    except (PrepError, DataError) as exc:
         print(f"megavictor prep {args.source}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

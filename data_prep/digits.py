@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from data_prep.shards import PrepError, ShardSetWriter
 from data_prep.tokenizer import SPECIAL_TOKENS, build_word_tokenizer
+from megavictor.data.index import build_index
 from megavictor.data.tokenizer import IMAGE_TOKEN, PROMPT_FORMATS, render
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -158,5 +159,6 @@ def prep_digits(out: Path, maxcount: int = 1000, seed: int = 0, restart: bool = 
     build_word_tokenizer(corpus, out / TOKENIZER_DIR, VOCAB_LIMIT)
     manifest = writer.finish(source={"kind": "digits", "dataset": "sklearn.datasets.load_digits", "seed": seed, "grid": grid,
                                      "pools": {k: len(v) for k, v in pools.items()}}, tokenizer=TOKENIZER_DIR)
+    build_index(out)
     counts = {s.name: sum(e.samples for e in manifest.shards if e.split == s.name) for s in SPLITS}
     print(f"wrote {len(manifest.shards)} shards to {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))

@@ -9,7 +9,6 @@ uninterrupted run would have. `manifest.json` is written last; without it the di
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterable
@@ -19,7 +18,7 @@ from typing import Any
 
 import webdataset as wds
 
-from megavictor.data.manifest import MANIFEST_NAME, Manifest, ShardEntry
+from megavictor.data.manifest import MANIFEST_NAME, Manifest, ShardEntry, sha256_file
 
 PROGRESS_NAME = ".prep-progress.json"
 TAR_METADATA: dict[str, Any] = {"user": "megavictor", "group": "megavictor", "mtime": 0, "mode": 0o444}
@@ -45,11 +44,6 @@ class _SplitProgress:
     done: bool = False
     shards: list[ShardEntry] = field(default_factory=list)
     skipped: list[list[Any]] = field(default_factory=list)  # [index, record_id, reason], index < next_index
-
-
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class ShardSetWriter:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -47,6 +48,11 @@ class PipelineSplit(enum.StrEnum):
 class PromptFormat(enum.StrEnum):
     PLAIN = "plain"  # LLaVA stage 1: image(s), caption, eos
     V1 = "v1"  # LLaVA stage 2: Vicuna v1 conversations
+
+
+class ImageAspectRatio(enum.StrEnum):
+    PAD = "pad"  # LLaVA-1.5: pad to square with the mean colour, then resize
+    CROP = "crop"  # CLIP: shortest side to image_size, centre crop
 
 
 class Precision(enum.StrEnum):
@@ -179,10 +185,15 @@ class DataConfig:
     seq_length: int = 256
     text_length: int = 64  # typical text tokens per image sample; used by the pipeline cost model
     micro_batch_size: int = 1
-    num_workers: int = 0
-    shuffle_buffer: int = 256
+    num_workers: int = 0  # decoding processes per rank (0: decode in the training process)
+    prefetch: int = 2  # micro-batches each worker decodes ahead
+    shuffle_buffer: int | None = None  # deprecated: the packing plan shuffles the whole split every epoch
     pack_buffer: int = 64
     seed: int = 1234
+    image_aspect_ratio: ImageAspectRatio = ImageAspectRatio.PAD
+    min_image_side: int = 8  # samples with a smaller image are skipped (counted)
+    max_image_pixels: int = 40_000_000  # samples with a larger image are skipped (counted)
+    verify_sha256: bool = False  # check every shard's sha256 against the manifest at start-up (sizes always)
 
 
 @dataclass
@@ -357,6 +368,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     cfg = config_from_dict(_merge(data, parse_overrides(overrides or [])))
     validate(cfg)
+    if cfg.data.shuffle_buffer is not None:
+        print(f"megavictor: warning: data.shuffle_buffer={cfg.data.shuffle_buffer} is deprecated and ignored: the "
+              "packing plan shuffles the whole split every epoch (data.seed); remove the key", file=sys.stderr)
     return cfg
 
 
@@ -387,7 +401,8 @@ def _check_ranges(cfg: Config) -> None:
             ("vision.num_attention_heads", v.num_attention_heads), ("vision.ffn_hidden_size", v.ffn_hidden_size),
             ("parallel.tp", p.tp), ("parallel.pp", p.pp), ("data.seq_length", d.seq_length),
             ("data.text_length", d.text_length), ("data.micro_batch_size", d.micro_batch_size),
-            ("data.shuffle_buffer", d.shuffle_buffer), ("data.pack_buffer", d.pack_buffer),
+            ("data.pack_buffer", d.pack_buffer), ("data.prefetch", d.prefetch),
+            ("data.min_image_side", d.min_image_side), ("data.max_image_pixels", d.max_image_pixels),
             ("train.global_batch_size", t.global_batch_size), ("train.eval_batches", t.eval_batches),
             ("log.log_interval", log.log_interval)],
         0: [("victor.num_registers", vi.num_registers), ("data.num_workers", d.num_workers), ("data.seed", d.seed),

@@ -18,13 +18,16 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def ensure_digits(path: Path) -> None:
-    """Prepare the digits shards and the pretrained vision tower if either is missing (prep resumes)."""
+    """Prepare the digits shards and the pretrained vision tower if either is missing (prep resumes); index digits
+    data prepared before the length index existed (the demo's own data: a few seconds)."""
+    from data_prep.cli import main as prep
     from data_prep.vision_encoder import ENCODER_FILE
+    from megavictor.data.index import INDEX_NAME
 
     if (path / "manifest.json").is_file() and (path / ENCODER_FILE).is_file():
+        if not (path / INDEX_NAME).is_file() and prep(["index", "--data", str(path)]) != 0:
+            raise SystemExit(f"megavictor demo: indexing the digits data in {path} failed")
         return
-    from data_prep.cli import main as prep
-
     if prep(["digits", "--out", str(path)]) != 0:
         raise SystemExit(f"megavictor demo: preparing the digits data in {path} failed")
 

@@ -57,13 +57,15 @@ def vision_flops(cfg: Config, images: int, train: bool = True) -> float:
 
 def batch_train_flops(cfg: Config, batch: VictorBatch) -> float:
     """Training FLOPs of one micro-batch for the whole model (all tp/pp ranks together)."""
-    rows, long = batch.shape
-    visual_per_row = (batch.kinds == KIND_VISUAL).sum(dim=1)
-    total = 0.0
-    for r in range(rows):
-        short = long - removed_visual(cfg, int(visual_per_row[r]))
-        total += decoder_flops(cfg, long, short)
-    return total + vision_flops(cfg, batch.images.shape[0], train=True)
+    visual_per_row = (batch.kinds == KIND_VISUAL).sum(dim=1).tolist()
+    return rows_train_flops(cfg, batch.shape[1], visual_per_row, batch.images.shape[0])
+
+
+def rows_train_flops(cfg: Config, long: int, visual_per_row: list[int], images: int) -> float:
+    """Training FLOPs of rows of `long` slots holding these visual slots and images (what the packing plan
+    knows of a global batch)."""
+    total = sum(decoder_flops(cfg, long, long - removed_visual(cfg, visual)) for visual in visual_per_row)
+    return total + vision_flops(cfg, images, train=True)
 
 
 def generate_flops(cfg: Config, rows: int, visual: int, prompt: int, new_tokens: int) -> float:

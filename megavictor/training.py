@@ -1,8 +1,8 @@
 """The training loop, read top to bottom in `train`: it composes an engine (megatron or DeepSpeed) with the data.
 
-Each optimizer step takes one global batch of `train.global_batch_size` packed rows from a single deterministic
-stream; data-parallel rank r trains on its share of the micro-batches. The loss is the per-token mean over the whole
-global batch, so the loss curve depends neither on the engine nor on tp/pp/dp or on the micro-batch split.
+Each optimizer step takes one global batch of `train.global_batch_size` packed rows of the global packing plan
+(`megavictor.data.training_data`); data-parallel rank r decodes and trains on its share of the micro-batches.
+The loss is the per-token mean over the whole global batch, so the loss curve depends neither on the engine nor on tp/pp/dp or on the micro-batch split.
 
 Stop requests (SIGTERM / SIGUSR2, or `megavictor.stop_request.request_stop()`) are honoured at the next step boundary: the job saves a
 checkpoint and returns a summary with `stopped_by_signal`; a restart resumes exactly from it.
@@ -25,13 +25,13 @@ from megatron.core import parallel_state
 from megavictor.checkpoint import step_dir_name
 from megavictor.checkpoint.commit import adopt_fallback, first_failure
 from megavictor.config import Config, Engine
-from megavictor.data.loader import VictorLoader
+from megavictor.data.training_data import TrainData, validation_batches
 from megavictor.distributed import ParallelDims, collective_device, init_from_config
-from megavictor.engines.base import Restored, TrainingEngine, micro_batches_per_rank
+from megavictor.engines.base import Restored, TrainingEngine
 from megavictor.errors import notice
 from megavictor.initial_weights import InitialWeights, WeightSource, choose_initial_weights
-from megavictor.metrics import MetricsLogger, batch_train_flops, peak_flops
-from megavictor.model.batch import KIND_PAD, KIND_TEXT, KIND_VISUAL, VictorBatch, collate_rows
+from megavictor.metrics import MetricsLogger, peak_flops
+from megavictor.model.batch import VictorBatch, collate_rows
 from megavictor.stop_request import stop_pending
 
 @dataclass
@@ -41,47 +41,6 @@ class Summary:
     val_loss: float | None
     stopped_by_signal: bool
     checkpoint: str | None
-
-
-@dataclass
-class StepBatches:
-    """One optimizer step's data as this rank sees it, with what the loss and metrics need of the global batch."""
-
-    mine: list[VictorBatch]  # this data-parallel rank's micro-batches
-    loss_tokens: int  # loss tokens of the whole global batch: the loss normaliser
-    real_tokens: int  # text + visual slots of the global batch (not Victor's registers: comparable with a baseline)
-    samples: int  # packed samples of the global batch
-    flops: float  # training FLOPs of the global batch (analytic, for MFU)
-
-
-class TrainData:
-    """The training split's global batches, identical on every rank; each rank keeps its micro-batches.
-
-    Every rank reads the same global stream, so losses are independent of the data-parallel size and the position
-    restores exactly under any layout; the price is that every rank decodes every image of a global batch.
-    """
-
-    def __init__(self, cfg: Config, dp_rank: int, dp: int) -> None:
-        self.cfg, self.dp_rank, self.dp = cfg, dp_rank, dp
-        self.per_rank = micro_batches_per_rank(cfg, dp)
-        self.loader = VictorLoader.from_config(cfg, cfg.data.train_split)
-        self._batches = iter(self.loader)
-
-    def next_step(self) -> StepBatches:
-        global_batch = [next(self._batches) for _ in range(self.per_rank * self.dp)]
-        mine = global_batch[self.dp_rank * self.per_rank:(self.dp_rank + 1) * self.per_rank]
-        return StepBatches(
-            mine=mine, loss_tokens=sum(b.num_loss_tokens() for b in global_batch),
-            real_tokens=sum(int(((b.kinds == KIND_TEXT) | (b.kinds == KIND_VISUAL)).sum()) for b in global_batch),
-            samples=sum(_samples(b) for b in global_batch),
-            flops=sum(batch_train_flops(self.cfg, b) for b in global_batch))
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.loader.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.loader.load_state_dict(state)
-        self._batches = iter(self.loader)
 
 
 def build_engine(cfg: Config, dims: ParallelDims, weights: InitialWeights) -> TrainingEngine:
@@ -101,7 +60,7 @@ def train(cfg: Config) -> Summary:
     t = cfg.train
     weights = choose_initial_weights(cfg)  # resume / init_from / fresh, checked before anything is built
     dims = init_from_config(cfg)
-    data = TrainData(cfg, dims.dp_rank, dims.dp)  # opens the data set: its errors come before the model's build
+    data = TrainData(cfg, dims)  # opens the data set: its errors come before the model's build
     engine = build_engine(cfg, dims, weights)
     step, saved = 0, None
     if weights.source == WeightSource.RESUME:
@@ -114,13 +73,14 @@ def train(cfg: Config) -> Summary:
         Path(t.run_dir).mkdir(parents=True, exist_ok=True)
         (Path(t.run_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
+    data_counts = {f"data_{kind}": n for kind, n in data.counts.items()}  # per sample of the split, counted once
     last_loss, stopped = None, False
     while step < t.max_steps:
         if stop_requested():
             stopped = True
             break
         step += 1
-        record = {"step": step, **train_step(engine, data, dims)}
+        record = {"step": step, **train_step(engine, data, dims), **data_counts}
         last_loss = record["loss"]
         if t.eval_interval and step % t.eval_interval == 0:
             record["val_loss"] = validation_loss(cfg, engine, dims)
@@ -181,10 +141,8 @@ def validation_loss(cfg: Config, engine: TrainingEngine, dims: ParallelDims) -> 
     """Per-token mean loss over the first `train.eval_batches` micro-batches of the val split, shared out over the
     data-parallel ranks; a rank left without one runs an all-padding micro-batch (no loss tokens), so that every
     rank runs the same number of forwards (ZeRO-3 gathers parameters collectively)."""
-    loader = VictorLoader.from_config(cfg, cfg.data.val_split, shuffle=False, epochs=1)
-    batches = [b for b, _ in zip(loader, range(cfg.train.eval_batches))]
-    mine = batches[dims.dp_rank::dims.dp]
-    rounds = math.ceil(len(batches) / dims.dp)
+    mine, total = validation_batches(cfg, dims)
+    rounds = math.ceil(total / dims.dp)
     mine += [_empty_batch(cfg)] * (rounds - len(mine))
     return global_mean_loss(*engine.loss(mine), dims)
 
@@ -201,12 +159,6 @@ def _empty_batch(cfg: Config) -> VictorBatch:
     d, v = cfg.data, cfg.vision
     return collate_rows([[] for _ in range(d.micro_batch_size)], d.seq_length,
                         image_shape=(3, v.image_size, v.image_size))
-
-
-def _samples(batch: VictorBatch) -> int:
-    """Packed samples of a batch (segments that are not row padding)."""
-    starts = batch.cu_seqlens[:-1].long()
-    return int((batch.kinds.flatten()[starts] != KIND_PAD).sum())
 
 
 def _peak_memory_mb() -> float:

@@ -55,7 +55,8 @@ def load_questions(cfg: Config, data_path: str | Path, split: str, limit: int | 
     questions = []
     for _, raw in reader.read(range(n)):
         record = json.loads(raw["json"])
-        images = [load_image(raw[member], cfg.vision.image_size) for member in record["images"]]
+        images = [load_image(raw[member], cfg.vision.image_size, cfg.data.image_aspect_ratio)
+                  for member in record["images"]]
         first_turns = record["conversations"][:2]
         sample = chat.sample(first_turns, images)
         start = sample.trainable.index(True)

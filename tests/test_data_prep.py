@@ -162,7 +162,10 @@ def test_digits_prep_pretrains_the_demo_vision_tower(digits_data: Path) -> None:
 BAD_TEXT = "@@NOT-UTF8@@"
 EXPECTED_SKIPS = {"missing_image": ["missing-img"], "unreadable_image": ["broken-img"],
                   "no_conversations": ["no-conv"], "image_count_mismatch": ["count-mismatch"],
-                  "duplicate_id": ["good-jpg"], "non_utf8_text": ["bad-utf8"]}
+                  "duplicate_id": ["good-jpg"], "non_utf8_text": ["bad-utf8"],
+                  "image_outside_root": ["outside-rel", "outside-abs", "outside-link"],
+                  "image_in_answer": ["image-in-answer"], "empty_answer": ["empty-answer"],
+                  "image_too_small": ["tiny-img"]}
 GOOD_IDS = ["good-jpg", "good-two", "text-only", "good-png", "extra-0", "extra-1", "extra-2", "extra-3"]
 
 
@@ -181,6 +184,9 @@ def llava_source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     Image.fromarray(rng.integers(0, 255, (20, 20, 4), dtype=np.uint8)).save(images / "b.png")
     Image.fromarray(rng.integers(0, 255, (16, 24), dtype=np.uint8)).convert("P").save(images / "c.gif")
     (images / "broken.jpg").write_bytes((images / "sub" / "a.jpg").read_bytes()[:200])
+    Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(root / "outside.png")
+    (images / "link.png").symlink_to(root / "outside.png")  # a symlink inside the root to a file outside it
+    Image.new("RGB", (1, 1)).save(images / "tiny.png")
     one = _turns("<image>\nWhat is shown?", "noise")
     records = [
         {"id": "good-jpg", "image": "sub/a.jpg", "conversations": one},
@@ -194,7 +200,14 @@ def llava_source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         {"id": "good-jpg", "image": "b.png", "conversations": one},
         {"id": "bad-utf8", "image": "sub/a.jpg", "conversations": _turns("<image>\n" + BAD_TEXT, "A")},
         {"id": "good-png", "image": "b.png", "conversations": one},
-    ] + [{"id": f"extra-{i}", "image": "sub/a.jpg", "conversations": one} for i in range(4)]
+    ] + [{"id": f"extra-{i}", "image": "sub/a.jpg", "conversations": one} for i in range(4)] + [
+        {"id": "outside-rel", "image": "../outside.png", "conversations": one},
+        {"id": "outside-abs", "image": str(root / "outside.png"), "conversations": one},
+        {"id": "outside-link", "image": "link.png", "conversations": one},
+        {"id": "image-in-answer", "image": "b.png", "conversations": _turns("What is shown?", "<image> noise")},
+        {"id": "empty-answer", "image": "b.png", "conversations": _turns("<image>\nWhat is shown?", "  ")},
+        {"id": "tiny-img", "image": "tiny.png", "conversations": one},
+    ]
     path = root / "llava.json"
     path.write_bytes(json.dumps(records, indent=1).encode().replace(BAD_TEXT.encode(), b"caf\xe9 \xff"))
     return path, images
@@ -212,7 +225,7 @@ def test_llava_prep_skips_bad_records_by_id(llava_source: tuple[Path, Path], tmp
     err = capsys.readouterr().err
     manifest = load_manifest(tmp_path)
     assert manifest.skipped_ids == EXPECTED_SKIPS
-    assert manifest.skipped == {reason: 1 for reason in EXPECTED_SKIPS}
+    assert manifest.skipped == {reason: len(ids) for reason, ids in EXPECTED_SKIPS.items()}
     for ids in EXPECTED_SKIPS.values():
         assert f"record {ids[0]!r}" in err
     assert check_manifest_matches_tars(tmp_path) == {"train": len(GOOD_IDS)}
@@ -227,6 +240,19 @@ def test_llava_prep_skips_bad_records_by_id(llava_source: tuple[Path, Path], tmp
     assert json.loads(two["json"])["images"] == ["0.png", "1.png"] and {"0.png", "1.png"} < set(two)
     assert Image.open(io.BytesIO(two["1.png"])).size == (24, 16)  # the gif, re-encoded as PNG
     assert set(samples["text-only"]) == {"json"}
+    outside = (llava_source[0].parent / "outside.png").read_bytes()
+    assert not any(outside in shard.read_bytes() for shard in tmp_path.glob("*.tar"))  # never written to a shard
+
+
+def test_llava_prep_skips_overlong_and_oversized_records_by_the_limits(llava_source: tuple[Path, Path],
+                                                                       digits_data: Path, tmp_path: Path) -> None:
+    # a.jpg is 40x30 = 1200 pixels; the two-turn record needs 2 x 24 image slots + its text.
+    assert _prep_llava(llava_source, tmp_path, "--tokenizer", str(digits_data / "tokenizer"), "--max-image-pixels",
+                       "1000", "--max-slots", "40", "--image-slots", "24", "--workers", "1") == 0
+    skipped = load_manifest(tmp_path).skipped_ids
+    assert skipped["image_too_large"] == ["good-jpg", "extra-0", "extra-1", "extra-2", "extra-3"]
+    assert skipped["too_long"] == ["good-two"]
+    assert "bad-utf8" not in skipped.get("image_too_large", [])  # skipped earlier, for its text, counted once
 
 
 def test_llava_strict_fails_on_first_bad_record(llava_source: tuple[Path, Path], tmp_path: Path,
@@ -251,10 +277,10 @@ def test_llava_interrupted_run_resumes_to_identical_shards(llava_source: tuple[P
     assert _prep_llava(llava_source, tmp_path / "clean", "--workers", "1") == 0
     check = data_prep.llava.check_record
 
-    def interrupted(job, images_dir):  # Ctrl-C while record #12 is being read
+    def interrupted(job, images_dir, **kw):  # Ctrl-C while record #12 is being read
         if job[0] == 12:
             raise KeyboardInterrupt
-        return check(job, images_dir)
+        return check(job, images_dir, **kw)
 
     monkeypatch.setattr(data_prep.llava, "check_record", interrupted)
     out = tmp_path / "run"
@@ -285,14 +311,18 @@ def test_python_dash_m_data_prep() -> None:
 
 def test_llava_shards_load_into_packed_batches(llava_source: tuple[Path, Path], digits_data: Path,
                                                tmp_path: Path) -> None:
-    from megavictor.data import VictorLoader
+    from megavictor.config import load_config
+    from megavictor.data.training_data import validation_batches
+    from megavictor.distributed import ParallelDims
 
-    assert _prep_llava(llava_source, tmp_path, "--workers", "1") == 0
-    loader = VictorLoader(tmp_path, "train", tokenizer=digits_data / "tokenizer", seq_length=128,
-                          micro_batch_size=2, visual_tokens=16, registers=8, image_size=32, epochs=1)
-    batches = list(loader.iter_with_keys())
-    keys = sorted(k for _, rows in batches for row in rows for k in row)
-    assert keys == sorted(f"{i:09d}" for i in (0, 1, 2, 9, 10, 11, 12, 13))
-    for batch, _ in batches:
+    tokenizer = digits_data / "tokenizer"
+    assert _prep_llava(llava_source, tmp_path, "--workers", "1", "--tokenizer", str(tokenizer)) == 0
+    assert (tmp_path / "index.npz").is_file()
+    cfg = load_config(None, [f"data.path={tmp_path}", f"data.tokenizer={tokenizer}", "data.val_split=train",
+                             "data.system_prompt=''", "data.seq_length=128", "data.micro_batch_size=2",
+                             "train.eval_batches=8"])
+    batches, _ = validation_batches(cfg, ParallelDims(1, 0, 1, 1, 1, 0, 0, 0))
+    for batch in batches:
         batch.validate(16, 8)
-    assert sum(b.images.shape[0] for b, _ in batches) == 8  # 1 + 2 + 0 (text only) + 1 + 4
+    assert sum(int((b.position_ids == 0).logical_and(b.kinds != 3).sum()) for b in batches) == len(GOOD_IDS)
+    assert sum(b.images.shape[0] for b in batches) == 8  # 1 + 2 + 0 (text only) + 1 + 4

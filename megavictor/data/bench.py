@@ -1,74 +1,75 @@
-"""`megavictor bench loader`: loader throughput and how much packing saves over one-sample-per-row batching.
+"""`megavictor bench loader --data DIR [--dp N]`: what one data-parallel rank's loader does per training step.
 
-Runs the real loader over one epoch of a split (all shards, flushed tail included) with the default Config's
-image slots (vision visual tokens + Victor registers per image). `packing_efficiency` is real slots (text, visual
-and register) over all slots of the packed batches; `unpacked_efficiency` is the same for the same samples with
-one sample per row padded to seq_length (megatron's fixed [micro_batch, seq_length] shapes). The last stdout line
-is one JSON object.
+Runs data-parallel rank 0 of `--dp N` (tp = pp = 1) through `--steps` steps of the training data (default: one
+epoch of the split) with the demo's stage-2 shape (`configs/demo_stage2.yaml`: 64 visual + 8 register slots per
+image, seq_length 512, micro-batch 2) and a global batch of `--global-batch-size` rows (default 64). It reports the
+samples the rank decodes per second, the images it decodes per step (falls as 1/dp: each rank decodes only its
+own rows) and the packing efficiency of the global plan (real slots over all slots of the rows). The last stdout
+line is one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
+from dataclasses import replace
+from pathlib import Path
 
-from megavictor.config import Config, PromptFormat
-from megavictor.data.loader import VictorLoader
-from megavictor.data.manifest import DataError
+from megavictor.config import load_config
+from megavictor.data.plan import PackingPlan
+from megavictor.data.training_data import TrainData
+from megavictor.distributed import ParallelDims
 from megavictor.model.batch import KIND_PAD
+
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo_stage2.yaml"
 
 
 def main(argv: list[str]) -> int:
-    defaults = Config()
     parser = argparse.ArgumentParser(prog="megavictor bench loader", description=__doc__)
-    parser.add_argument("--data", required=True, help="prepared data set folder (holds manifest.json)")
+    parser.add_argument("--data", required=True, help="prepared data set folder (holds manifest.json, index.npz)")
+    parser.add_argument("--dp", type=int, default=1, help="data-parallel size; rank 0 is measured (default 1)")
     parser.add_argument("--split", default="vqa_train")
-    parser.add_argument("--seq-length", type=int, default=defaults.data.seq_length)
-    parser.add_argument("--micro-batch-size", type=int, default=defaults.data.micro_batch_size)
-    parser.add_argument("--workers", type=int, default=defaults.data.num_workers)
-    parser.add_argument("--pack-buffer", type=int, default=defaults.data.pack_buffer)
-    parser.add_argument("--prompt-format", default=defaults.data.prompt_format, choices=list(PromptFormat))
-    parser.add_argument("--tokenizer", default=None, help="HF tokenizer dir (default: the one beside the shards)")
+    parser.add_argument("--config", default=str(DEMO_CONFIG), help="the shape (default: the demo's stage 2)")
+    parser.add_argument("--global-batch-size", type=int, default=64, help="rows per step (default 64)")
+    parser.add_argument("--steps", type=int, default=None, help="steps to run (default: one epoch of the split)")
+    parser.add_argument("--workers", type=int, default=0, help="decoding worker processes (data.num_workers)")
     args = parser.parse_args(argv)
 
-    cfg = Config()
-    d = cfg.data
-    d.path, d.seq_length, d.micro_batch_size = args.data, args.seq_length, args.micro_batch_size
-    d.num_workers, d.pack_buffer, d.prompt_format, d.tokenizer = (args.workers, args.pack_buffer,
-                                                                  args.prompt_format, args.tokenizer)
-    try:
-        loader = VictorLoader.from_config(cfg, args.split, epochs=1)
-    except (DataError, FileNotFoundError) as exc:
-        print(f"megavictor bench loader: error: {exc}", file=sys.stderr)
-        return 1
-
+    cfg = load_config(args.config, [f"data.path={args.data}", f"data.train_split={args.split}",
+                                    f"train.global_batch_size={args.global_batch_size}",
+                                    f"data.num_workers={args.workers}", "train.init_from=null"])
+    dims = ParallelDims(world=args.dp, rank=0, tp=1, pp=1, dp=args.dp, tp_rank=0, pp_rank=0, dp_rank=0)
+    data = TrainData(cfg, dims)
+    plan = data.data.plan
+    epoch = [row for row in PackingPlan(data.data.index, replace(plan.spec, epochs=1)).rows() if row]
+    steps = args.steps or max(1, len(epoch) // data.rows_per_step)
+    real = sum(plan.row_slots(r) for r in epoch)
     start = time.perf_counter()
-    samples = batches = real = 0
-    for batch, keys in loader.iter_with_keys():
-        batches += 1
-        samples += sum(len(row) for row in keys)
-        real += int((batch.kinds != KIND_PAD).sum())
+    samples = images = 0
+    for _ in range(steps):
+        batches = data.next_step()
+        images += batches.images
+        samples += sum(int((b.kinds.flatten()[b.cu_seqlens[:-1].long()] != KIND_PAD).sum()) for b in batches.mine)
     seconds = time.perf_counter() - start
-    slots = batches * d.micro_batch_size * d.seq_length
     result = {
-        "split": args.split, "samples": samples, "batches": batches, "seq_length": d.seq_length,
-        "micro_batch_size": d.micro_batch_size, "visual_tokens": cfg.vision.num_visual_tokens,
-        "registers": cfg.victor.registers_per_image, "workers": d.num_workers, "seconds": round(seconds, 3),
-        "samples_per_s": round(samples / seconds, 1), "tokens_per_s": round(real / seconds, 1),
-        "packing_efficiency": round(real / slots, 4),
-        "unpacked_efficiency": round(real / (samples * d.seq_length), 4), "unpacked_padding": "seq_length",
-        "truncated": loader.truncated,
+        "dp": args.dp, "split": args.split, "steps": steps, "global_batch_rows": data.rows_per_step,
+        "micro_batches_per_rank": data.per_rank, "seq_length": cfg.data.seq_length,
+        "visual_tokens": cfg.vision.num_visual_tokens, "registers": cfg.victor.registers_per_image,
+        "workers": args.workers, "seconds": round(seconds, 3),
+        "samples_per_rank_per_step": round(samples / steps, 2),
+        "samples_per_s_per_rank": round(samples / seconds, 1),
+        "images_decoded_per_rank_per_step": round(images / steps, 2),
+        "packing_efficiency": round(real / (len(epoch) * cfg.data.seq_length), 4),
+        **data.counts,
     }
-    print(f"loader bench: {args.data} split {args.split}, seq_length {d.seq_length}, micro-batch "
-          f"{d.micro_batch_size}, {result['visual_tokens']} visual + {result['registers']} register slots/image")
-    rows = [("samples", samples), ("micro-batches", batches), ("samples/s", result["samples_per_s"]),
-            ("tokens/s (non-pad slots)", result["tokens_per_s"]),
-            ("packing efficiency", result["packing_efficiency"]),
-            ("unpacked efficiency (pad to seq_length)", result["unpacked_efficiency"]),
-            ("truncated samples", loader.truncated)]
-    for name, value in rows:
-        print(f"  {name:<42} {value}")
+    print(f"loader bench: {args.data} split {args.split}, dp {args.dp} (rank 0 measured), {steps} steps of "
+          f"{data.rows_per_step} rows x {cfg.data.seq_length} slots, {result['visual_tokens']} visual + "
+          f"{result['registers']} register slots/image")
+    for name in ("samples_per_s_per_rank", "samples_per_rank_per_step", "images_decoded_per_rank_per_step",
+                 "packing_efficiency"):
+        print(f"  {name:<36} {result[name]}")
     print(json.dumps(result))
     return 0
+
+

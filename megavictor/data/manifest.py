@@ -10,6 +10,7 @@ Every tar sample is `{__key__, json, image members}`: `json` holds {"id", "conve
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -60,6 +61,11 @@ class Manifest:
         tmp = root / (MANIFEST_NAME + ".tmp")
         tmp.write_text(self.to_json(), encoding="utf-8")
         os.replace(tmp, root / MANIFEST_NAME)
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def load_manifest(root: str | Path) -> Manifest:

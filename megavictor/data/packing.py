@@ -1,8 +1,8 @@
-"""Streaming first-fit-decreasing packing of variable-length samples into rows of `capacity` slots.
+"""Streaming best-fill packing of variable-length samples into rows of `capacity` slots.
 
-The packer holds up to `buffer_size` candidates. Once full, it builds one row: candidates sorted by decreasing
-size, each placed if it still fits. A candidate passed over in `max_wait` rows goes first, so small samples are
-delayed by a bounded number of rows instead of drifting to the end of an epoch. Everything is deterministic
+The packer holds up to `buffer_size` candidates. Once full, it builds one row: the subset of candidates that fills
+it best. A candidate passed over in `max_wait` rows goes first, so no sample is delayed by more than a bounded
+number of rows. Everything is deterministic
 (ties by arrival order), and the buffer is describable by (key, age) pairs for resumable loaders.
 """
 
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 MAX_WAIT_ROWS = 16
 
@@ -41,16 +43,29 @@ class Packer:
         self.items.append(item)
 
     def pop_row(self) -> list[PackItem]:
-        """Remove and return one row (items in arrival order); the rest age by one row."""
-        order = sorted(range(len(self.items)),
-                       key=lambda i: (self.items[i].age < self.max_wait, -self.items[i].size, i))
+        """Remove and return one row (items in arrival order); the rest age by one row.
+
+        Items that waited `max_wait` rows go first (oldest first, while they fit); the rest of the row is the subset
+        of the buffer that fills it best (exact subset sum over the free slots, a bitset per item), preferring
+        earlier arrivals among equally full choices."""
         free, chosen = self.capacity, set()
-        for i in order:
-            if self.items[i].size <= free:
+        for i, item in enumerate(self.items):
+            if item.age >= self.max_wait and item.size <= free:
                 chosen.add(i)
-                free -= self.items[i].size
-                if free == 0:
-                    break
+                free -= item.size
+        rest = [i for i in range(len(self.items)) if i not in chosen]
+        reach = np.zeros((len(rest) + 1, free + 1), dtype=bool)
+        reach[0, 0] = True
+        for k, i in enumerate(rest):
+            size = self.items[i].size
+            reach[k + 1] = reach[k]
+            if size <= free:
+                reach[k + 1, size:] |= reach[k, :free + 1 - size]
+        best = int(np.flatnonzero(reach[-1]).max())
+        for k in range(len(rest) - 1, -1, -1):  # take an item only where the sum is unreachable without it
+            if not reach[k, best]:
+                chosen.add(rest[k])
+                best -= self.items[rest[k]].size
         row = [item for i, item in enumerate(self.items) if i in chosen]
         self.items = [item for i, item in enumerate(self.items) if i not in chosen]
         for item in self.items:

@@ -1,20 +1,35 @@
-"""The checks a run makes of its data set before building anything, each failure one line naming the config key."""
+"""The checks a run makes of its data set before building anything, each failure one line naming the key or file."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from megavictor.config import Config
-from megavictor.data.manifest import DataError, load_manifest
+from megavictor.data.index import load_index
+from megavictor.data.manifest import DataError, ShardEntry, load_manifest, sha256_file
+
+
+def check_shard(root: Path, entry: ShardEntry, verify_sha256: bool) -> None:
+    """The shard exists with the manifest's size (and sha256): a truncated or replaced shard stops the run here,
+    before step 1, instead of as a tar error mid-run."""
+    path = root / entry.name
+    if not path.is_file():
+        raise DataError(f"shard {path} listed in {root}/manifest.json is missing; re-run megavictor prep")
+    size = path.stat().st_size
+    if size != entry.bytes:
+        raise DataError(f"shard {path} has {size} bytes but {root}/manifest.json says {entry.bytes} (truncated or "
+                        "replaced); re-run megavictor prep")
+    if verify_sha256 and sha256_file(path) != entry.sha256:
+        raise DataError(f"shard {path} does not match its sha256 in {root}/manifest.json; re-run megavictor prep")
 
 
 def check_data_set(cfg: Config) -> None:
-    """`data.path` holds a finished prep run with the configured splits, and a tokenizer is there to read them."""
+    """`data.path` holds a finished prep run with the configured splits, intact shards (sizes; sha256 with
+    `data.verify_sha256`), a tokenizer to read them and a length index matching both."""
     d = cfg.data
     try:
         manifest = load_manifest(d.path)
-        for split in (d.train_split, d.val_split):
-            manifest.split_shards(split)
+        shards = [s for split in (d.train_split, d.val_split) for s in manifest.split_shards(split)]
     except DataError as exc:
         raise DataError(f"data.path={d.path}: {exc}") from None
     if d.tokenizer is None and manifest.tokenizer is None:
@@ -24,3 +39,8 @@ def check_data_set(cfg: Config) -> None:
         key = "data.tokenizer" if d.tokenizer else "data.path"
         raise DataError(f"{key}: tokenizer dir {tokenizer} does not exist (pass data.tokenizer=<your LLM's HF "
                         "tokenizer dir>, or re-run the prep that stores one)")
+    for entry in shards:
+        check_shard(Path(d.path), entry, d.verify_sha256)
+    index = load_index(d.path, d.tokenizer, d.prompt_format.value, d.system_prompt)
+    for split in (d.train_split, d.val_split):
+        index.split(split)

@@ -101,7 +101,9 @@ class ChatTokenizer:
         pad = self.tokenizer.pad_token_id
         return pad if pad is not None else self.tokenizer.eos_token_id
 
-    def sample(self, conversations: list[dict[str, str]], images: list[torch.Tensor]) -> Sample:
+    def encode(self, conversations: list[dict[str, str]]) -> tuple[list[int], list[bool]]:
+        """(token ids with IMAGE_PLACEHOLDER per `<image>`, trainable flag per token); what the length index
+        stores the shape of and what `sample` builds a `Sample` from."""
         text, spans = render(conversations, self.prompt_format, self.tokenizer.eos_token, self.system)
         tokens, trainable = list(self.prefix), [False] * len(self.prefix)
         base = 0
@@ -116,4 +118,8 @@ class ChatTokenizer:
                 tokens.append(tok)
                 trainable.append(any(a <= last < b for a, b in spans))
             base += len(chunk)
+        return tokens, trainable
+
+    def sample(self, conversations: list[dict[str, str]], images: list[torch.Tensor]) -> Sample:
+        tokens, trainable = self.encode(conversations)
         return Sample(tokens=tokens, trainable=trainable, images=images)

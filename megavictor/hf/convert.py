@@ -28,6 +28,7 @@ from transformers import (
     AutoConfig,
     AutoTokenizer,
     CLIPImageProcessor,
+    LlavaImageProcessor,
     CLIPVisionConfig,
     GenerationConfig,
     LlamaConfig,
@@ -36,7 +37,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from megavictor.config import Config, ModelConfig, VictorMask, VisionActivation, VisionConfig, load_config
+from megavictor.config import Config, ImageAspectRatio, ModelConfig, VictorMask, VisionActivation, VisionConfig, \
+    load_config
 from megavictor.data.images import CLIP_MEAN, CLIP_STD
 from megavictor.hf.configuration_victor_llava import VictorLlavaConfig
 from megavictor.hf.processing_victor_llava import VictorLlavaProcessor
@@ -359,13 +361,16 @@ def victor_hf_config(cfg: Config, dtype: torch.dtype = torch.float32) -> LlavaCo
     return _hf_config(cfg, cfg.model.vocab_size, _prepare_tokenizer(None, tokens, cfg.model.vocab_size), None, dtype)
 
 
-def image_processor(cfg: Config) -> CLIPImageProcessor:
-    """What megavictor's loader does (`megavictor.data.images.load_image`): RGB, shortest side to image_size
-    (bicubic), centre crop, CLIP mean/std."""
+def image_processor(cfg: Config) -> CLIPImageProcessor | LlavaImageProcessor:
+    """What megavictor's loader does (`megavictor.data.images.load_image`): RGB, then with
+    `data.image_aspect_ratio: pad` (LLaVA-1.5) pad to square with the mean colour, or with `crop` shortest side to
+    image_size (bicubic) and centre crop; CLIP mean/std."""
     size = cfg.vision.image_size
-    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                              resample=3, do_center_crop=True, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
-                              do_convert_rgb=True)
+    common = dict(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, resample=3,
+                  do_center_crop=True, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), do_convert_rgb=True)
+    if cfg.data.image_aspect_ratio == ImageAspectRatio.PAD:
+        return LlavaImageProcessor(do_pad=True, **common)
+    return CLIPImageProcessor(**common)
 
 
 def to_hf(cfg: Config, full_state: dict[str, Tensor], out_dir: str | Path, tokenizer_dir: str | Path | None = None,

@@ -1,0 +1,328 @@
+"""Per-rank training data: each rank decodes only the samples of its own rows of the global packing plan.
+
+Every rank computes the same plan (`plan.py`) from the length index. A step consumes `global_batch_size` rows;
+data-parallel rank r trains on micro-batches [r * per_rank, (r + 1) * per_rank) of them and decodes only those
+samples. What the loss and the metrics need of the whole global batch (its loss tokens: the loss normaliser; its
+real tokens, samples and FLOPs) comes from the plan, so no rank materialises the global batch.
+
+As in Megatron-LM, tensor-parallel rank 0 loads and broadcasts to its tensor-parallel peers, and only the pipeline
+stages that use data read it: the first stage decodes text and images, the last stage only the text (its labels),
+and middle stages read nothing, building their micro-batches' structure (kinds, positions, `cu_seqlens`) from the
+index. Decoding runs in `data.num_workers` worker processes, each `data.prefetch` micro-batches ahead.
+
+The position in the data is the number of plan rows consumed: the same number on every rank, independent of the
+layout, saved in the checkpoint's common state (which every rank reads) and restored exactly under any tp/pp/dp.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+
+from megavictor.config import Config, ConfigError
+from megavictor.data.images import load_image
+from megavictor.data.index import SplitIndex, load_index, read_span, runs_of, truncate
+from megavictor.data.manifest import DataError, load_manifest
+from megavictor.data.plan import PackingPlan, PlanSpec, Row
+from megavictor.data.tokenizer import ChatTokenizer, TemplateError, load_tokenizer
+from megavictor.distributed import ParallelDims
+from megavictor.engines.base import micro_batches_per_rank
+from megavictor.metrics import rows_train_flops
+from megavictor.model.batch import IMAGE_PLACEHOLDER, Sample, VictorBatch, collate_rows, expand_sample, \
+    truncate_sample
+
+log = logging.getLogger(__name__)
+STATE_VERSION = 2
+
+
+class Reads(enum.Enum):
+    """What a pipeline stage needs of a sample."""
+
+    ALL = "all"  # first stage: tokens and images
+    TEXT = "text"  # last stage (not first): tokens for the labels; images stay unread
+    NOTHING = "nothing"  # middle stages: the structure only, from the index
+
+
+def stage_reads(dims: ParallelDims) -> Reads:
+    if dims.is_first_stage:
+        return Reads.ALL
+    return Reads.TEXT if dims.is_last_stage else Reads.NOTHING
+
+
+@dataclass
+class StepBatches:
+    """One optimizer step's data as this rank sees it, with what the loss and metrics need of the global batch."""
+
+    mine: list[VictorBatch]  # this data-parallel rank's micro-batches
+    loss_tokens: int  # loss tokens of the whole global batch: the loss normaliser
+    real_tokens: int  # text + visual slots of the global batch (not Victor's registers: comparable with a baseline)
+    samples: int  # packed samples of the global batch
+    flops: float  # training FLOPs of the global batch (analytic, for MFU)
+    images: int  # images this rank decoded for the step
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """What a (worker) process needs to turn plan rows into a micro-batch."""
+
+    root: str
+    split: str
+    shards: tuple[str, ...]
+    tokenizer: str
+    prompt_format: str
+    system: str
+    seq_length: int
+    visual_tokens: int
+    registers: int
+    image_size: int
+    aspect: str
+    reads: Reads
+
+
+class RowDecoder(Dataset):
+    """Map-style dataset whose index is a micro-batch's rows (tuples of sample indices): the DataLoader's sampler
+    hands each worker the rows to decode."""
+
+    def __init__(self, settings: DecodeSettings, index: SplitIndex) -> None:
+        self.settings, self.index = settings, index
+        self._chat: ChatTokenizer | None = None
+        self._files: dict[int, Any] = {}
+
+    def __getitem__(self, rows: tuple[Row, ...]) -> VictorBatch:  # type: ignore[override]
+        s = self.settings
+        expanded = [[expand_sample(self.sample(i), s.visual_tokens, s.registers, self.pad_id) for i in row]
+                    for row in rows]
+        return collate_rows(expanded, s.seq_length, self.pad_id, image_shape=(3, s.image_size, s.image_size))
+
+    @property
+    def chat(self) -> ChatTokenizer:
+        if self._chat is None:  # loaded in the worker that uses it
+            s = self.settings
+            self._chat = ChatTokenizer(load_tokenizer(s.tokenizer), s.prompt_format, s.system)
+        return self._chat
+
+    @property
+    def pad_id(self) -> int:
+        return 0 if self.settings.reads == Reads.NOTHING else self.chat.pad_id
+
+    def sample(self, i: int) -> Sample:
+        """Sample i as this stage needs it, truncated to seq_length as the plan decided."""
+        s = self.settings
+        code = truncate(self.index.shape(s.prompt_format, i), s.seq_length, s.visual_tokens + s.registers)
+        if s.reads == Reads.NOTHING:
+            return _shape_sample(code)
+        raw = self._raw(i)
+        path = Path(s.root) / s.shards[int(self.index.shard[i])]
+        try:
+            record = json.loads(raw["json"])
+            if s.reads == Reads.ALL:
+                images = [load_image(raw[member], s.image_size, s.aspect) for member in record["images"]]
+            else:
+                images = [torch.empty(3, 0, 0) for _ in record["images"]]
+            sample = self.chat.sample(record["conversations"], images)
+        except (KeyError, ValueError, OSError, TemplateError) as exc:
+            raise DataError(f"{path}: sample {self.index.ids[i]!r} cannot be loaded ({exc!r}); re-run megavictor "
+                            "prep on its source") from exc
+        sample = truncate_sample(sample, s.seq_length, s.visual_tokens, s.registers)
+        if runs_of(sample.tokens, sample.trainable, IMAGE_PLACEHOLDER) != code:
+            raise DataError(f"{s.root}/index.npz does not match sample {self.index.ids[i]!r} of {path} (tokenizer "
+                            "or prompt changed?): run `megavictor prep index` again")
+        return sample
+
+    def _raw(self, i: int) -> dict[str, Any]:
+        shard = int(self.index.shard[i])
+        if shard not in self._files:
+            self._files[shard] = open(Path(self.settings.root) / self.settings.shards[shard], "rb")  # noqa: SIM115
+        f = self._files[shard]
+        f.seek(int(self.index.start[i]))
+        return read_span(f.read(int(self.index.end[i] - self.index.start[i])))
+
+
+def _shape_sample(code: list[int]) -> Sample:
+    """A stand-in sample with the structure of `code` (pad tokens, unread images): what middle stages run on."""
+    tokens: list[int] = []
+    trainable: list[bool] = []
+    for r in code:
+        if r == 0:
+            tokens.append(IMAGE_PLACEHOLDER)
+            trainable.append(False)
+        else:
+            tokens += [0] * abs(r)
+            trainable += [r < 0] * abs(r)
+    return Sample(tokens, trainable, [torch.empty(3, 0, 0) for _ in range(code.count(0))])
+
+
+class SplitData:
+    """One split's index, plan and decoding settings, as this rank sees them."""
+
+    def __init__(self, cfg: Config, split: str, dims: ParallelDims, shuffle: bool, epochs: int | None) -> None:
+        d, v = cfg.data, cfg.vision
+        manifest = load_manifest(d.path)
+        tokenizer = Path(d.tokenizer) if d.tokenizer else (Path(d.path) / manifest.tokenizer
+                                                           if manifest.tokenizer else None)
+        if tokenizer is None:
+            raise DataError(f"data.path={d.path} stores no tokenizer: pass data.tokenizer=<your LLM's HF tokenizer "
+                            "dir>")
+        index = load_index(d.path, d.tokenizer, d.prompt_format.value, d.system_prompt)
+        self.index = index.split(split)
+        self.cfg, self.dims = cfg, dims
+        spec = PlanSpec(prompt_format=d.prompt_format.value, seq_length=d.seq_length,
+                        micro_batch_size=d.micro_batch_size,
+                        image_slots=v.num_visual_tokens + cfg.victor.registers_per_image,
+                        registers=cfg.victor.registers_per_image, pack_buffer=d.pack_buffer, seed=d.seed,
+                        min_image_side=d.min_image_side, max_image_pixels=d.max_image_pixels, shuffle=shuffle,
+                        epochs=epochs)
+        try:
+            self.plan = PackingPlan(self.index, spec)
+        except ValueError as exc:
+            raise DataError(f"data.path={d.path} split {split!r}: {exc}") from None
+        self.settings = DecodeSettings(
+            root=str(d.path), split=split, shards=tuple(s.name for s in manifest.split_shards(split)),
+            tokenizer=str(tokenizer), prompt_format=d.prompt_format.value, system=d.system_prompt,
+            seq_length=d.seq_length, visual_tokens=v.num_visual_tokens, registers=cfg.victor.registers_per_image,
+            image_size=v.image_size, aspect=d.image_aspect_ratio.value, reads=stage_reads(dims))
+        self.decoder = RowDecoder(self.settings, self.index)
+        # Middle stages build their structure locally on every tp rank; otherwise tp rank 0 reads and broadcasts.
+        self.broadcast = dims.tp > 1 and self.settings.reads != Reads.NOTHING
+        self.loads = not self.broadcast or dims.tp_rank == 0
+
+    def check_vocab(self) -> None:
+        """The tokenizer fits the model's embedding (checked where the data is built, before the model)."""
+        vocab = len(load_tokenizer(self.settings.tokenizer))
+        if vocab > self.cfg.model.vocab_size:
+            raise ConfigError(f"tokenizer {self.settings.tokenizer} has {vocab} tokens but model.vocab_size="
+                              f"{self.cfg.model.vocab_size}; raise model.vocab_size to at least {vocab}")
+
+    def receive(self, batch: VictorBatch | None) -> VictorBatch:
+        """This rank's copy of a micro-batch: tp rank 0's, broadcast to its peers when they need it."""
+        if not self.broadcast:
+            assert batch is not None
+            return batch
+        return broadcast_batch(batch, self.cfg.data.micro_batch_size, self.cfg.data.seq_length)
+
+
+def broadcast_batch(batch: VictorBatch | None, rows: int, seq_length: int) -> VictorBatch:
+    """tp rank 0's micro-batch on every tensor-parallel rank (sizes first, then the tensors)."""
+    from megatron.core import parallel_state
+
+    from megavictor.distributed import collective_device
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    src = parallel_state.get_tensor_model_parallel_src_rank()
+    device = collective_device()
+    if batch is not None:
+        header = torch.tensor([batch.cu_seqlens.numel(), *batch.images.shape], dtype=torch.int64)
+    else:
+        header = torch.zeros(5, dtype=torch.int64)
+    header = header.to(device)
+    dist.broadcast(header, src, group=group)
+    n_cu, n_images, c, h, w = header.tolist()
+    shapes = {"tokens": ((rows, seq_length), torch.int64), "kinds": ((rows, seq_length), torch.int64),
+              "position_ids": ((rows, seq_length), torch.int64), "labels": ((rows, seq_length), torch.int64),
+              "cu_seqlens": ((n_cu,), torch.int32), "images": ((n_images, c, h, w), torch.float32),
+              "image_segments": ((n_images,), torch.int64)}
+    out = {}
+    for name, (shape, dtype) in shapes.items():
+        tensor = getattr(batch, name).to(device) if batch is not None else torch.empty(shape, dtype=dtype,
+                                                                                       device=device)
+        dist.broadcast(tensor, src, group=group)
+        out[name] = tensor.cpu()
+    return VictorBatch(**out)
+
+
+def _identity(item: Any) -> Any:
+    return item
+
+
+class TrainData:
+    """The training split's micro-batches for this rank, step by step, from the global plan."""
+
+    def __init__(self, cfg: Config, dims: ParallelDims) -> None:
+        self.cfg, self.dims = cfg, dims
+        self.data = SplitData(cfg, cfg.data.train_split, dims, shuffle=True, epochs=None)
+        self.data.check_vocab()
+        self.per_rank = micro_batches_per_rank(cfg, dims.dp)
+        self.rows_per_step = self.per_rank * dims.dp * cfg.data.micro_batch_size
+        self.consumed = 0  # plan rows of the steps handed out
+        self._batches: Iterator[VictorBatch | None] | None = None
+        self._steps: deque[dict[str, Any]] = deque()
+        counts, examples = self.data.plan.counts(), self.data.plan.examples()
+        if any(counts.values()) and dims.rank == 0:
+            log.warning("split %s: %s (first record ids: %s)", cfg.data.train_split, counts, examples)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Samples of the training split truncated or skipped at load time, by kind, each counted once."""
+        return self.data.plan.counts()
+
+    def _jobs(self) -> Iterator[tuple[Row, ...]]:
+        """This rank's micro-batches (as rows), step after step; records each step's global figures."""
+        plan, mbs, cfg = self.data.plan, self.cfg.data.micro_batch_size, self.cfg
+        rows = islice(plan.rows(), self.consumed, None)
+        first = self.dims.dp_rank * self.per_rank * mbs
+        while True:
+            step = list(islice(rows, self.rows_per_step))
+            mine = step[first:first + self.per_rank * mbs]
+            images = [plan.row_images(r) for r in step]
+            self._steps.append({
+                "loss_tokens": sum(plan.row_loss_tokens(r) for r in step),
+                "real_tokens": sum(plan.row_slots(r) - n * cfg.victor.registers_per_image
+                                   for r, n in zip(step, images)),
+                "samples": sum(len(r) for r in step),
+                "flops": rows_train_flops(cfg, cfg.data.seq_length, [n * cfg.vision.num_visual_tokens for n in images],
+                                          sum(images)),
+                "images": sum(plan.row_images(r) for r in mine) if self.data.settings.reads == Reads.ALL else 0})
+            for m in range(self.per_rank):
+                yield tuple(mine[m * mbs:(m + 1) * mbs])
+
+    def _start(self) -> Iterator[VictorBatch | None]:
+        self._steps.clear()
+        jobs = self._jobs()
+        if not self.data.loads:
+            return (None for _ in jobs)
+        workers = self.cfg.data.num_workers
+        return iter(DataLoader(self.data.decoder, sampler=jobs, batch_size=None, num_workers=workers,
+                               collate_fn=_identity, prefetch_factor=self.cfg.data.prefetch if workers else None))
+
+    def next_step(self) -> StepBatches:
+        if self._batches is None:
+            self._batches = self._start()
+        mine = [self.data.receive(next(self._batches)) for _ in range(self.per_rank)]
+        self.consumed += self.rows_per_step
+        return StepBatches(mine=mine, **self._steps.popleft())
+
+    def state_dict(self) -> dict[str, Any]:
+        """The same on every rank and for every layout: rows consumed, and the plan they index."""
+        return {"version": STATE_VERSION, "plan": self.data.plan.spec.fingerprint(), "rows": self.consumed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly after `state`'s rows; refuses a state of another plan (data settings changed)."""
+        fingerprint = self.data.plan.spec.fingerprint()
+        if state.get("version") != STATE_VERSION or state.get("plan") != fingerprint:
+            raise DataError(f"the checkpoint's data position (loader state version {state.get('version')}, plan "
+                            f"{state.get('plan')}) is not for this data order (version {STATE_VERSION}, plan "
+                            f"{fingerprint}): the data.* order settings or the model's slots per image changed, or "
+                            "it was saved by an older megavictor; resume with the saved settings")
+        self.consumed = int(state["rows"])
+        self._batches = None
+
+
+def validation_batches(cfg: Config, dims: ParallelDims) -> tuple[list[VictorBatch], int]:
+    """This data-parallel rank's share of the first `train.eval_batches` micro-batches of the val split (in
+    order, unshuffled), decoded by this rank only; and how many there are over all ranks."""
+    data = SplitData(cfg, cfg.data.val_split, dims, shuffle=False, epochs=1)
+    mbs = cfg.data.micro_batch_size
+    rows = list(islice(data.plan.rows(), cfg.train.eval_batches * mbs))
+    micro = [tuple(rows[i:i + mbs]) for i in range(0, len(rows), mbs)]
+    return [data.receive(data.decoder[m] if data.loads else None) for m in micro[dims.dp_rank::dims.dp]], len(micro)
