@@ -12,6 +12,9 @@ CPU tensors with the gloo backend, and does nothing where CUDA exists:
   allocate `device='cuda'` buffers. The same mode reports CPU tensors' `Tensor.type()` under CUDA names,
   because the fp32 optimizer path and `clip_grad_by_total_norm_fp32` assert `'torch.cuda.FloatTensor'`.
 
+megatron's torch norm (`WrappedTorchNorm`, the local layers' norm without Transformer Engine or Apex) refuses
+sequence parallelism; `SequenceParallelTorchNorm` is the same norm for that case.
+
 DeepSpeed needs settings of its own on a CPU-only machine (`import_deepspeed`).
 
 Everything else in megavictor is device-agnostic; `tests/test_compat.py` pins each workaround down, so that a
@@ -91,6 +94,23 @@ def enable_cpu_compat() -> bool:
         _mode = _CudaDeviceToCpu()
         _mode.__enter__()
     return True
+
+
+class SequenceParallelTorchNorm:
+    """megatron's torch norm for sequence parallelism: built like a norm class by megatron specs, returns a torch
+    RMSNorm/LayerNorm.
+
+    A per-token norm is exact on a slice of the sequence; what megatron's `WrappedTorchNorm` lacks is marking its
+    weights `sequence_parallel`, which makes `finalize_model_grads` sum their gradients over the tensor-parallel
+    ranks (each rank saw only its slice), as megatron's TENorm and FusedLayerNorm do.
+    """
+
+    def __new__(cls, config: Any, hidden_size: int, eps: float = 1e-5, **_kwargs: Any) -> torch.nn.Module:
+        norm_cls = torch.nn.RMSNorm if config.normalization == "RMSNorm" else torch.nn.LayerNorm
+        norm = norm_cls(hidden_size, eps=eps)
+        for param in norm.parameters():
+            param.sequence_parallel = True  # type: ignore[attr-defined]
+        return norm
 
 
 def import_deepspeed() -> Any:

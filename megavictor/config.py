@@ -78,6 +78,12 @@ class AttentionBackend(enum.StrEnum):
 
 class Recompute(enum.StrEnum):
     SELECTIVE = "selective"  # megatron's selective activation recompute (core attention)
+    FULL = "full"  # whole layers (train.recompute_method, train.recompute_num_layers)
+
+
+class RecomputeMethod(enum.StrEnum):
+    UNIFORM = "uniform"  # checkpoint the input of every group of recompute_num_layers layers
+    BLOCK = "block"  # checkpoint only the first recompute_num_layers layers of each pipeline stage
 
 
 class Engine(enum.StrEnum):
@@ -168,7 +174,16 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     pp_split: PipelineSplit | list[int] = PipelineSplit.EVEN  # or explicit per-stage layer counts
-    sequence_parallel: bool = False
+    sequence_parallel: bool = False  # needs tp > 1; data.seq_length a multiple of tp
+    # Data-parallel gradient reduce(-scatter) and parameter all-gather overlapped with compute, in buckets
+    # (megatron DDP); null: on when CUDA is present (the all-gather also needs the distributed optimizer).
+    overlap_grad_reduce: bool | None = None
+    overlap_param_gather: bool | None = None
+    ddp_bucket_size: int | None = None  # parameters per bucket; null: megatron's max(40M, 1M x dp size)
+    # Static short lengths (after the Victor drop) for pipeline sends: each step's short length is rounded up to
+    # the smallest bucket that fits (else data.seq_length), so p2p needs no per-send shape exchange. null: exact
+    # lengths, exchanged before each send.
+    pipeline_length_buckets: list[int] | None = None
 
 
 @dataclass
@@ -221,6 +236,8 @@ class TrainConfig:
     fp8_recipe: Fp8Recipe = Fp8Recipe.DELAYED
     attention_backend: AttentionBackend = AttentionBackend.LOCAL
     recompute: Recompute | None = None  # megatron engine
+    recompute_method: RecomputeMethod = RecomputeMethod.UNIFORM  # with recompute=full
+    recompute_num_layers: int = 1  # with recompute=full: layers per checkpointed group (uniform) / per stage (block)
     engine: Engine = Engine.MEGATRON
     zero_stage: int = 2  # deepspeed engine: 1 optimizer states, 2 + gradients, 3 + parameters sharded
     gradient_checkpointing: bool = False  # deepspeed engine: recompute each decoder and ViT layer in backward
@@ -465,9 +482,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     # Victor.
     _require(0 <= vi.drop_layer < m.num_layers,
              f"victor.drop_layer={vi.drop_layer} must be in [0, model.num_layers={m.num_layers})")
-    _require(not (p.sequence_parallel and vi.enabled),
-             "parallel.sequence_parallel=true is not supported with victor.enabled=true yet "
-             "(the drop needs the whole sequence on each tensor-parallel rank)")
+    _validate_parallel_features(cfg)
 
     # Data and training.
     image_slots = v.num_visual_tokens + vi.registers_per_image
@@ -512,6 +527,27 @@ def _validate_peer(cfg: Config) -> None:
         _require(vi.enabled and vi.num_registers == r and vi.drop_layer == 0,
                  f"peer.avg_pool_to={r} fills the register slots: set victor.enabled=true victor.num_registers={r} "
                  "victor.drop_layer=0")
+
+
+def _validate_parallel_features(cfg: Config) -> None:
+    """Sequence parallelism, full recompute, DDP buckets and pipeline length buckets."""
+    p, d, t = cfg.parallel, cfg.data, cfg.train
+    if p.sequence_parallel:
+        _require(p.tp > 1, "parallel.sequence_parallel=true needs parallel.tp > 1")
+        _require(d.seq_length % p.tp == 0, f"data.seq_length={d.seq_length} must be a multiple of parallel.tp={p.tp} "
+                                           "with parallel.sequence_parallel=true (each rank holds an equal slice)")
+    _require(t.recompute_num_layers >= 1, f"train.recompute_num_layers={t.recompute_num_layers} must be >= 1")
+    _require(p.ddp_bucket_size is None or p.ddp_bucket_size >= 1,
+             f"parallel.ddp_bucket_size={p.ddp_bucket_size} must be >= 1 (or null)")
+    buckets = p.pipeline_length_buckets
+    if buckets is not None:
+        _require(bool(buckets) and all(0 < b <= d.seq_length for b in buckets),
+                 f"parallel.pipeline_length_buckets={buckets} must be lengths in [1, data.seq_length={d.seq_length}]")
+        _require(buckets == sorted(set(buckets)), f"parallel.pipeline_length_buckets={buckets} must increase")
+        align = math.lcm(16 if t.fp8 else 1, p.tp if p.sequence_parallel else 1)
+        _require(all(b % align == 0 for b in buckets),
+                 f"parallel.pipeline_length_buckets={buckets} must be multiples of {align} (train.fp8: 16, "
+                 "sequence parallelism: parallel.tp)")
 
 
 def _validate_engine(cfg: Config) -> None:

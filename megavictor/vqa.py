@@ -33,7 +33,7 @@ from megavictor.data.manifest import load_manifest
 from megavictor.data.reader import ShardReader
 from megavictor.data.tokenizer import ChatTokenizer, load_tokenizer, render
 from megavictor.model.batch import Sample, VictorBatch, collate_rows, expand_sample
-from megavictor.model.drop_plan import DropPlan, build_drop_plan
+from megavictor.model.drop_plan import DropPlan, build_drop_plan, uses_packed_attention
 
 
 @dataclass
@@ -90,7 +90,7 @@ def greedy_generate(logits_fn: LogitsFn, cfg: Config, prompts: list[Sample], max
         rows = [[expand_sample(Sample(p.tokens + g, p.trainable + [True] * len(g), p.images), v, r, pad_id)]
                 for p, g in zip(prompts, generated)]
         batch = collate_rows(rows, seq_length, pad_id)
-        plan = build_drop_plan(batch, cfg)
+        plan = build_drop_plan(batch, cfg, packed=uses_packed_attention(cfg))
         logits = logits_fn(batch, plan)
         for i, row in enumerate(rows):
             if done[i]:
@@ -169,6 +169,7 @@ def _inference_state(checkpoint_path: str | Path, data_path: str | Path,
 
     cfg, full = load_full_state(checkpoint_path)
     cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.pp_split = 1, 1, PipelineSplit.EVEN
+    cfg.parallel.sequence_parallel, cfg.parallel.pipeline_length_buckets = False, None
     cfg.data.path = str(data_path)
     return (with_overrides(cfg, list(overrides)) if overrides else cfg), full
 

@@ -25,6 +25,14 @@ INVALID = [
     (["parallel.pp=2", "parallel.pp_split=[10,10]"], "parallel.pp_split"),
     (["victor.mask=sideways"], "victor.mask"),
     (["parallel.tp=two"], "parallel.tp"),
+    (["parallel.sequence_parallel=true"], "parallel.tp"),  # sequence parallelism needs tp > 1
+    (["parallel.tp=4", "parallel.sequence_parallel=true", "data.seq_length=1022"], "data.seq_length"),
+    (["parallel.pipeline_length_buckets=[128,64]"], "parallel.pipeline_length_buckets"),
+    (["parallel.tp=4", "parallel.sequence_parallel=true", "parallel.pipeline_length_buckets=[66]"],
+     "parallel.pipeline_length_buckets"),
+    (["train.recompute=full", "train.recompute_method=sideways"], "train.recompute_method"),
+    (["train.recompute=full", "train.recompute_num_layers=0"], "train.recompute_num_layers"),
+    (["parallel.ddp_bucket_size=0"], "parallel.ddp_bucket_size"),
 ]
 
 

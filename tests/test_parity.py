@@ -1,4 +1,5 @@
-"""Tensor- and pipeline-parallel VictorVLM vs the single-process reference: loss and every gradient (fp32)."""
+"""Tensor-, sequence- and pipeline-parallel VictorVLM (and full recompute) vs the single-process reference: loss and
+every gradient (fp32)."""
 
 from __future__ import annotations
 
@@ -17,10 +18,12 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def parity_rank(overrides_per_case: list[list[str]]) -> list[dict]:
     """Runs on every rank: build both models from the same weights, step once, compare this rank's shard."""
+    from megatron.core import parallel_state
+
     from megavictor.distributed import init_from_config
     from megavictor.model.batch import KIND_VISUAL
     from megavictor.model.peers import removed_visual, shortened_from
-    from megavictor.engines.megatron import forward_backward
+    from megavictor.engines.megatron import bucketed_short_length, forward_backward
     from megavictor.model.reference import ReferenceVLM
     from megavictor.model.sharding import first_layer, full_name, shard, shard_into
     from megavictor.model.vlm import VictorVLM
@@ -47,6 +50,13 @@ def parity_rank(overrides_per_case: list[list[str]]) -> list[dict]:
 
         batches = packed_batches(cfg)
         loss_sum, _ = forward_backward(model, batches)
+        sp_norms = [p for p in model.parameters() if getattr(p, "sequence_parallel", False) and p.requires_grad]
+        if cfg.parallel.sequence_parallel:
+            # What finalize_model_grads does for the DDP-wrapped model (the training runs test that path): sum the
+            # gradients of weights that each tensor-parallel rank saw only a slice of the sequence through.
+            assert sp_norms or cfg.train.stage == 1, "no parameter is marked sequence_parallel"
+            for param in sp_norms:
+                torch.distributed.all_reduce(param.grad, group=parallel_state.get_tensor_model_parallel_group())
         ref_loss = sum(reference(b).sum() for b in batches)
         ref_loss.backward()
         ref_grads = dict(reference.named_parameters())
@@ -66,6 +76,8 @@ def parity_rank(overrides_per_case: list[list[str]]) -> list[dict]:
             ref_loss=float(ref_loss), grad_errors=grad_errors, missing=missing, seen_lengths=seen_lengths,
             seq_length=cfg.data.seq_length, drop_layer=shortened_from(cfg),
             removed_per_batch=[removed_visual(cfg, int((b.kinds == KIND_VISUAL).sum())) for b in batches],
+            sp=cfg.parallel.tp if cfg.parallel.sequence_parallel else 1, bucket=bucketed_short_length(cfg, batches),
+            recompute_full=cfg.train.recompute == "full",
             trainable=sum(p.requires_grad for p in model.parameters())))
     return results
 
@@ -84,12 +96,24 @@ def check(all_ranks: list[list[dict]]) -> None:
             # half it does not keep).
             for layer, lengths in case["seen_lengths"].items():
                 dropped = case["drop_layer"] is not None and layer >= case["drop_layer"]
-                expected = [case["seq_length"] - (v if dropped else 0) for v in case["removed_per_batch"]]
-                assert lengths == expected, f"{label}: layer {layer} saw lengths {lengths}, expected {expected}"
+                # Under sequence parallelism each rank holds 1/tp of the sequence, the short one aligned to tp.
+                sp = case["sp"]
+                expected = [-(-(case["seq_length"] - (v if dropped else 0)) // sp) for v in case["removed_per_batch"]]
+                if dropped and case["bucket"] is not None:  # the step's bucket, the same for all micro-batches
+                    expected = [case["bucket"] // sp for _ in expected]
+                if case["recompute_full"]:  # a recomputed layer runs again in backward
+                    assert sorted(set(lengths)) == sorted(set(expected)), f"{label}: layer {layer} saw {lengths}"
+                else:
+                    assert lengths == expected, f"{label}: layer {layer} saw lengths {lengths}, expected {expected}"
+            if case["recompute_full"]:
+                calls = [len(lengths) for lengths in case["seen_lengths"].values()]
+                assert max(calls) == 2 * len(case["removed_per_batch"]), f"{label}: no layer was recomputed"
 
 
 VICTOR_K = [["victor.drop_layer=1"], ["victor.drop_layer=2"], ["victor.drop_layer=3"], ["victor.enabled=false"]]
 UNFROZEN = ["vision.freeze=false"]
+SP = ["parallel.tp=2", "parallel.sequence_parallel=true"]
+FULL = ["train.recompute=full"]
 
 
 @pytest.mark.parametrize("layout,world,cases", [
@@ -100,7 +124,17 @@ UNFROZEN = ["vision.freeze=false"]
                                         ["victor.num_registers=4", "victor.drop_layer=0", "peer.avg_pool_to=4"]],
                  id="tp2"),
     # With the even split [2, 2]: k=1 inside stage 0, k=2 at the boundary, k=3 inside stage 1.
-    pytest.param(["parallel.pp=2"], 2, VICTOR_K, id="pp2"),
+    pytest.param(SP, 2, [["victor.drop_layer=3"], ["victor.enabled=false"], ["victor.mask=text_blind"],
+                         ["train.stage=1"], ["victor.drop_layer=1", *FULL]], id="tp2-sp"),
+    # Static pipeline shapes: both micro-batches drop to the bucket 112 (they need 80 and 112 slots).
+    pytest.param(["parallel.pp=2"], 2, VICTOR_K + [["victor.drop_layer=2", "parallel.pipeline_length_buckets=[96,112]"],
+                                                   ["victor.drop_layer=1", "parallel.pipeline_length_buckets=[120]"]],
+                 id="pp2"),
+    # Sequence parallel x pipeline, and full recompute (uniform and block) with k inside stage 0, at the boundary
+    # and inside stage 1 of the even split [2, 2].
+    pytest.param([*SP, "parallel.pp=2"], 4, VICTOR_K + [
+        ["victor.drop_layer=1", *FULL], ["victor.drop_layer=2", *FULL, "train.recompute_method=block"],
+        ["victor.drop_layer=3", *FULL, "train.recompute_num_layers=2"]], id="tp2-sp-x-pp2-recompute"),
     pytest.param(["parallel.tp=2", "parallel.pp=2"], 4, VICTOR_K, id="tp2xpp2"),
     # 6 layers with short text: balanced picks [2, 4] for k=2 (boundary) and k=3 (inside stage 1).
     pytest.param(["parallel.pp=2", "parallel.pp_split=balanced", "model.num_layers=6", "data.text_length=8"], 2,

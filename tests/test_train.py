@@ -25,7 +25,11 @@ def reference_run(digits_data: Path, tmp_path_factory) -> tuple[Path, dict]:
     (2, ["parallel.tp=2"], 1e-6),
     (2, ["parallel.pp=2"], 1e-4),  # the stage boundary changes the order of float sums
     (2, [], 1e-6),  # tp1 pp1 dp2, same global batch of 4 rows, each rank decoding only its 2
-], ids=["tp2", "pp2", "dp2"])
+    # Sequence parallelism through the real DDP + finalize_model_grads path, with full recompute.
+    (2, ["parallel.tp=2", "parallel.sequence_parallel=true", "train.recompute=full"], 1e-4),
+    # Gradient all-reduce overlapped with backward, in several buckets (the model has ~1M parameters).
+    (2, ["parallel.overlap_grad_reduce=true", "parallel.ddp_bucket_size=100000"], 1e-6),
+], ids=["tp2", "pp2", "dp2", "tp2-sp-recompute", "dp2-overlap"])
 def test_losses_do_not_depend_on_the_layout(reference_run, digits_data: Path, tmp_path: Path, world: int,
                                             layout: list[str], rel: float) -> None:
     ref_dir, _ = reference_run

@@ -8,11 +8,18 @@ one, then megatron's DDP and the optimizer, which clones its fp32 main parameter
 Each step runs megatron's pipeline schedule (1F1B) over this rank's micro-batches. The loss is a per-token sum
 (megatron's `calculate_per_token_loss`): each micro-batch returns (sum of token losses, number of loss tokens),
 gradients are sums, and megatron divides them by the token count we hand it, the global batch's.
+
+Data-parallel gradient reduction and parameter all-gather overlap with compute in buckets as Megatron-LM's
+`training.py` wires them (`no_sync_func`, `grad_sync_func`, `param_sync_func`; parameters gathered in sync before
+evaluation and saves). With `parallel.pipeline_length_buckets` every micro-batch of a step drops to the same
+bucketed short length, known to every rank in advance, so pipeline sends use static shapes (no shape exchange).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +34,13 @@ from megatron.core.utils import get_attr_wrapped_model
 from megavictor.checkpoint import megatron as megatron_checkpoint
 from megavictor.checkpoint.commit import engine_of
 from megavictor.checkpoint.hf_source import training_source
-from megavictor.config import Config, Engine, Precision
+from megavictor.config import Config, ConfigError, Engine, Precision
 from megavictor.distributed import ParallelDims
 from megavictor.engines.base import Restored, StepResult, build_scheduler
 from megavictor.initial_weights import InitialWeights, WeightSource, checkpoints_dir, init_from_state, \
     vision_tower_state
 from megavictor.model.batch import VictorBatch
-from megavictor.model.drop_plan import build_drop_plan
+from megavictor.model.drop_plan import build_drop_plan, short_length
 from megavictor.model.sharding import full_name, full_shape, shard_into
 from megavictor.model.vlm import VictorVLM
 from megavictor.pipeline_split import layers_per_stage
@@ -64,15 +71,32 @@ def build_model(cfg: Config, dims: ParallelDims, weights: InitialWeights | None 
     return chunk
 
 
+def build_ddp_config(cfg: Config) -> DistributedDataParallelConfig:
+    """megatron DDP settings: overlap of gradient reduction and parameter all-gather (null: on with CUDA), buckets."""
+    p, cuda = cfg.parallel, torch.cuda.is_available()
+    distributed_optimizer = cuda
+    overlap_param = (cuda and distributed_optimizer) if p.overlap_param_gather is None else p.overlap_param_gather
+    if overlap_param and not distributed_optimizer:
+        raise ConfigError("parallel.overlap_param_gather=true needs megatron's distributed optimizer, which this "
+                          "machine does not run (no CUDA): set parallel.overlap_param_gather=null or false")
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=distributed_optimizer,
+        overlap_grad_reduce=cuda if p.overlap_grad_reduce is None else p.overlap_grad_reduce,
+        overlap_param_gather=overlap_param, bucket_size=p.ddp_bucket_size)
+
+
 def wrap_for_training(cfg: Config, model: torch.nn.Module) -> tuple[DistributedDataParallel, Any]:
     """megatron DDP (gradients summed across data parallel) and the AdamW optimizer, as the training job uses them."""
     t = cfg.train
     config = get_attr_wrapped_model(model, "config")
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
-                                               use_distributed_optimizer=torch.cuda.is_available())
+    ddp_config = build_ddp_config(cfg)
     ddp = DistributedDataParallel(config, ddp_config, model)
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = ddp.no_sync
+    # As Megatron-LM's training.py: the schedule starts each bucket's reduction when the last micro-batch's backward
+    # has produced its gradients, and the parameter all-gather of the next step under the forward.
+    config.grad_sync_func = ddp.start_grad_sync if ddp_config.overlap_grad_reduce else None
+    config.param_sync_func = ddp.start_param_sync if ddp_config.overlap_param_gather else None
     optimizer = get_megatron_optimizer(OptimizerConfig(
         optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay, adam_eps=t.adam_eps,
         clip_grad=t.clip_grad, bf16=t.precision == Precision.BF16, params_dtype=config.params_dtype,
@@ -80,11 +104,13 @@ def wrap_for_training(cfg: Config, model: torch.nn.Module) -> tuple[DistributedD
     return ddp, optimizer
 
 
-def _forward_step(data_iterator: Iterator[VictorBatch], model: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
+def _forward_step(data_iterator: Iterator[VictorBatch], model: torch.nn.Module,
+                  min_short_length: int = 0) -> tuple[torch.Tensor, Callable]:
     batch = next(data_iterator)
     if torch.cuda.is_available():
         batch = batch.to(torch.cuda.current_device())
-    plan = build_drop_plan(batch, get_attr_wrapped_model(model, "cfg"))
+    plan = build_drop_plan(batch, get_attr_wrapped_model(model, "cfg"),
+                           packed=get_attr_wrapped_model(model, "packed"), min_short_length=min_short_length)
     output = model(batch, plan)
     mask = plan.loss_mask()
 
@@ -96,14 +122,46 @@ def _forward_step(data_iterator: Iterator[VictorBatch], model: torch.nn.Module) 
     return output, loss_func
 
 
+def bucketed_short_length(cfg: Config, micro_batches: list[VictorBatch]) -> int | None:
+    """The step's short length under `parallel.pipeline_length_buckets`: the longest one its micro-batches need,
+    rounded up to the smallest bucket that holds it (else the whole sequence length); None without buckets."""
+    buckets = cfg.parallel.pipeline_length_buckets
+    if not buckets:
+        return None
+    needed = max(short_length(b, cfg) for b in micro_batches)
+    return next((b for b in buckets if b >= needed), micro_batches[0].shape[1])
+
+
+def static_pipeline_shapes(model: torch.nn.Module, short: int, batch_shape: tuple[int, int]) -> Callable:
+    """megatron's `adjust_tensor_shapes_fn` for a step whose micro-batches all drop to `short` slots: this stage
+    receives the short sequence when the drop layer is in an earlier stage and sends it when the drop layer is here
+    or earlier (sequence parallel: 1/tp of it; packed: rows flattened)."""
+    vlm = get_attr_wrapped_model(model, "cfg", return_model_obj=True)
+    config, cfg = vlm.config, vlm.cfg
+    (b, s), tp = batch_shape, config.tensor_model_parallel_size if config.sequence_parallel else 1
+    k = cfg.victor.drop_layer if cfg.victor.enabled else None
+    first, end = vlm.layer_offset, vlm.layer_offset + len(vlm.decoder.layers)
+
+    def shape(length: int) -> tuple[int, int, int]:
+        return (b * length // tp, 1, config.hidden_size) if vlm.packed else (length // tp, b, config.hidden_size)
+
+    recv = [shape(short if k is not None and k < first else s)]
+    send = [shape(short if k is not None and k < end else s)]
+    return lambda _recv, _send: (recv, send)
+
+
 def forward_backward(model: torch.nn.Module, micro_batches: list[VictorBatch],
                      forward_only: bool = False) -> tuple[float, int]:
     """Run all micro-batches through the pipeline schedule; gradients (unless `forward_only`) accumulate as
     per-token sums. Returns (sum of token losses, loss tokens) on the last pipeline stage, (0.0, 0) elsewhere."""
     b, s = micro_batches[0].shape
+    short = bucketed_short_length(get_attr_wrapped_model(model, "cfg"), micro_batches)
+    static = short is not None and parallel_state.get_pipeline_model_parallel_world_size() > 1
     outputs = get_forward_backward_func()(
-        forward_step_func=_forward_step, data_iterator=iter(micro_batches), model=[model],
-        num_microbatches=len(micro_batches), seq_length=s, micro_batch_size=b, forward_only=forward_only)
+        forward_step_func=partial(_forward_step, min_short_length=short or 0), data_iterator=iter(micro_batches),
+        model=[model], num_microbatches=len(micro_batches), seq_length=s, micro_batch_size=b,
+        forward_only=forward_only,
+        adjust_tensor_shapes_fn=static_pipeline_shapes(model, short, (b, s)) if static else None)
     if not parallel_state.is_pipeline_last_stage():
         return 0.0, 0
     return sum(float(item["loss"][0]) for item in outputs), sum(int(item["loss"][1]) for item in outputs)
@@ -130,17 +188,31 @@ class MegatronEngine:
         _, grad_norm, _ = self.optimizer.step()
         return StepResult(loss_sum, loss_tokens, lr, None if grad_norm is None else float(grad_norm))
 
+    @contextmanager
+    def _parameters_gathered(self) -> Iterator[None]:
+        """Outside training steps, with overlapped parameter all-gather: the last step's parameters gathered now,
+        and no all-gather hooks in the way (Megatron-LM's `disable_forward_pre_hook` around evaluation and saves)."""
+        if not self.ddp.use_forward_hook:
+            yield
+            return
+        self.ddp.disable_forward_pre_hook()
+        try:
+            yield
+        finally:
+            self.ddp.enable_forward_pre_hook()
+
     def loss(self, micro_batches: list[VictorBatch]) -> tuple[float, int]:
         self.ddp.eval()
-        with torch.no_grad():
+        with torch.no_grad(), self._parameters_gathered():
             result = forward_backward(self.ddp, micro_batches, forward_only=True)
         self.ddp.train()
         return result
 
     def save(self, step: int, extra: dict[str, Any]) -> Path:
-        return megatron_checkpoint.save(checkpoints_dir(self.cfg), step, self.model, self.optimizer, self.scheduler,
-                                        extra=extra, cfg=self.cfg, keep_last=self.cfg.train.keep_last,
-                                        source=self.source)
+        with self._parameters_gathered():
+            return megatron_checkpoint.save(checkpoints_dir(self.cfg), step, self.model, self.optimizer,
+                                            self.scheduler, extra=extra, cfg=self.cfg,
+                                            keep_last=self.cfg.train.keep_last, source=self.source)
 
     def load(self, path: Path) -> Restored:
         common = megatron_checkpoint.load(path, self.model, self.optimizer, self.scheduler)

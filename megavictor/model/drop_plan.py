@@ -9,6 +9,11 @@ its plan leaves the short side open (`ranking`) until the model calls `DropPlan.
 convention shared with the exported HF model (`megavictor.hf.victor_drop.keep_index`: survivors right-aligned,
 fillers on the left). Every view carries its complete attention inputs: the mask, the original (pre-drop)
 positions and their RoPE angles, the packed-sample segments, and the labels of the slots it holds.
+
+A plan built `packed` (Transformer Engine's THD attention, `uses_packed_attention`) describes each view by
+sequence boundaries instead of a mask (`PackedView`: cu_seqlens, per-token RoPE angles) and builds no [S, S] mask:
+the decoder then runs on the batch flattened to [B*S, 1, H], rows one after the other, and the "ghost" slots (row
+padding, fillers) are padding inside those boundaries, which attention skips.
 """
 
 from __future__ import annotations
@@ -20,22 +25,40 @@ from functools import partial
 
 import torch
 
-from megavictor.config import Config, VictorMask
+from megavictor.config import AttentionBackend, Config, VictorMask
 from megavictor.hf.victor_drop import keep_index
 from megavictor.model.batch import IGNORE_INDEX, KIND_PAD, KIND_REGISTER, KIND_TEXT, KIND_VISUAL, VictorBatch
 
 FP8_ALIGNMENT = 16  # FP8 GEMMs need token counts that are multiples of 16
+MAX_SEQLEN_ROUNDING = 64  # Transformer Engine rounds an unknown max_seqlen up to 64 (fewer cuDNN graph builds)
+
+
+@dataclass
+class PackedView:
+    """One view as Transformer Engine's THD attention takes it, over the flattened [B*S] slots (row-major).
+
+    Sequence i holds `cu_seqlens[i+1] - cu_seqlens[i]` real slots starting at `cu_seqlens_padded[i]`; the rest of
+    its padded extent is ghost slots (row padding, fillers), which attention neither computes nor attends. Leading
+    ghosts of the first row make a sequence of length 0.
+    """
+
+    cu_seqlens: torch.Tensor  # [N + 1] int32 cumulative real lengths
+    cu_seqlens_padded: torch.Tensor  # [N + 1] int32 offsets of the sequences in the flattened slots
+    max_seqlen: int  # longest padded sequence, rounded up to MAX_SEQLEN_ROUNDING
+    rope: torch.Tensor  # [B*S, 1, 1, head_dim] per-token RoPE angles (megatron's THD RoPE maps them 1:1)
 
 
 @dataclass
 class SequenceView:
     """Attention inputs for one sequence length. Masks follow megatron: True means "may not attend"."""
 
-    mask: torch.Tensor  # [B, 1, S, S] bool: block-diagonal causal over packed samples
+    mask: torch.Tensor | None  # [B, 1, S, S] bool: block-diagonal causal over packed samples; None when packed
     segments: torch.Tensor  # [B, S] packed sample of each slot (fillers and row padding: segments of their own)
     position_ids: torch.Tensor  # [B, S] original (pre-drop) positions
     rope: torch.Tensor  # [S, B, 1, head_dim] RoPE angles of `position_ids` (megatron's sequence-first layout)
     labels: torch.Tensor  # [B, S]
+    ghost: torch.Tensor  # [B, S] bool: row padding and fillers (no label, attended by no other slot)
+    packed: PackedView | None = None  # set when the plan is built for THD attention
 
     @property
     def seq_length(self) -> int:
@@ -65,6 +88,7 @@ class DropPlan:
     keep_index: torch.Tensor | None  # [B, S'] indices into the long sequence of the slots that survive
     drop_layer: int | None
     ranking: FastVRanking | None = None
+    packed: bool = False  # THD attention: the decoder's hidden states are [B*S, 1, H] instead of [S, B, H]
 
     def ranks_in(self, layer_index: int) -> bool:
         """Whether `layer_index` is the layer whose attention probabilities `rank` needs (FastV's K-1)."""
@@ -91,11 +115,16 @@ class DropPlan:
         return self.long
 
     def drop(self, hidden_states: torch.Tensor, seq_dim: int = 0) -> torch.Tensor:
-        """Gather the surviving slots along `seq_dim` of [S, B, H] (megatron) or [B, S, H] hidden states.
+        """Gather the surviving slots along `seq_dim` of the decoder's hidden states ([S, B, H], or [B*S, 1, H]
+        when packed) or of batch-first [B, S, H] ones (`seq_dim=1`).
 
         The result is a fresh tensor, not a view (megatron's pipeline schedule frees stage outputs in place).
         """
-        index = self.keep_index.t() if seq_dim == 0 else self.keep_index
+        index = self.keep_index
+        if self.packed and seq_dim == 0:
+            rows = torch.arange(index.shape[0], device=index.device)[:, None]
+            index = (index + rows * self.long.seq_length).reshape(1, -1)
+        index = index.t() if seq_dim == 0 else index
         index = index.unsqueeze(-1).expand(*index.shape, hidden_states.shape[-1])
         return torch.gather(hidden_states, seq_dim, index)
 
@@ -106,6 +135,42 @@ class DropPlan:
 
     def loss_mask(self) -> torch.Tensor:
         return self.output_view.labels != IGNORE_INDEX
+
+    def sequence_first(self, x: torch.Tensor) -> torch.Tensor:
+        """Batch-first [B, S, ...] -> the decoder's layout: [S, B, ...], or [B*S, 1, ...] when packed."""
+        return x.reshape(1, -1, *x.shape[2:]).transpose(0, 1) if self.packed else x.transpose(0, 1)
+
+    def batch_first(self, x: torch.Tensor) -> torch.Tensor:
+        """The decoder's layout -> batch-first [B, S, ...] (the inverse of `sequence_first`)."""
+        x = x.transpose(0, 1)
+        return x.reshape(self.long.position_ids.shape[0], -1, *x.shape[2:]) if self.packed else x
+
+
+def uses_packed_attention(cfg: Config) -> bool:
+    """Whether the megatron model attends through THD packed sequences: on Transformer Engine, unless a real mask
+    is needed (`victor.mask: text_blind` blinds text to visual slots inside a sample)."""
+    text_blind = cfg.victor.enabled and cfg.victor.mask == VictorMask.TEXT_BLIND
+    return cfg.train.attention_backend == AttentionBackend.TE and not text_blind
+
+
+def short_alignment(cfg: Config) -> int:
+    """What the short length must be a multiple of: 16 under FP8, tp under sequence parallelism (each tensor-
+    parallel rank holds an equal slice of it)."""
+    fp8 = FP8_ALIGNMENT if cfg.train.fp8 else 1
+    tp = cfg.parallel.tp if cfg.parallel.sequence_parallel else 1
+    return math.lcm(fp8, tp)
+
+
+def short_length(batch: VictorBatch, cfg: Config) -> int:
+    """The sequence length after the drop that `build_drop_plan` chooses for `batch` (the whole length when
+    nothing is dropped): the longest row's survivors, aligned (`short_alignment`)."""
+    visual = batch.kinds == KIND_VISUAL
+    if not cfg.victor.enabled or not bool(visual.any()):
+        return batch.shape[1]
+    align = short_alignment(cfg)
+    return -(-int((~visual).sum(dim=1).max()) // align) * align
+
+
 
 
 def rope_angles(position_ids: torch.Tensor, head_dim: int, base: float) -> torch.Tensor:
@@ -131,10 +196,36 @@ def attention_mask(segments: torch.Tensor, kinds: torch.Tensor, text_blind: bool
     return (~allowed).unsqueeze(1)
 
 
+def packed_view(segments: torch.Tensor, ghost: torch.Tensor, rope: torch.Tensor) -> PackedView:
+    """THD boundaries of a view: one sequence per run of a packed sample's slots in the flattened rows, each
+    padded with the ghost slots that follow it (a row's padding, the next row's leading fillers)."""
+    seg, ghost_flat = segments.flatten(), ghost.flatten()
+    real = ~ghost_flat
+    before = torch.ones_like(ghost_flat)
+    before[1:] = ghost_flat[:-1] | (seg[1:] != seg[:-1])
+    starts = (real & before).nonzero().flatten()
+    if bool(ghost_flat[0]):  # leading ghosts: padding of a sequence of length 0
+        starts = torch.cat([starts.new_zeros(1), starts])
+    padded = torch.cat([starts, starts.new_tensor([seg.numel()])])
+    real_before = torch.cat([real.new_zeros(1, dtype=torch.long), real.long().cumsum(0)])
+    lengths = real_before[padded[1:]] - real_before[padded[:-1]]
+    cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+    longest = int((padded[1:] - padded[:-1]).max())
+    return PackedView(cu_seqlens=cu.to(torch.int32), cu_seqlens_padded=padded.to(torch.int32),
+                      max_seqlen=-(-longest // MAX_SEQLEN_ROUNDING) * MAX_SEQLEN_ROUNDING,
+                      rope=rope.transpose(0, 1).reshape(-1, 1, 1, rope.shape[-1]))
+
+
 def _view(segments: torch.Tensor, kinds: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor,
-          head_dim: int, base: float, text_blind: bool = False) -> SequenceView:
+          ghost: torch.Tensor, head_dim: int, base: float, packed: bool, text_blind: bool = False) -> SequenceView:
+    rope = rope_angles(positions, head_dim, base)
+    if packed:
+        return SequenceView(mask=None, segments=segments, position_ids=positions, rope=rope, labels=labels,
+                            ghost=ghost, packed=packed_view(segments, ghost, rope))
     return SequenceView(mask=attention_mask(segments, kinds, text_blind), segments=segments, position_ids=positions,
-                        rope=rope_angles(positions, head_dim, base), labels=labels)
+                        rope=rope, labels=labels, ghost=ghost)
+
+
 
 
 def ranking_queries(segments: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -152,48 +243,54 @@ def ranking_queries(segments: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
 
 def _short_side(dropped: torch.Tensor, segments: torch.Tensor, kinds: torch.Tensor, positions: torch.Tensor,
-                labels: torch.Tensor, align: int, head_dim: int, base: float) -> tuple[SequenceView, torch.Tensor]:
+                labels: torch.Tensor, align: int, min_length: int, head_dim: int, base: float,
+                packed: bool) -> tuple[SequenceView, torch.Tensor]:
     """The view of the slots that survive when `dropped` [B, S] slots go, and their indices in the long view."""
-    short_len = -(-int((~dropped).sum(dim=1).max()) // align) * align
+    short_len = max(-(-int((~dropped).sum(dim=1).max()) // align) * align, min_length)
     index, filler = keep_index(dropped, min_length=short_len)
     b, length = index.shape
     lone = segments.max() + 1 + torch.arange(b * length, device=kinds.device).view(b, length)
-    short = _view(segments=torch.where(filler, lone, segments.gather(1, index)),
-                  kinds=torch.where(filler, KIND_PAD, kinds.gather(1, index)),
+    short_kinds = torch.where(filler, KIND_PAD, kinds.gather(1, index))
+    short = _view(segments=torch.where(filler, lone, segments.gather(1, index)), kinds=short_kinds,
                   positions=positions.gather(1, index),
-                  labels=torch.where(filler, IGNORE_INDEX, labels.gather(1, index)), head_dim=head_dim, base=base)
+                  labels=torch.where(filler, IGNORE_INDEX, labels.gather(1, index)), ghost=short_kinds == KIND_PAD,
+                  head_dim=head_dim, base=base, packed=packed)
     return short, index
 
 
-def build_drop_plan(batch: VictorBatch, cfg: Config) -> DropPlan:
-    """Plan the drop for `batch` under `cfg` (victor or FastV settings, RoPE base and head size, FP8 alignment).
+def build_drop_plan(batch: VictorBatch, cfg: Config, packed: bool = False,
+                    min_short_length: int = 0) -> DropPlan:
+    """Plan the drop for `batch` under `cfg` (victor or FastV settings, RoPE base and head size, short-length
+    alignment).
 
     Rows keep different numbers of slots when they hold different numbers of images; shorter rows are filled up
     to the common length with some of their own dropped visual slots (fillers: their own segment, no label,
-    attended by nobody), so the gather stays rectangular. Under FP8 the short length is aligned to 16 the same way.
+    attended by nobody), so the gather stays rectangular. The short length is aligned the same way (16 under FP8,
+    tp under sequence parallelism) and raised to `min_short_length` (a pipeline length bucket). `packed` builds the
+    THD description of both views (`PackedView`) instead of masks.
     """
     victor, fastv_layer, m = cfg.victor, cfg.peer.fastv_layer, cfg.model
     head_dim, base = m.hidden_size // m.num_attention_heads, m.rotary_base
-    align = FP8_ALIGNMENT if cfg.train.fp8 else 1
+    align = short_alignment(cfg)
     kinds, positions, labels = batch.kinds, batch.position_ids, batch.labels
     segments = batch.segment_ids()
     visual = kinds == KIND_VISUAL
     text_blind = victor.enabled and victor.mask == VictorMask.TEXT_BLIND
-    long = _view(segments, kinds, positions, labels, head_dim, base, text_blind)
+    long = _view(segments, kinds, positions, labels, kinds == KIND_PAD, head_dim, base, packed, text_blind)
     if (not victor.enabled and fastv_layer is None) or not bool(visual.any()):
         if positions.shape[1] % align:
             raise ValueError(f"sequence length {positions.shape[1]} is not a multiple of {align}")
         identity = torch.arange(positions.shape[1], device=kinds.device).expand_as(kinds)
-        return DropPlan(long=long, short=long, keep_index=identity, drop_layer=None)
+        return DropPlan(long=long, short=long, keep_index=identity, drop_layer=None, packed=packed)
     short_side = partial(_short_side, segments=segments, kinds=kinds, positions=positions, labels=labels, align=align,
-                         head_dim=head_dim, base=base)
+                         min_length=min_short_length, head_dim=head_dim, base=base, packed=packed)
     if victor.enabled:
         short, index = short_side(visual)
-        return DropPlan(long=long, short=short, keep_index=index, drop_layer=victor.drop_layer)
+        return DropPlan(long=long, short=short, keep_index=index, drop_layer=victor.drop_layer, packed=packed)
     v = cfg.vision.num_visual_tokens
     ranking = FastVRanking(queries=ranking_queries(segments, labels), visual=visual, visual_tokens=v,
                            keep=math.ceil(v * cfg.peer.fastv_keep), short_side=short_side)
-    return DropPlan(long=long, short=None, keep_index=None, drop_layer=fastv_layer, ranking=ranking)
+    return DropPlan(long=long, short=None, keep_index=None, drop_layer=fastv_layer, ranking=ranking, packed=packed)
 
 
 def scatter_image_slots(embeddings: torch.Tensor, kinds: torch.Tensor, visual: torch.Tensor | None,

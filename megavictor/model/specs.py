@@ -11,18 +11,21 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.activations import quick_gelu
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_local_spec
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from megavictor.config import AttentionBackend, Config, Precision, VisionActivation
-from megavictor.model.drop_plan import DropPlan
+from megavictor.compat import SequenceParallelTorchNorm
+from megavictor.config import AttentionBackend, Config, ConfigError, Precision, Recompute, RecomputeMethod, \
+    VisionActivation
+from megavictor.model.drop_plan import DropPlan, SequenceView, uses_packed_attention
 from megavictor.model.peers import run_layer
 
 # Fusions that only exist as CUDA kernels; their unfused paths are numerically the reference.
@@ -41,12 +44,24 @@ class DropPlanParams(PackedSeqParams):
     plan: DropPlan | None = None
 
 
+def thd_params(view: SequenceView) -> PackedSeqParams:
+    """megatron's THD `PackedSeqParams` of a packed view: real lengths, and padded offsets that put its ghost slots
+    (row padding, fillers) outside every sequence."""
+    packed = view.packed
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=packed.cu_seqlens, cu_seqlens_kv=packed.cu_seqlens,
+                           cu_seqlens_q_padded=packed.cu_seqlens_padded, cu_seqlens_kv_padded=packed.cu_seqlens_padded,
+                           max_seqlen_q=packed.max_seqlen, max_seqlen_kv=packed.max_seqlen)
+
+
 class VictorTransformerLayer(TransformerLayer):
     """A decoder layer that performs the Victor drop and attends with its side of the plan.
 
-    Layer k gathers the surviving slots before attending; every layer takes its view's mask and RoPE angles from the
-    plan (`DropPlanParams`) instead of the block's arguments. Under FastV, layer K-1 also ranks the visual slots by
-    its attention probabilities (`megavictor.model.peers`), which closes the plan's short side for layer K.
+    Layer k gathers the surviving slots before attending; every layer takes its view's attention inputs from the
+    plan (`DropPlanParams`) instead of the block's arguments: the mask and RoPE angles, or for a packed plan the
+    THD parameters and per-token angles (the original, gapped positions). Under sequence parallelism layer k
+    gathers the ranks' slices of the sequence, drops, and keeps its slice of the short sequence. Under FastV, layer
+    K-1 also ranks the visual slots by its attention probabilities (`megavictor.model.peers`), which closes the
+    plan's short side for layer K.
     """
 
     def forward(self, hidden_states, attention_mask=None, rotary_pos_emb=None, packed_seq_params=None,
@@ -56,12 +71,23 @@ class VictorTransformerLayer(TransformerLayer):
         plan = packed_seq_params.plan
         index = self.layer_number - 1  # layer_number is global and 1-based
         if plan.drop_layer == index:
-            hidden_states = plan.drop(hidden_states)
+            hidden_states = self._drop(plan, hidden_states)
         view = plan.view_for_layer(index)
+        if view.packed is not None:  # THD on Transformer Engine (FastV, which reads probabilities, is local-only)
+            return super().forward(hidden_states, attention_mask=None, rotary_pos_emb=view.packed.rope,
+                                   packed_seq_params=thd_params(view), **kwargs)
         forward = lambda: super(VictorTransformerLayer, self).forward(  # noqa: E731
             hidden_states, attention_mask=view.mask, rotary_pos_emb=view.rope, packed_seq_params=None, **kwargs)
-        return run_layer(plan, index, self.self_attention.core_attention.scale_mask_softmax, forward,
-                         _mean_over_tensor_parallel)
+        return run_layer(plan, index, getattr(self.self_attention.core_attention, "scale_mask_softmax", None),
+                         forward, _mean_over_tensor_parallel)
+
+    def _drop(self, plan: DropPlan, hidden_states: torch.Tensor) -> torch.Tensor:
+        if not self.config.sequence_parallel:
+            return plan.drop(hidden_states)
+        # Every rank gathers the whole sequence and drops the same slots, so the backward of the gather is each
+        # rank's own slice of the gradient (no reduction: tensor_parallel_output_grad=False).
+        whole = tensor_parallel.gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False)
+        return tensor_parallel.scatter_to_sequence_parallel_region(plan.drop(whole)).clone()
 
 
 def _mean_over_tensor_parallel(head_mean: torch.Tensor) -> torch.Tensor:
@@ -93,11 +119,13 @@ def _require_te() -> None:
         raise RuntimeError("train.attention_backend=te needs a CUDA GPU; use train.attention_backend=local on CPU")
 
 
-def decoder_layer_spec(backend: AttentionBackend) -> ModuleSpec:
+def decoder_layer_spec(backend: AttentionBackend, packed: bool) -> ModuleSpec:
     """LLaMA-style layer (RMSNorm, SwiGLU, RoPE) that performs the Victor drop.
 
-    Attention takes an explicit mask (block-diagonal causal over packed samples, plus the drop), hence
-    `arbitrary` rather than megatron's implicit causal mask.
+    `packed` (Transformer Engine): THD attention over per-sample sequences, `padding_causal` (the survivors of a
+    sample stay one contiguous causal block after the drop), so FlashAttention/FusedAttention run and no [S, S]
+    mask exists. Otherwise attention takes an explicit mask (block-diagonal causal over packed samples; text_blind),
+    hence `arbitrary` rather than megatron's implicit causal mask.
     """
     if backend == AttentionBackend.TE:
         _require_te()
@@ -106,9 +134,22 @@ def decoder_layer_spec(backend: AttentionBackend) -> ModuleSpec:
         spec = get_gpt_layer_with_transformer_engine_spec()
     else:
         spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    spec = _with_mask_type(spec, AttnMaskType.arbitrary)
+    spec = _with_mask_type(spec, AttnMaskType.padding_causal if packed else AttnMaskType.arbitrary)
     spec.module = VictorTransformerLayer
     return spec
+
+
+def decoder_block_spec(cfg: Config, config: TransformerConfig) -> ModuleSpec | TransformerBlockSubmodules:
+    """This stage's decoder layers. With the local layers under sequence parallelism, the norms (each layer's and
+    the final one) are the sequence-parallel torch norm (`compat.SequenceParallelTorchNorm`): megatron's own torch
+    norm refuses sequence parallelism."""
+    backend = cfg.train.attention_backend
+    spec = decoder_layer_spec(backend, uses_packed_attention(cfg))
+    if not (config.sequence_parallel and backend == AttentionBackend.LOCAL):
+        return spec
+    norm = SequenceParallelTorchNorm
+    spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = norm
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=norm)
 
 
 def vision_layer_spec(backend: AttentionBackend) -> ModuleSpec:
@@ -161,15 +202,30 @@ def language_config(cfg: Config, layers_per_stage: list[int]) -> TransformerConf
         pipeline_model_parallel_layout=pipeline_layout(layers_per_stage) if p.pp > 1 else None,
         sequence_parallel=p.sequence_parallel,
         # Stages after the drop receive shorter sequences, and how much shorter depends on the images packed
-        # into each micro-batch: shapes are exchanged per send. megatron requires the alltoall dispatcher
-        # setting for this even in dense models.
-        variable_seq_lengths=True, moe_token_dispatcher_type="alltoall",
+        # into each micro-batch: shapes are exchanged per send, unless pipeline length buckets make them static
+        # (known to every rank in advance). megatron requires the alltoall dispatcher setting for the exchange even
+        # in dense models.
+        variable_seq_lengths=not p.pipeline_length_buckets, moe_token_dispatcher_type="alltoall",
         calculate_per_token_loss=True,
         use_cpu_initialization=True,
         fp8=None if t.fp8 is None else str(t.fp8), fp8_recipe=str(t.fp8_recipe),
-        recompute_granularity=None if t.recompute is None else str(t.recompute),
-        **_dtype(cfg), **_UNFUSED,
+        **_recompute(cfg, layers_per_stage), **_dtype(cfg), **_UNFUSED,
     )
+
+
+def _recompute(cfg: Config, layers_per_stage: list[int]) -> dict:
+    """megatron's activation recompute settings. Full recompute re-runs whole layers in backward; the drop plan
+    reaches them through `packed_seq_params`, which megatron's checkpointed forward keeps in its closure."""
+    t = cfg.train
+    if t.recompute != Recompute.FULL:
+        return dict(recompute_granularity=None if t.recompute is None else str(t.recompute))
+    if t.recompute_method == RecomputeMethod.UNIFORM:
+        uneven = [n for n in layers_per_stage if n % t.recompute_num_layers]
+        if uneven:
+            raise ConfigError(f"train.recompute_num_layers={t.recompute_num_layers} must divide every pipeline "
+                              f"stage's layer count {layers_per_stage} with train.recompute_method=uniform")
+    return dict(recompute_granularity="full", recompute_method=str(t.recompute_method),
+                recompute_num_layers=t.recompute_num_layers)
 
 
 def vision_config(cfg: Config) -> TransformerConfig:

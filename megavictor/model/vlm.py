@@ -23,7 +23,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megavictor.config import Config
 from megavictor.model import specs
 from megavictor.model.batch import VictorBatch
-from megavictor.model.drop_plan import DropPlan, build_drop_plan, scatter_image_slots
+from megavictor.model.drop_plan import DropPlan, build_drop_plan, scatter_image_slots, uses_packed_attention
 from megavictor.model.peers import image_slot_fill, learned_registers
 from megavictor.model.recipe import apply_freezing
 from megavictor.model.sharding import first_layer
@@ -52,21 +52,23 @@ class VictorVLM(MegatronModule):
         self.model_type = ModelType.encoder_or_decoder
         self.share_embeddings_and_output_weights = False
         self.pre_process, self.post_process = pre_process, post_process
-        backend = cfg.train.attention_backend
         if pre_process:
             self.vision = build_vision_tower(cfg)
             self.projector = MultimodalProjector(
                 specs.projector_config(cfg),
                 MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
                 projector_type="mlp", input_size=cfg.vision.hidden_size)
+            # Scattered along the sequence (sequence parallelism) only after the image slots are filled.
             self.embedding = LanguageModelEmbedding(lm_config, vocab_size=cfg.model.vocab_size,
                                                     max_sequence_length=cfg.data.seq_length,
-                                                    position_embedding_type="rope")
+                                                    position_embedding_type="rope",
+                                                    scatter_to_sequence_parallel=False)
             registers = learned_registers(cfg)
             self.registers = (torch.nn.Parameter(torch.empty(registers, cfg.model.hidden_size,
                                                              dtype=lm_config.params_dtype))
                               if registers else None)
-        self.decoder = TransformerBlock(lm_config, specs.decoder_layer_spec(backend),
+        self.packed = uses_packed_attention(cfg)
+        self.decoder = TransformerBlock(lm_config, specs.decoder_block_spec(cfg, lm_config),
                                         pre_process=pre_process, post_process=post_process)
         if post_process:
             self.output_layer = ColumnParallelLinear(
@@ -84,8 +86,10 @@ class VictorVLM(MegatronModule):
             input_tensor = input_tensor[0]
         self.decoder.set_input_tensor(input_tensor)
 
-    def embed(self, batch: VictorBatch) -> torch.Tensor:
-        """First stage: word embeddings with image and register slots filled in; [S, B, H]."""
+    def embed(self, batch: VictorBatch, plan: DropPlan) -> torch.Tensor:
+        """First stage: word embeddings with image and register slots filled in, in the decoder's layout ([S, B, H],
+        or [B*S, 1, H] packed), this rank's slice of the sequence under sequence parallelism. The ViT and the
+        projector run on whole images on every tensor-parallel rank (no sequence parallelism of their own)."""
         words = self.embedding(input_ids=batch.tokens, position_ids=None)  # [S, B, H]
         visual = None
         if batch.images.shape[0]:
@@ -93,21 +97,25 @@ class VictorVLM(MegatronModule):
             visual = self.projector(features)
         filled = scatter_image_slots(words.transpose(0, 1), batch.kinds, visual,
                                      image_slot_fill(self.cfg, visual, self.registers))
-        # Contiguous in [S, B, H] order: elementwise layers keep strides, and p2p sends need contiguous tensors.
-        return filled.transpose(0, 1).contiguous()
+        # Contiguous in sequence-first order: elementwise layers keep strides, and p2p sends need contiguous tensors.
+        hidden = plan.sequence_first(filled).contiguous()
+        if self.config.sequence_parallel:
+            hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden).clone()
+        return hidden
 
     def forward(self, batch: VictorBatch, plan: DropPlan | None = None, return_logits: bool = False) -> torch.Tensor:
         """Hidden states to send on (inner stages), or on the last stage per-slot losses [B, S'] (masked by the
         plan's loss mask), or with `return_logits` the full-vocabulary logits [B, S', V]."""
-        plan = plan if plan is not None else build_drop_plan(batch, self.cfg)
-        hidden = self.embed(batch) if self.pre_process else None
+        plan = plan if plan is not None else build_drop_plan(batch, self.cfg, packed=self.packed)
+        hidden = self.embed(batch, plan) if self.pre_process else None
         hidden = self.decoder(hidden_states=hidden, attention_mask=None, packed_seq_params=DropPlanParams(plan=plan))
         if not self.post_process:
             return hidden
-        logits, _ = self.output_layer(hidden)  # [S', B, V / tp]
+        logits, _ = self.output_layer(hidden)  # [S', B, V / tp] (whole sequence: gathered under SP)
         if return_logits:
-            return tensor_parallel.gather_from_tensor_model_parallel_region(logits).transpose(0, 1)
+            return plan.batch_first(tensor_parallel.gather_from_tensor_model_parallel_region(logits))
         labels = plan.output_view.labels
         mask = labels >= 0
-        losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), torch.where(mask, labels, 0).t().contiguous())
-        return losses.t() * mask
+        targets = plan.sequence_first(torch.where(mask, labels, 0)).contiguous()
+        losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), targets)
+        return plan.batch_first(losses) * mask
