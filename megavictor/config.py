@@ -180,9 +180,9 @@ class ParallelConfig:
     overlap_grad_reduce: bool | None = None
     overlap_param_gather: bool | None = None
     ddp_bucket_size: int | None = None  # parameters per bucket; null: megatron's max(40M, 1M x dp size)
-    # Static short lengths (after the Victor drop) for pipeline sends: each step's short length is rounded up to
-    # the smallest bucket that fits (else data.seq_length), so p2p needs no per-send shape exchange. null: exact
-    # lengths, exchanged before each send.
+    # Static short lengths (after the Victor drop) for pipeline sends (pp > 1): each step's short length is rounded
+    # up to the smallest bucket that fits (else data.seq_length), so p2p needs no per-send shape exchange. null:
+    # exact lengths, exchanged before each send.
     pipeline_length_buckets: list[int] | None = None
 
 

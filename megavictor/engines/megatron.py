@@ -155,13 +155,14 @@ def forward_backward(model: torch.nn.Module, micro_batches: list[VictorBatch],
     """Run all micro-batches through the pipeline schedule; gradients (unless `forward_only`) accumulate as
     per-token sums. Returns (sum of token losses, loss tokens) on the last pipeline stage, (0.0, 0) elsewhere."""
     b, s = micro_batches[0].shape
-    short = bucketed_short_length(get_attr_wrapped_model(model, "cfg"), micro_batches)
-    static = short is not None and parallel_state.get_pipeline_model_parallel_world_size() > 1
+    # Buckets only matter between pipeline stages (one stage pays their padding for nothing).
+    pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
+    short = bucketed_short_length(get_attr_wrapped_model(model, "cfg"), micro_batches) if pipelined else None
     outputs = get_forward_backward_func()(
         forward_step_func=partial(_forward_step, min_short_length=short or 0), data_iterator=iter(micro_batches),
         model=[model], num_microbatches=len(micro_batches), seq_length=s, micro_batch_size=b,
         forward_only=forward_only,
-        adjust_tensor_shapes_fn=static_pipeline_shapes(model, short, (b, s)) if static else None)
+        adjust_tensor_shapes_fn=None if short is None else static_pipeline_shapes(model, short, (b, s)))
     if not parallel_state.is_pipeline_last_stage():
         return 0.0, 0
     return sum(float(item["loss"][0]) for item in outputs), sum(int(item["loss"][1]) for item in outputs)
