@@ -309,3 +309,21 @@ def test_data_without_an_index_names_the_command_that_builds_it(digits_data: Pat
     assert prep(["index", "--data", str(data)]) == 0
     check_data_set(config(data))
     assert load_index(data, None, "v1", "").meta == load_index(digits_data, None, "v1", "").meta
+
+
+@pytest.mark.parametrize("aspect", ["pad", "crop"])
+def test_the_exported_hf_processor_prepares_images_as_the_loader_does(aspect: str) -> None:
+    from megavictor.hf.convert import image_processor
+
+    cfg = load_config(None, [f"data.image_aspect_ratio={aspect}"])
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (36, 50, 3), dtype=np.uint8))
+    hf = image_processor(cfg)(images=[picture], return_tensors="pt")["pixel_values"][0]
+    torch.testing.assert_close(hf, load_image(png(picture), cfg.vision.image_size, aspect), atol=1e-5, rtol=0)
+
+
+def test_the_deprecated_shuffle_buffer_is_accepted_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert load_config(None, ["data.shuffle_buffer=256"]).data.shuffle_buffer == 256
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.shuffle_buffer=256 is deprecated and ignored" in err[0]
+    load_config(None, [])
+    assert capsys.readouterr().err == ""
