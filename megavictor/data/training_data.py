@@ -236,7 +236,8 @@ def broadcast_batch(batch: VictorBatch | None, rows: int, seq_length: int) -> Vi
     for name, (shape, dtype) in shapes.items():
         tensor = getattr(batch, name).to(device) if batch is not None else torch.empty(shape, dtype=dtype,
                                                                                        device=device)
-        dist.broadcast(tensor, src, group=group)
+        if tensor.numel():  # both sides know the shape; nothing to send for no images
+            dist.broadcast(tensor, src, group=group)
         out[name] = tensor.cpu()
     return VictorBatch(**out)
 
