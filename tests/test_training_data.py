@@ -327,3 +327,17 @@ def test_the_deprecated_shuffle_buffer_is_accepted_with_one_line(capsys: pytest.
     assert len(err) == 1 and "data.shuffle_buffer=256 is deprecated and ignored" in err[0]
     load_config(None, [])
     assert capsys.readouterr().err == ""
+
+
+def test_bench_loader_reports_per_rank_decoding_and_packing(digits_data: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from megavictor.bench import main as bench
+
+    results = {}
+    for dp in (1, 8):
+        assert bench(["loader", "--data", str(digits_data), "--dp", str(dp), "--steps", "2"]) == 0
+        results[dp] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for dp, result in results.items():
+        assert result["dp"] == dp and result["visual_tokens"] == 64 and result["samples_per_s_per_rank"] > 0
+        assert result["packing_efficiency"] >= 0.97
+    assert results[8]["images_decoded_per_rank_per_step"] <= results[1]["images_decoded_per_rank_per_step"] / 6
