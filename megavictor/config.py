@@ -229,6 +229,8 @@ class TrainConfig:
     init_from: str | None = None
     save_interval: int = 0
     keep_last: int = 2
+    # Consecutive steps with a non-finite loss or gradient norm (each skipped, not applied) before the run stops.
+    max_nonfinite_steps: int = 3
     eval_interval: int = 0  # steps between validation-loss evaluations (0: only at the end)
     eval_batches: int = 4  # micro-batches of the val split per evaluation
     precision: Precision = Precision.FP32
@@ -421,6 +423,7 @@ def _check_ranges(cfg: Config) -> None:
             ("data.pack_buffer", d.pack_buffer), ("data.prefetch", d.prefetch),
             ("data.min_image_side", d.min_image_side), ("data.max_image_pixels", d.max_image_pixels),
             ("train.global_batch_size", t.global_batch_size), ("train.eval_batches", t.eval_batches),
+            ("train.max_nonfinite_steps", t.max_nonfinite_steps),
             ("log.log_interval", log.log_interval)],
         0: [("victor.num_registers", vi.num_registers), ("data.num_workers", d.num_workers), ("data.seed", d.seed),
             ("train.max_steps", t.max_steps), ("train.warmup_steps", t.warmup_steps), ("train.seed", t.seed),

@@ -11,12 +11,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import signal
 import threading
 from typing import TYPE_CHECKING
 
 from megavictor.config import Config, load_config
 from megavictor.data.preflight import check_data_set
+from megavictor.process_lifetime import tie_forked_helpers
+from megavictor.run_lock import acquire
 from megavictor.stop_request import clear_stop_request, request_stop
 
 if TYPE_CHECKING:
@@ -26,10 +29,13 @@ __all__ = ["main", "request_stop", "run"]
 
 
 def run(cfg: Config, install_signal_handlers: bool = True) -> Summary:
-    """Train `cfg` in this process (one rank); SIGTERM and SIGUSR2 save a checkpoint at the next step boundary."""
+    """Train `cfg` in this process (one rank); SIGTERM and SIGUSR2 save a checkpoint at the next step boundary.
+    Rank 0 holds the run directory's lock (`megavictor.run_lock`) throughout; helper processes die with this one."""
     if install_signal_handlers and threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGUSR2):
             signal.signal(sig, request_stop)
+    tie_forked_helpers()
+    lock = acquire(cfg.train.run_dir) if os.environ.get("RANK", "0") == "0" else None  # before anything slow
     try:
         check_data_set(cfg)
         from megavictor.training import train
@@ -37,6 +43,8 @@ def run(cfg: Config, install_signal_handlers: bool = True) -> Summary:
         return train(cfg)
     finally:
         clear_stop_request()  # after, not before: a signal that arrives while the job starts up must still count
+        if lock is not None:
+            lock.release()
 
 
 def main(argv: list[str]) -> int:

@@ -23,13 +23,14 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megavictor.checkpoint import step_dir_name
-from megavictor.checkpoint.commit import adopt_fallback, first_failure
+from megavictor.checkpoint.commit import adopt_fallback, describe_failure, first_failure, latest_checkpoint, \
+    protect, reraise_interrupts
 from megavictor.config import Config, Engine
 from megavictor.data.training_data import TrainData, validation_batches
-from megavictor.distributed import ParallelDims, collective_device, init_from_config
+from megavictor.distributed import ParallelDims, any_rank, collective_device, init_from_config
 from megavictor.engines.base import Restored, TrainingEngine
-from megavictor.errors import notice
-from megavictor.initial_weights import InitialWeights, WeightSource, choose_initial_weights
+from megavictor.errors import UserError, notice
+from megavictor.initial_weights import InitialWeights, WeightSource, checkpoints_dir, choose_initial_weights
 from megavictor.metrics import MetricsLogger, peak_flops
 from megavictor.model.batch import VictorBatch, collate_rows
 from megavictor.stop_request import stop_pending
@@ -63,10 +64,12 @@ def train(cfg: Config) -> Summary:
     data = TrainData(cfg, dims)  # opens the data set: its errors come before the model's build
     engine = build_engine(cfg, dims, weights)
     step, saved = 0, None
+    nonfinite = NonFiniteSteps(t.max_nonfinite_steps, checkpoints_dir(cfg))
     if weights.source == WeightSource.RESUME:
         saved, restored = resume(cfg, engine, weights)
         step = restored.step
         data.load_state_dict(restored.extra["loader"])
+        nonfinite.skipped = restored.extra.get("skipped_steps", 0)
     reports = dims.is_last_stage and dims.tp_rank == 0 and dims.dp_rank == 0  # the rank holding the global loss
     metrics = MetricsLogger(cfg, Path(t.run_dir), reports, t.max_steps, step)
     if dist.get_rank() == 0:
@@ -81,14 +84,19 @@ def train(cfg: Config) -> Summary:
             break
         step += 1
         record = {"step": step, **train_step(engine, data, dims), **data_counts}
+        nonfinite.count(step, record.pop("update_skipped"))
+        record["skipped_steps"] = nonfinite.skipped
         last_loss = record["loss"]
         if t.eval_interval and step % t.eval_interval == 0:
             record["val_loss"] = validation_loss(cfg, engine, dims)
         metrics.log(record)
-        if t.save_interval and step % t.save_interval == 0:
-            saved = engine.save(step, {"loader": data.state_dict()})
+        if nonfinite.streak >= t.max_nonfinite_steps:
+            metrics.close()
+            raise nonfinite.diverged(step)
+        if t.save_interval and step % t.save_interval == 0 and not nonfinite.streak:
+            saved = engine.save(step, {"loader": data.state_dict(), "skipped_steps": nonfinite.skipped})
     if saved is None or saved.name != step_dir_name(step):
-        saved = engine.save(step, {"loader": data.state_dict()})
+        saved = engine.save(step, {"loader": data.state_dict(), "skipped_steps": nonfinite.skipped})
     metrics.close()
     val_loss = None if stopped else validation_loss(cfg, engine, dims)
     return Summary(step, last_loss, val_loss, stopped, str(saved))
@@ -101,8 +109,9 @@ def resume(cfg: Config, engine: TrainingEngine, weights: InitialWeights) -> tupl
     while True:
         try:
             restored, error = engine.load(weights.checkpoint), None
-        except Exception as exc:  # any failure to read it: named below, then the next checkpoint
-            restored, error = None, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
+        except BaseException as exc:  # any failure to read it: named below, then the next checkpoint
+            reraise_interrupts(exc)
+            restored, error = None, describe_failure(exc)
         error = first_failure(error)
         if error is None:
             break
@@ -124,7 +133,45 @@ def train_step(engine: TrainingEngine, data: TrainData, dims: ParallelDims) -> d
     return {"loss": loss, "lr": result.lr, "grad_norm": result.grad_norm,
             "tokens_per_s": batches.real_tokens / elapsed, "samples_per_s": batches.samples / elapsed,
             "step_time_s": elapsed, "mfu": batches.flops / elapsed / (peak_flops() * dims.world),
-            "memory_mb": _peak_memory_mb()}
+            "memory_mb": _peak_memory_mb(), "update_skipped": result.skipped}
+
+
+class TrainingDiverged(UserError):
+    """Too many consecutive steps with a non-finite loss or gradient norm: the run stops without saving them."""
+
+
+@dataclass
+class NonFiniteSteps:
+    """The steps whose update was skipped (loss or gradient norm not finite, `StepResult.skipped`): their count
+    (metrics' `skipped_steps`, kept in checkpoints) and the current streak, which stops the run at `limit`.
+
+    At the first step of a streak rank 0 marks the newest checkpoint, saved before it, as `pre_anomaly`: rotation
+    never deletes it, so that a diverging run cannot prune its last good checkpoint away."""
+
+    limit: int
+    checkpoints: Path
+    skipped: int = 0
+    streak: int = 0
+
+    def count(self, step: int, skipped: bool) -> None:
+        if not skipped:
+            self.streak = 0
+            return
+        self.skipped += 1
+        self.streak += 1
+        notice(f"step {step}: the loss or gradient norm is not finite; update skipped ({self.streak} in a row, "
+               f"train.max_nonfinite_steps={self.limit})")
+        if self.streak == 1 and dist.get_rank() == 0:
+            good = latest_checkpoint(self.checkpoints)
+            if good is not None:
+                protect(self.checkpoints, good)
+
+    def diverged(self, step: int) -> TrainingDiverged:
+        good = latest_checkpoint(self.checkpoints)
+        kept = f"the last good checkpoint is {good}" if good is not None else "no checkpoint was saved before it"
+        return TrainingDiverged(f"stopped at step {step}: {self.streak} consecutive steps with a non-finite loss or "
+                                f"gradient norm (train.max_nonfinite_steps={self.limit}), none applied or saved; "
+                                f"{kept}; lower train.lr (or raise train.warmup_steps) and resume")
 
 
 def global_mean_loss(loss_sum: float, loss_tokens: int, dims: ParallelDims) -> float | None:
@@ -149,9 +196,7 @@ def validation_loss(cfg: Config, engine: TrainingEngine, dims: ParallelDims) -> 
 
 def stop_requested() -> bool:
     """All ranks agree on a pending stop request (a signal may reach only some of them)."""
-    flag = torch.tensor([1.0 if stop_pending() else 0.0], device=collective_device())
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+    return any_rank(stop_pending())
 
 
 def _empty_batch(cfg: Config) -> VictorBatch:

@@ -33,6 +33,12 @@ INVALID = [
     (["train.recompute=full", "train.recompute_method=sideways"], "train.recompute_method"),
     (["train.recompute=full", "train.recompute_num_layers=0"], "train.recompute_num_layers"),
     (["parallel.ddp_bucket_size=0"], "parallel.ddp_bucket_size"),
+    (["train.lr=-1"], "train.lr"),
+    (["train.lr=.nan"], "train.lr"),
+    (["train.save_interval=-2"], "train.save_interval"),
+    (["train.warmup_steps=-5"], "train.warmup_steps"),
+    (["train.eval_batches=0"], "train.eval_batches"),
+    (["train.max_nonfinite_steps=0"], "train.max_nonfinite_steps"),
 ]
 
 
@@ -81,3 +87,11 @@ def test_override_syntax_errors() -> None:
         parse_overrides(["num_registers=3"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("configs/nope.yaml")
+
+
+def test_train_refuses_a_bad_value_in_one_line_before_building_anything(tmp_path: Path) -> None:
+    """`megavictor train` checks every numeric value before any process group, data set or model exists."""
+    proc = subprocess.run([sys.executable, "-m", "megavictor", "train", "--config", LLAVA, "train.lr=-1",
+                           f"train.run_dir={tmp_path}"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "megavictor train: error: train.lr=-1.0 must be > 0"], proc.stderr

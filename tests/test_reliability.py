@@ -194,3 +194,134 @@ def test_with_no_checkpoint_that_verifies_the_restart_stops_in_one_line(referenc
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "no checkpoint" in lines[0] and "step_000004/common.pt" in lines[0], proc.stderr
+
+
+# --------------------------------------------------------------------------- non-finite steps
+
+
+def test_a_diverging_lr_stops_in_one_line_and_keeps_the_pre_divergence_checkpoint(digits_data: Path,
+                                                                                   tmp_path: Path) -> None:
+    """lr=1e10: step 1 is finite (and saved), from step 2 on the loss is NaN. Three skipped updates in a row stop
+    the run with one line; no NaN step is saved; `pre_anomaly` protects step 1 from rotation (keep_last=1), and
+    it loads with finite weights. (On this 2-layer model lr=1e6 does not give NaN: it stalls at a uniform
+    prediction with zero gradients, finite, so nothing is skipped; lr=1e10 overflows.)"""
+    from megavictor.checkpoint import load_full_state
+
+    proc = train(tiny_cmd(digits_data, tmp_path, "train.lr=1e10", "train.max_steps=8", "train.keep_last=1"))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    final = [line for line in notices(proc.stderr) if line.startswith("megavictor train: error")]
+    assert len(final) == 1 and "3 consecutive steps with a non-finite loss" in final[0]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in records] == [0, 1, 2, 3]
+    checkpoints = tmp_path / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_000001"]
+    assert (checkpoints / PRE_ANOMALY).read_text().strip() == "step_000001"
+    _, weights = load_full_state(step(checkpoints, 1))
+    assert all(bool(t.isfinite().all()) for t in weights.values())
+
+
+# --------------------------------------------------------------------------- one run per run directory, lifetime
+
+
+def test_a_busy_run_dir_is_refused_and_a_killed_trainer_leaves_no_process(digits_data: Path, tmp_path: Path,
+                                                                         capfd) -> None:
+    """A run that has saved (megatron's checkpoint writer and its queue manager are up): a second run on its
+    directory exits 2 within seconds naming the holder; SIGKILL the first: after 10 s none of its processes is
+    left; the lock it left behind is taken over, with a message, by the next run."""
+    import psutil
+
+    from megavictor.run_lock import acquire
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(tiny_cmd(digits_data, run_dir, "train.max_steps=100000"), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not (run_dir / "checkpoints" / LATEST).exists():
+            assert proc.poll() is None, "the first run ended early"
+            time.sleep(0.1)
+        start = time.monotonic()
+        second = train(tiny_cmd(digits_data, run_dir), timeout=120)
+        elapsed = time.monotonic() - start
+        lines = second.stderr.strip().splitlines()
+        assert second.returncode == 2 and len(lines) == 1 and f"pid {proc.pid}" in lines[0], second.stderr
+        assert elapsed < 30, f"refused after {elapsed:.1f} s"
+        helpers = psutil.Process(proc.pid).children(recursive=True)
+        assert helpers, "no checkpoint-writer helper process found to check"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    _, alive = psutil.wait_procs(helpers, timeout=10)
+    assert not alive, [p.cmdline() for p in alive]
+    acquire(run_dir).release()
+    assert "taking over the stale lock of pid" in capfd.readouterr().err
+
+
+# --------------------------------------------------------------------------- a full disk
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A tmpfs mount at tmp_path/disk, sized by the test (needs root, as in CI)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+
+    def make(size_bytes: int) -> Path:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(mount)],
+                              capture_output=True, text=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        return mount
+
+    yield make
+    subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_a_save_on_a_full_disk_fails_in_one_line_and_keeps_latest(reference: Path, digits_data: Path,
+                                                                   small_disk) -> None:
+    """The reference run on a tmpfs with room for half a checkpoint more: resuming it to step 5, the save fails
+    with one line naming the path and the space; no partial directory; `latest` still step 4 and verified."""
+    used = sum(p.stat().st_size for p in reference.rglob("*") if p.is_file())
+    one = sum(p.stat().st_size for p in step(reference / "checkpoints", STEPS).iterdir())
+    disk = small_disk(used + one // 2 + 2**20)
+    checkpoints = copy_run(reference, disk / "run")
+    proc = train(tiny_cmd(digits_data, disk / "run", f"train.max_steps={STEPS + 1}"))
+    assert proc.returncode == 2
+    errors = [line for line in notices(proc.stderr) if "error" in line]
+    assert len(errors) == 1 and "step_000005.tmp" in errors[0] and "MiB left on that filesystem" in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert (checkpoints / LATEST).read_text().strip() == "step_000004"
+    assert checkpoint_problem(step(checkpoints, STEPS)) is None
+    assert not list(checkpoints.glob("*.tmp"))
+
+
+# --------------------------------------------------------------------------- the DeepSpeed engine
+
+
+@pytest.fixture(scope="module")
+def deepspeed_reference(digits_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("deepspeed")
+    run(tiny_cmd(digits_data, run_dir, "train.engine=deepspeed", "train.max_steps=2"))
+    return run_dir
+
+
+def test_deepspeed_damaged_latest_falls_back_and_reproduces_the_loss(deepspeed_reference: Path, digits_data: Path,
+                                                                     tmp_path: Path) -> None:
+    """A DeepSpeed checkpoint's manifest covers its ZeRO shards: bytes flipped in step 2's optimizer shard are
+    named, the restart resumes from step 1 and reproduces step 2's loss."""
+    checkpoints = copy_run(deepspeed_reference, tmp_path / "run")
+    shard = max(step(checkpoints, 2).rglob("*optim_states.pt"), key=lambda p: p.stat().st_size)
+    _flip(shard)
+    proc = train(tiny_cmd(digits_data, tmp_path / "run", "train.engine=deepspeed", "train.max_steps=2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert str(shard) in "\n".join(notices(proc.stderr))
+    assert losses(tmp_path / "run") == losses(deepspeed_reference)
+
+
+def test_deepspeed_skips_non_finite_steps_and_stops(digits_data: Path, tmp_path: Path) -> None:
+    proc = train(tiny_cmd(digits_data, tmp_path, "train.engine=deepspeed", "train.lr=1e10", "train.max_steps=8",
+                          "train.max_nonfinite_steps=2"))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "2 consecutive steps with a non-finite loss" in proc.stderr
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in records] == [0, 1, 2]
+    assert (tmp_path / "checkpoints" / PRE_ANOMALY).read_text().strip() == "step_000001"

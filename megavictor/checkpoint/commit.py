@@ -229,19 +229,28 @@ def first_failure(message: str | None) -> str | None:
     return next((m for m in messages if m is not None), None)
 
 
-def _failed(error: BaseException | None) -> bool:
-    return first_failure(None if error is None else repr(error)) is not None
+def describe_failure(exc: BaseException) -> str:
+    """One line for an exception whose text may be a whole remote traceback (DCP's `CheckpointException`): its
+    type and its last line, which holds the cause."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[-1][:300] if lines else ''}"
+
+
+def reraise_interrupts(exc: BaseException) -> None:
+    """DCP's `CheckpointException` is a BaseException: catch broadly, but never swallow an interrupt or exit."""
+    if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+        raise exc
 
 
 def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
 
 
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
+def _amount(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def save_failure(root: Path, tmp: Path, step: int, exc: BaseException | None) -> CheckpointError:
+def save_failure(root: Path, tmp: Path, step: int, cause: str) -> CheckpointError:
     """The one-line error of a failed save: the path, the cause, the free space left and what a checkpoint of this
     run takes (the size of the newest complete one, else what the failed save had written)."""
     written = _size(tmp)
@@ -249,12 +258,11 @@ def save_failure(root: Path, tmp: Path, step: int, exc: BaseException | None) ->
     done = complete_checkpoints(root)
     needed = _size(done[-1]) if done else written
     free = shutil.disk_usage(root).free
-    cause = str(exc).strip().splitlines()[0] if exc is not None and str(exc).strip() else "failed on another rank"
     kept = _pointer(root, LATEST)
     return CheckpointError(
-        f"saving step {step} into {tmp} failed ({type(exc).__name__ if exc else 'error'}: {cause}); "
-        f"{_gib(free)} left on that filesystem, a checkpoint of this run needs about {_gib(needed)}; the partial "
-        f"directory was removed and {'latest still names ' + kept if kept else 'no checkpoint was written'}")
+        f"saving step {step} into {tmp} failed ({cause}); "
+        f"{_amount(free)} left on that filesystem, a checkpoint of this run needs about {_amount(needed)}; the "
+        f"partial directory was removed and {'latest still names ' + kept if kept else 'no checkpoint was written'}")
 
 
 def commit_atomically(checkpoints_dir: str | Path, step: int, write: Callable[[Path], None],
@@ -278,22 +286,25 @@ def commit_atomically(checkpoints_dir: str | Path, step: int, write: Callable[[P
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     _barrier()
-    error: BaseException | None = None
+    error: str | None = None
     try:
         write(tmp)
-    except Exception as exc:  # a full disk, a quota, an I/O error: reported below in one line
-        error = exc
-    if not _failed(error) and rank0:
+    except BaseException as exc:  # a full disk, a quota, an I/O error: reported below in one line
+        reraise_interrupts(exc)
+        error = describe_failure(exc)
+    error = first_failure(error)
+    if error is None and rank0:
         try:
             if attach is not None:
                 attach(tmp)
             write_manifest(tmp)
         except OSError as exc:
-            error = exc
-    if _failed(error):
+            error = describe_failure(exc)
+    error = first_failure(error)
+    if error is not None:
         failure = save_failure(root, tmp, step, error) if rank0 else None
         _barrier()
-        raise failure or CheckpointError(f"saving step {step} into {tmp} failed (rank 0 says why)")
+        raise failure or CheckpointError(f"saving step {step} into {tmp} failed ({error})")
     if rank0:
         aside = None
         if final.exists():

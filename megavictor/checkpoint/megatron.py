@@ -25,6 +25,7 @@ from megavictor.checkpoint.hf_source import HFSource
 from megavictor.checkpoint.rng import rng_state, set_rng_state
 from megavictor.config import Config, Engine
 from megavictor.model.sharding import full_name
+from megavictor.process_lifetime import start_checkpoint_writer_queue
 
 MARKER = MARKERS[Engine.MEGATRON]
 _STACKED_LAYERS = re.compile(r"^((?:vision\.)?decoder\.layers)\.(.+)$")
@@ -56,6 +57,8 @@ def save(checkpoints_dir: str | Path, step: int, model: torch.nn.Module, optimiz
     """Write `step_XXXXXX` atomically (temp dir, rename, then `latest`), keeping the newest `keep_last`, with
     `source` (tokenizer, HF source config) recorded inside."""
     from megatron.core import dist_checkpointing
+
+    start_checkpoint_writer_queue()
 
     def write(tmp: Path) -> None:
         model_sd = model.sharded_state_dict()

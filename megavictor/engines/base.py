@@ -26,6 +26,7 @@ class StepResult:
     loss_tokens: int  # their loss tokens (last pipeline stage; 0 elsewhere)
     lr: float  # the learning rate the step used
     grad_norm: float | None  # global gradient norm before clipping
+    skipped: bool = False  # the update was not applied: a loss or gradient on some rank was not finite
 
 
 @dataclass
@@ -39,7 +40,9 @@ class Restored:
 class TrainingEngine(Protocol):
     def train_step(self, micro_batches: list[VictorBatch], global_loss_tokens: int) -> StepResult:
         """Forward/backward over this rank's micro-batches and one optimizer step, for the loss
-        (sum of token losses over the global batch) / `global_loss_tokens`."""
+        (sum of token losses over the global batch) / `global_loss_tokens`. A step whose loss or gradients are
+        not finite on any rank changes neither the weights, the optimizer state nor the lr schedule (`skipped`,
+        the same on every rank)."""
 
     def loss(self, micro_batches: list[VictorBatch]) -> tuple[float, int]:
         """(sum of token losses, loss tokens) over this rank's micro-batches, in eval mode, without gradients.

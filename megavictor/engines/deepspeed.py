@@ -15,6 +15,7 @@ gradient checkpointing), `param_groups`, `hf_inputs`, `deepspeed_config`, then `
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from megavictor.checkpoint.hf_source import training_source
 from megavictor.checkpoint.rng import rng_state, set_rng_state
 from megavictor.compat import import_deepspeed
 from megavictor.config import AttentionBackend, Config, Precision
-from megavictor.distributed import ParallelDims
+from megavictor.distributed import ParallelDims, any_rank
 from megavictor.engines.base import Restored, StepResult, build_scheduler, micro_batches_per_rank
 from megavictor.hf.convert import hf_reference_names, hf_state, victor_hf_config
 from megavictor.hf.modeling_victor_llava import VictorLlavaForConditionalGeneration
@@ -142,6 +143,11 @@ class DeepSpeedEngine:
             loss_sum += float(out.loss.detach()) * normaliser
             loss_tokens += batch.num_loss_tokens()
         grad_norm = self.engine.get_global_grad_norm()
+        # DeepSpeed's ZeRO optimizers skip a step whose global gradient norm is not finite (fp32 and, with
+        # bf16's check_grad_overflow, bf16); a non-finite loss makes non-finite gradients.
+        if any_rank(not (self.engine.was_step_applied() and math.isfinite(loss_sum))):
+            self.scheduler.step(-1)  # as the megatron engine: a skipped update does not advance the schedule
+            return StepResult(loss_sum, loss_tokens, lr, float("nan"), skipped=True)
         return StepResult(loss_sum, loss_tokens, lr, None if grad_norm is None else float(grad_norm))
 
     def loss(self, micro_batches: list[VictorBatch]) -> tuple[float, int]:

@@ -17,6 +17,7 @@ bucketed short length, known to every rank in advance, so pipeline sends use sta
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -35,7 +36,7 @@ from megavictor.checkpoint import megatron as megatron_checkpoint
 from megavictor.checkpoint.commit import engine_of
 from megavictor.checkpoint.hf_source import training_source
 from megavictor.config import Config, ConfigError, Engine, Precision
-from megavictor.distributed import ParallelDims
+from megavictor.distributed import ParallelDims, any_rank
 from megavictor.engines.base import Restored, StepResult, build_scheduler
 from megavictor.initial_weights import InitialWeights, WeightSource, checkpoints_dir, init_from_state, \
     vision_tower_state
@@ -184,6 +185,11 @@ class MegatronEngine:
         # megatron divides the summed gradients by the token count the last stage reports for the step; all
         # ranks agree on the global one through finalize_model_grads' reduction of each rank's count.
         loss_sum, loss_tokens = forward_backward(self.ddp, micro_batches)
+        if any_rank(not (math.isfinite(loss_sum) and self._finite_grads())):
+            # megatron's fp32 optimizer would apply NaN gradients (only the fp16 loss scaler checks); its DDP
+            # check_for_nan_in_grad aborts the job instead: skip the update, as Megatron-LM does on overflow.
+            return StepResult(loss_sum, loss_tokens, self.optimizer.param_groups[0]["lr"], float("nan"),
+                              skipped=True)
         self.scheduler.step(1)
         lr = self.optimizer.param_groups[0]["lr"]
         _, grad_norm, _ = self.optimizer.step()
@@ -201,6 +207,11 @@ class MegatronEngine:
             yield
         finally:
             self.ddp.enable_forward_pre_hook()
+
+    def _finite_grads(self) -> bool:
+        """This rank's gradient buffers, after the data-parallel reduction, hold only finite values."""
+        buffers = [*self.ddp.buffers, *self.ddp.expert_parallel_buffers]
+        return bool(torch.stack([torch.isfinite(b.grad_data).all() for b in buffers]).all()) if buffers else True
 
     def loss(self, micro_batches: list[VictorBatch]) -> tuple[float, int]:
         self.ddp.eval()
