@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -42,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time", type=int, default=60, help="time limit in minutes")
     p.add_argument("--account")
     p.add_argument("--qos")
+    p.add_argument("--network-interface", metavar="IFACE",
+                   help="socket interface of every rank for gloo and NCCL (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME); "
+                        "default: those of this shell's environment, else gloo uses each node's route to rank 0")
     p.add_argument("--signal-delay", type=int, default=90,
                    help="seconds before the time limit at which USR2 asks the run to checkpoint and requeue")
     p.add_argument("--entry", default=DEFAULT_ENTRY, help="module:function that trains (and has request_stop())")
@@ -94,20 +98,50 @@ def make_executor(args: argparse.Namespace, run_dir: Path) -> submitit.AutoExecu
     return executor
 
 
-def wait_for(job: submitit.Job) -> int:
-    """Block until every task ends; print rank 0's summary, or the traceback of the rank that failed first.
+SRUN_ERROR = re.compile(r"^srun: error: (?P<node>\S+): tasks? (?P<tasks>[\d,-]+): .+$", re.M)
+EXCEPTION_LINE = re.compile(r"^\w[\w.]*(?:Error|Exception)\b.*$", re.M)  # a traceback's last line
 
-    When one rank raises, its peers fail too (gloo: "connection closed by peer") or are killed (srun
-    --kill-on-bad-exit). The root cause is the earliest result file holding a traceback; ranks without one
-    (killed) only have their logs."""
+
+def srun_errors(job: submitit.Job) -> list[tuple[int, str]]:
+    """(rank, srun's line) for every task that ended badly, in the order srun saw them end (it writes them to the
+    batch script's stderr, rank 0's log); empty off SLURM."""
+    path = job.task(0).paths.stderr
+    text = path.read_text(errors="replace") if path.is_file() else ""
+    found = []
+    for match in SRUN_ERROR.finditer(text):
+        for part in match.group("tasks").split(","):
+            low, _, high = part.partition("-")
+            found += [(rank, match.group(0)) for rank in range(int(low), int(high or low) + 1)]
+    return found
+
+
+def wait_for(job: submitit.Job) -> int:
+    """Block until every task ends; print rank 0's summary, or what ended the job: the rank that failed first, with
+    its traceback, or srun's word for how it ended when it left none (killed, or its node lost).
+
+    When one rank fails, its peers fail too (gloo: "connection closed by peer") or are killed (srun
+    --kill-on-bad-exit), so the first to fail is the cause: srun reports the tasks in the order they ended; off
+    SLURM, the earliest result file holding a traceback."""
     errors = {rank: job.task(rank).exception() for rank in range(job.num_tasks)}
     failed = {rank: e for rank, e in errors.items() if e is not None}
     if not failed:
         print(json.dumps(dataclasses.asdict(job.task(0).result()), default=str))
         return 0
     raised = [r for r, e in failed.items() if isinstance(e, FailedJobError)]
-    first = min(raised, key=lambda r: job.task(r).paths.result_pickle.stat().st_mtime) if raised else min(failed)
-    print(f"job {job.job_id}: rank {first} failed first (failed ranks: {sorted(failed)}):\n{failed[first]}",
+    reported = [(rank, line) for rank, line in srun_errors(job) if rank in failed]
+    if reported:
+        first = reported[0][0]
+    else:
+        first = min(raised, key=lambda r: job.task(r).paths.result_pickle.stat().st_mtime) if raised else min(failed)
+    if first in raised or not reported:
+        detail = str(failed[first])
+    else:
+        logs = job.task(first).paths
+        detail = (f"{reported[0][1]}\nit left no traceback (killed by a signal, out of memory, or its node was lost);"
+                  f" its logs: {logs.stdout}, {logs.stderr}")
+        if raised and (raises := EXCEPTION_LINE.findall(str(failed[raised[0]]))):
+            detail += f"\nthen rank {raised[0]}: {raises[-1]}"
+    print(f"job {job.job_id}: rank {first} failed first (failed ranks: {sorted(failed)}):\n{detail}",
           file=sys.stderr)
     return 1
 
@@ -129,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     executor = make_executor(args, run_dir)
-    job = executor.submit(TrainJob(cfg, entry=args.entry, gpus=bool(args.gpus_per_node)))
+    job = executor.submit(TrainJob(cfg, entry=args.entry, gpus=bool(args.gpus_per_node),
+                                      network_interface=args.network_interface))
     print(f"job {job.job_id}")
     print(f"run dir {run_dir}", flush=True)
     return wait_for(job) if args.wait else 0

@@ -31,12 +31,12 @@ import os
 import signal
 import subprocess
 import sys
-import zlib
 from typing import Any, Callable
 
 import submitit
-from submitit.helpers import Checkpointable, TorchDistributedEnvironment
+from submitit.helpers import Checkpointable
 
+from launch import rendezvous
 from megavictor.config import Config
 
 DEFAULT_ENTRY = "megavictor.trainer:run"
@@ -54,14 +54,19 @@ def resolve_entry(entry: str) -> tuple[Callable[[Config], Any], Callable[[], Non
 class TrainJob(Checkpointable):
     """`cfg` (resolved, absolute run_dir) trained by `entry` on every task of a submitit job."""
 
-    def __init__(self, cfg: Config, entry: str = DEFAULT_ENTRY, gpus: bool = True) -> None:
+    def __init__(self, cfg: Config, entry: str = DEFAULT_ENTRY, gpus: bool = True,
+                 network_interface: str | None = None) -> None:
         self.cfg = cfg
         self.entry = entry
         self.gpus = gpus
+        self.network_interface = network_interface
 
     def __call__(self) -> Any:
         """The entry point's summary (megavictor.trainer.Summary); exits without one when stopped and requeued."""
         job_env = submitit.JobEnvironment()
+        # torch.distributed's environment (launch/rendezvous.py). Every task keeps all of its node's GPUs visible:
+        # the trainer selects cuda:LOCAL_RANK itself.
+        print(rendezvous.header(job_env, rendezvous.setup(job_env, self.network_interface)), flush=True)
         if not self.gpus:  # CPU tasks: hide any GPU so the trainer picks gloo
             import torch
 
@@ -70,11 +75,6 @@ class TrainJob(Checkpointable):
             # Every task using every core of the node oversubscribes it (measured: steps 20x slower).
             torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.environ.get("SLURM_CPUS_PER_TASK")
                                       or 1))
-        # submitit derives MASTER_PORT from the job id anywhere in 20000-60000, which overlaps Linux's ephemeral
-        # range (32768-60999): a client socket of any process can hold it (seen as EADDRINUSE in CI). Stay below.
-        os.environ.setdefault("MASTER_PORT", str(master_port(job_env.job_id)))
-        # Every task keeps all of its node's GPUs visible: the trainer selects cuda:LOCAL_RANK itself.
-        TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         run, request_stop = resolve_entry(self.entry)
         for sig in (signal.SIGUSR2, signal.SIGTERM):
             signal.signal(sig, lambda *_: request_stop())
@@ -85,11 +85,6 @@ class TrainJob(Checkpointable):
                 job_env._requeue(0)  # slurm: `scontrol requeue`; local: exit code 144, which the controller reruns
             sys.exit(0)
         return summary
-
-
-def master_port(job_id: str) -> int:
-    """A rendezvous port fixed per job (the same for every task and every requeue), below the ephemeral range."""
-    return 20000 + zlib.crc32(job_id.encode()) % 12000
 
 
 def _still_running(job_env: submitit.JobEnvironment) -> bool:

@@ -26,6 +26,21 @@ def train_cmd(world: int, data: Path, run_dir: Path, *overrides: str) -> list[st
             "train.max_steps=10", "train.warmup_steps=2", "train.eval_batches=2", "log.wandb=false", *overrides]
 
 
+def train_overrides(data: Path, run_dir: Path, *overrides: str) -> list[str]:
+    """train_cmd's config overrides alone (for `megavictor launch`)."""
+    cmd = train_cmd(1, data, run_dir, *overrides)
+    return cmd[cmd.index("--config") + 2:]
+
+
+def wait_for_metrics(run_dir: Path, steps: int, timeout: float = 180) -> None:
+    """Until run_dir/metrics.jsonl has `steps` steps (a job elsewhere is training)."""
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= steps):
+        assert time.monotonic() < deadline, f"the job logged no step {steps} in {timeout:.0f} s"
+        time.sleep(0.05)
+
+
 def run(cmd: list[str]) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -357,6 +357,20 @@ def down() -> None:
     PATHS.auto.unlink(missing_ok=True)
 
 
+def sacct_state(job_id: str, timeout: float = 60) -> str:
+    """The job's accounting state once SLURM is done with it: squeue no longer lists it (its processes are gone)
+    and slurmdbd has recorded the end (that lags squeue by a moment)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        queued = _run(["squeue", "-h", "-j", job_id]).stdout
+        state = _run(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "State"]).stdout.strip()
+        if not queued.strip() and state.split(" ")[0] not in ("", "PENDING", "RUNNING", "REQUEUED"):
+            return state
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job {job_id} not finished after {timeout:.0f} s: {state}")
+        time.sleep(0.5)
+
+
 @contextlib.contextmanager
 def _locked() -> Iterator[None]:
     """Serialise start/stop between concurrent pytest sessions on a shared machine."""
@@ -371,7 +385,8 @@ def session(nodes: int = 1) -> Iterator[Paths]:
     """Use the running cluster if it has at least `nodes` nodes, or start one; a cluster a session started goes down
     with its last user. Restarting a smaller cluster that other sessions use would kill their jobs: that errors."""
     with _locked():
-        others = [p.name for p in PATHS.users.glob("*") if _alive(int(p.name))] if PATHS.users.is_dir() else []
+        others = [p.name for p in PATHS.users.glob("*") if _alive(int(p.name)) and int(p.name) != os.getpid()] \
+            if PATHS.users.is_dir() else []
         if is_up() and len(node_names()) < nodes and others:
             raise ClusterError(f"the running {len(node_names())}-node test cluster is in use (pytest PIDs "
                                f"{', '.join(others)}); start {nodes} nodes with `bash .ci/slurm-up.sh --nodes "

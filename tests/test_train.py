@@ -15,11 +15,6 @@ import torch
 from megavictor.data.manifest import load_manifest
 from tests.runs import ROOT, STAGE2, assert_close, losses, run, sigterm_after, train_cmd
 
-@pytest.fixture(scope="module")
-def reference_run(digits_data: Path, tmp_path_factory) -> tuple[Path, dict]:
-    run_dir = tmp_path_factory.mktemp("tp1pp1")
-    return run_dir, run(train_cmd(1, digits_data, run_dir, "train.save_interval=5"))
-
 
 @pytest.mark.parametrize("world,layout,rel", [
     (2, ["parallel.tp=2"], 1e-6),
