@@ -35,6 +35,10 @@ class VisionActivation(enum.StrEnum):
     GELU = "gelu"
 
 
+class RopeScaling(enum.StrEnum):
+    LLAMA3 = "llama3"  # Llama 3.1's frequency-dependent scaling of the RoPE frequencies (long context)
+
+
 class VictorMask(enum.StrEnum):
     CAUSAL = "causal"
     TEXT_BLIND = "text_blind"  # text may not attend visual tokens in layers < k (VoCo-LLaMA-style ablation)
@@ -109,6 +113,12 @@ class ModelConfig:
     rotary_base: float = 10000.0
     norm_epsilon: float = 1e-5
     init_method_std: float = 0.02
+    qkv_bias: bool = False  # biases on the query/key/value projections (Qwen2)
+    rope_scaling: RopeScaling | None = None  # None: plain RoPE; llama3: with the four rope_* values below
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position_embeddings: int = 8192
 
 
 @dataclass
@@ -434,6 +444,9 @@ def _check_ranges(cfg: Config) -> None:
         for key, value in items:
             _require(value >= low, f"{key}={value} must be >= {low}")
     positive = [("model.rotary_base", m.rotary_base), ("model.norm_epsilon", m.norm_epsilon),
+                ("model.rope_scaling_factor", m.rope_scaling_factor),
+                ("model.rope_low_freq_factor", m.rope_low_freq_factor),
+                ("model.rope_original_max_position_embeddings", m.rope_original_max_position_embeddings),
                 ("model.init_method_std", m.init_method_std), ("vision.norm_epsilon", v.norm_epsilon),
                 ("train.lr", t.lr), ("train.adam_eps", t.adam_eps)]
     non_negative = [("train.min_lr", t.min_lr), ("train.weight_decay", t.weight_decay),
@@ -452,6 +465,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     """Check ranges and cross-field consistency; with `world_size`, also that tp x pp divides it."""
     m, v, vi, p, d, t = cfg.model, cfg.vision, cfg.victor, cfg.parallel, cfg.data, cfg.train
     _check_ranges(cfg)
+    _require(m.rope_high_freq_factor > m.rope_low_freq_factor,
+             f"model.rope_high_freq_factor={m.rope_high_freq_factor} must exceed model.rope_low_freq_factor="
+             f"{m.rope_low_freq_factor}")
     _require(m.hidden_size % m.num_attention_heads == 0,
              f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}")
     groups = m.num_query_groups or m.num_attention_heads

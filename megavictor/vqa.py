@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,7 +32,7 @@ from megavictor.config import Config, PipelineSplit, with_overrides
 from megavictor.data.images import load_image
 from megavictor.data.manifest import load_manifest
 from megavictor.data.reader import ShardReader
-from megavictor.data.tokenizer import ChatTokenizer, load_tokenizer, render
+from megavictor.data.tokenizer import IMAGE_TOKEN, ChatTokenizer, load_tokenizer, render
 from megavictor.model.batch import Sample, VictorBatch, collate_rows, expand_sample
 from megavictor.model.drop_plan import DropPlan, build_drop_plan, uses_packed_attention
 
@@ -43,6 +44,7 @@ class Question:
     prompt: Sample  # tokens up to where the answer starts
     answer: str
     prompt_text: str  # the same prompt as text, with `<image>` markers (for an HF processor)
+    turn: str  # the human turn as the record has it, with `<image>` markers (for a chat template)
     image_bytes: list[bytes]  # the encoded images (for an HF processor)
 
 
@@ -65,7 +67,8 @@ def load_questions(cfg: Config, data_path: str | Path, split: str, limit: int | 
             key=raw["__key__"], text=first_turns[0]["value"].replace("<image>", "").strip(),
             prompt=Sample(sample.tokens[:start], [False] * start, images), answer=first_turns[1]["value"].strip(),
             # without the space before the answer: it belongs to the answer's first token (SentencePiece, BPE)
-            prompt_text=text[:spans[0][0]].rstrip(" "), image_bytes=[raw[member] for member in record["images"]]))
+            prompt_text=text[:spans[0][0]].rstrip(" "), turn=first_turns[0]["value"],
+            image_bytes=[raw[member] for member in record["images"]]))
     return questions, chat
 
 
@@ -144,12 +147,24 @@ def hf_answers(model_dir: str | Path, questions: list[Question], batch_size: int
     for start in range(0, len(questions), batch_size):
         chunk = questions[start:start + batch_size]
         images = [Image.open(io.BytesIO(data)) for q in chunk for data in q.image_bytes]
-        inputs = processor(images=images or None, text=[q.prompt_text for q in chunk], padding=True,
+        inputs = processor(images=images or None, text=[hf_prompt(processor, q) for q in chunk], padding=True,
                            return_tensors="pt")
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         answers += processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     return answers
+
+
+def hf_prompt(processor: Any, question: Question) -> str:
+    """The question rendered by the processor's chat template (exports made before they carried one: the v1
+    template's text)."""
+    if not getattr(processor, "chat_template", None):
+        return question.prompt_text
+    parts = question.turn.split(IMAGE_TOKEN)
+    content = [{"type": "text", "text": parts[0]}] if parts[0] else []
+    for part in parts[1:]:
+        content += [{"type": "image"}] + ([{"type": "text", "text": part}] if part else [])
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
 def hf_config(model_dir: str | Path, data_path: str | Path) -> Config:

@@ -13,7 +13,7 @@ from PIL import Image
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
 from data_prep.tokenizer import build_word_tokenizer
-from megavictor.hf.convert import read_safetensors
+from megavictor.hf.convert import clip_name, read_safetensors
 from megavictor.model.batch import IMAGE_PLACEHOLDER, Sample
 
 CLIP_LAYERS = 3  # the import keeps 2 (LLaVA reads the penultimate layer)
@@ -87,8 +87,11 @@ def generated_tokens(row: torch.Tensor, prompt_length: int, pad: int) -> list[in
     return new
 
 
-def assert_keeps_source_tensors(exported: dict[str, torch.Tensor], sources: dict[str, Path], victor_on: bool) -> None:
-    """Every Llama and CLIP tensor of `sources` that megavictor keeps is in the export, bit for bit."""
+def assert_keeps_source_tensors(exported: dict[str, torch.Tensor], sources: dict[str, Path], victor_on: bool,
+                                whole_vit: bool = False) -> None:
+    """Every Llama and CLIP tensor of `sources` that megavictor keeps is in the export, bit for bit; with
+    `whole_vit` (a checkpoint that recorded its source) also the CLIP layer past LLaVA's feature layer and
+    `post_layernorm`."""
     for name, tensor in read_safetensors(sources["llm"]).items():
         hf_name = "lm_head.weight" if name == "lm_head.weight" else name.replace("model.", "model.language_model.", 1)
         got = exported[hf_name]
@@ -99,8 +102,11 @@ def assert_keeps_source_tensors(exported: dict[str, torch.Tensor], sources: dict
         assert torch.equal(got, tensor), name
     dropped = f"vision_model.encoder.layers.{CLIP_LAYERS - 1}."
     for name, tensor in read_safetensors(sources["clip"]).items():
+        name = clip_name(name)  # transformers 5 writes CLIP tensors without `vision_model.`
         hf_name = "model.vision_tower." + name
-        if name.startswith(dropped):
+        if whole_vit:
+            assert torch.equal(exported[hf_name], tensor), name
+        elif name.startswith(dropped):
             assert hf_name not in exported, name
         elif "post_layernorm" not in name:  # unused by LLaVA; exported as identity
             assert torch.equal(exported[hf_name], tensor), name

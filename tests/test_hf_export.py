@@ -14,17 +14,38 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
 
 from megavictor.checkpoint import resolve
 from megavictor.checkpoint.hf_source import files_sha256, tokenizer_files
 from megavictor.cli import main as megavictor_main
-from megavictor.hf.convert import complete_state, config_from_sections, from_hf, from_hf_llava, to_hf
+from megavictor.config import LLAVA_V1_SYSTEM_PROMPT
+from megavictor.data.tokenizer import render
+from megavictor.hf.convert import (
+    complete_state,
+    config_from_sections,
+    current_llava_name,
+    from_hf_llava,
+    read_safetensors,
+    source_of,
+    to_hf,
+)
 from megavictor.model.batch import IMAGE_PLACEHOLDER, KIND_REGISTER, KIND_VISUAL, Sample, collate_rows, expand_sample
 from megavictor.model.reference import ReferenceVLM
+from megavictor.vqa import Question, hf_prompt
 from tests import hf_clean_venvs
 from tests.fixtures import tiny_config
-from tests.hf_fixtures import PROMPTS, image, png
+from tests.hf_fixtures import CLIP_LAYERS, PROMPTS, image, png, randomise
 from tests.runs import ROOT
 
 
@@ -71,27 +92,63 @@ def convert(*args: str | Path) -> int:
 
 @pytest.fixture(scope="module")
 def tiny_llava(sources: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A stock `LlavaForConditionalGeneration` dir with its tokenizer (the tiny random Llama + CLIP as a LLaVA)."""
-    sections, state = from_hf(sources["llm"], sources["clip"])
-    cfg = config_from_sections(sections, None, ["log.wandb=false", "victor.enabled=false"])
-    return to_hf(cfg, complete_state(cfg, state), tmp_path_factory.mktemp("tiny_llava"), tokenizer_dir=sources["llm"])
+    """A stock `LlavaForConditionalGeneration` dir in llava-hf's conventions (the whole 3-layer CLIP with
+    `post_layernorm` and `projection_dim`, `vision_feature_layer=-2`, a 4096-token context), random weights, with
+    its tokenizer and processor."""
+    out = tmp_path_factory.mktemp("tiny_llava")
+    tokenizer = AutoTokenizer.from_pretrained(str(sources["llm"]))
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=176, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, rope_theta=5000.0, max_position_embeddings=4096,
+                       tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id)
+    vision = CLIPVisionConfig(hidden_size=48, intermediate_size=192, num_hidden_layers=CLIP_LAYERS,
+                              num_attention_heads=4, image_size=32, patch_size=8, projection_dim=40)
+    model = LlavaForConditionalGeneration(LlavaConfig(
+        text_config=text, vision_config=vision, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2, image_seq_length=16, tie_word_embeddings=False))
+    randomise(model, 3)
+    model.save_pretrained(out)
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    LlavaProcessor(images, tokenizer, patch_size=8, vision_feature_select_strategy="default",
+                   num_additional_image_tokens=1).save_pretrained(out)
+    return out
 
 
 def test_to_hf_ships_the_tokenizer_from_hf_recorded(tiny_llava: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A LLaVA dir with its tokenizer -> `from-hf --llava` -> `to-hf` without `--tokenizer`, run from the repo root:
-    the export carries the source's tokenizer (same files, same `<image>` id), not one found in the working dir."""
+    the export carries the source's tokenizer (same files, same `<image>` id), not one found in the working dir;
+    and the source's conventions: the whole ViT, `vision_feature_layer`, context length, `projection_dim`. As a
+    stock LLaVA (no registers) it computes the source's logits."""
     monkeypatch.chdir(ROOT)
     llava = tiny_llava
-    assert convert("from-hf", "--llava", llava, "--out", tmp_path / "ckpt", "log.wandb=false") == 0
+    assert convert("from-hf", "--llava", llava, "--out", tmp_path / "ckpt", "log.wandb=false",
+                   "victor.enabled=false") == 0
     recorded = json.loads((resolve(tmp_path / "ckpt") / "hf_source" / "provenance.json").read_text())["tokenizer"]
     assert recorded == {"path": str(llava.resolve()), "sha256": files_sha256(tokenizer_files(llava))}
 
     assert convert("to-hf", "--checkpoint", tmp_path / "ckpt", "--out", tmp_path / "hf") == 0
     source_vocab = json.loads((llava / "tokenizer.json").read_text())["model"]["vocab"]
     assert json.loads((tmp_path / "hf" / "tokenizer.json").read_text())["model"]["vocab"] == source_vocab
-    config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    assert config["image_token_index"] == json.loads((llava / "config.json").read_text())["image_token_index"]
+    config, source = (json.loads((d / "config.json").read_text()) for d in (tmp_path / "hf", llava))
+    assert config["image_token_index"] == source["image_token_index"]
+    assert config["vision_feature_layer"] == -2 and config["text_config"]["max_position_embeddings"] == 4096
+    assert config["vision_config"]["num_hidden_layers"] == CLIP_LAYERS
+    assert config["vision_config"]["projection_dim"] == 40
+    exported = read_safetensors(tmp_path / "hf")
+    original = {current_llava_name(n): t for n, t in read_safetensors(llava).items()}  # 4.x saves legacy names
+    assert exported.keys() == original.keys()
+    assert all(torch.equal(exported[name], tensor) for name, tensor in original.items())
+
+    model, info = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not any(info.values()), info
+    processor = AutoProcessor.from_pretrained(tmp_path / "hf")
+    inputs = processor(images=[image(4)], text=PROMPTS["one"], return_tensors="pt")
+    with torch.no_grad():
+        got = model.eval()(**inputs).logits
+        expected = LlavaForConditionalGeneration.from_pretrained(llava).eval()(**inputs).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
 def test_to_hf_without_a_recorded_tokenizer_stops_with_one_line(sources: dict[str, Path], tmp_path: Path,
@@ -126,13 +183,25 @@ print(json.dumps({"input_ids": inputs["input_ids"].tolist(), "sequences": sequen
 """
 
 
+def victor_export(llava: Path, out: Path, registers: int = 8) -> Path:
+    """The LLaVA at `llava` converted to a Victor model (R registers, fresh; k=3) and exported with its tokenizer
+    and conventions."""
+    sections, state = from_hf_llava(llava)
+    cfg = config_from_sections(sections, None, ["log.wandb=false", f"victor.num_registers={registers}"])
+    config, tail = source_of(llava_dir=llava)
+    return to_hf(cfg, complete_state(cfg, state), out, tokenizer_dir=llava, source=config, vision_tail=tail)
+
+
 @pytest.fixture(scope="module")
 def victor_from_llava(tiny_llava: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny LLaVA converted to a Victor model (R=8, k=3, fresh registers) and exported with its tokenizer."""
-    sections, state = from_hf_llava(tiny_llava)
-    cfg = config_from_sections(sections, None, ["log.wandb=false", "victor.enabled=true"])
-    return to_hf(cfg, complete_state(cfg, state), tmp_path_factory.mktemp("victor_from_llava"),
-                 tokenizer_dir=tiny_llava)
+    return victor_export(tiny_llava, tmp_path_factory.mktemp("victor_from_llava"))
+
+
+def test_victor_export_without_registers_loads_every_weight(tiny_llava: Path, tmp_path: Path) -> None:
+    """R=0: no `model.registers` parameter to report as newly initialized."""
+    _, info = AutoModelForImageTextToText.from_pretrained(victor_export(tiny_llava, tmp_path, registers=0),
+                                                          trust_remote_code=True, output_loading_info=True)
+    assert not any(info.values()), info
 
 
 @pytest.mark.parametrize("version", hf_clean_venvs.TRANSFORMERS)
@@ -158,3 +227,17 @@ def test_export_runs_in_a_clean_venv(version: str, victor_from_llava: Path, tmp_
     assert got["input_ids"] == inputs["input_ids"].tolist()
     assert got["sequences"] == sequences.tolist() and sequences.shape[1] == inputs["input_ids"].shape[1] + 8
     assert got["loss"] == pytest.approx(loss, abs=1e-5)
+
+
+def test_chat_template_renders_the_training_prompt(victor_from_llava: Path) -> None:
+    """The exported processor's chat template gives exactly megavictor's v1 text (system prompt included), for a
+    whole conversation and for a generation prompt, as `eval --hf` renders it."""
+    processor = AutoProcessor.from_pretrained(victor_from_llava, trust_remote_code=True)
+    eos = processor.tokenizer.eos_token
+    turns = [{"from": "human", "value": "<image>\nwhat digit is this ?"}, {"from": "gpt", "value": "a seven"}]
+    text, spans = render(turns, "v1", eos, LLAVA_V1_SYSTEM_PROMPT)
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nwhat digit is this ?"}]}
+    assistant = {"role": "assistant", "content": [{"type": "text", "text": "a seven"}]}
+    assert processor.apply_chat_template([user, assistant]) == text
+    question = Question("k", "", Sample([], [], []), "a seven", text[:spans[0][0]].rstrip(" "), turns[0]["value"], [])
+    assert hf_prompt(processor, question) == question.prompt_text

@@ -15,16 +15,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from megavictor.checkpoint.commit import CheckpointError, resolve
-from megavictor.checkpoint.hf_source import hf_dir_source, read_source
-from megavictor.hf.convert import complete_state, config_from_sections, from_hf, from_hf_llava, to_hf
+from megavictor.hf.convert import complete_state, config_from_sections, from_hf, from_hf_llava, source_of, to_hf
 
 
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="megavictor convert", description=__doc__.split("\n\n")[0])
     sub = top.add_subparsers(dest="direction", required=True)
     imp = sub.add_parser("from-hf", help="HF LLM + CLIP (or a LLaVA dir) -> megatron checkpoint")
-    imp.add_argument("--llm", help="LlamaForCausalLM dir (safetensors)")
+    imp.add_argument("--llm", help="Llama, Mistral or Qwen2 causal LM dir (safetensors), with its tokenizer")
     imp.add_argument("--vision", help="CLIP or CLIPVisionModel dir; LLaVA's feature layer (-2) is kept")
     imp.add_argument("--llava", help="LlavaForConditionalGeneration or exported Victor LLaVA dir (instead of the two)")
     imp.add_argument("--out", required=True, help="megatron checkpoint dir to write")
@@ -41,11 +39,12 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-def export_tokenizer(checkpoint: Path, given: str | None) -> Path:
+def export_tokenizer(recorded: Path | None, checkpoint: Path, given: str | None) -> Path:
     """`--tokenizer`, else the one the checkpoint recorded; never a guess (such as a data set in the working dir)."""
+    from megavictor.checkpoint import CheckpointError
+
     if given:
         return Path(given)
-    recorded = read_source(checkpoint).tokenizer
     if recorded is None:
         raise CheckpointError(f"{checkpoint} records no tokenizer (its source HF dir had none, or it predates "
                               "tokenizer records); pass --tokenizer DIR with the tokenizer its LLM was trained with")
@@ -55,31 +54,32 @@ def export_tokenizer(checkpoint: Path, given: str | None) -> Path:
 def main(argv: list[str] | None = None) -> int:
     cli = parser()
     args = cli.parse_args(sys.argv[1:] if argv is None else argv)
+    from megavictor.checkpoint import load_full_state, resolve, save_full_state
+    from megavictor.checkpoint.hf_source import hf_dir_source, read_source
+
     if args.direction == "from-hf":
         if args.llava and not (args.llm or args.vision):
             sections, state = from_hf_llava(args.llava)
-            source = hf_dir_source(args.llava)
+            source = hf_dir_source(args.llava, *source_of(llava_dir=args.llava))
         elif args.llm and args.vision and not args.llava:
             sections, state = from_hf(args.llm, args.vision)
-            source = hf_dir_source(args.llm)
+            source = hf_dir_source(args.llm, *source_of(args.llm, args.vision))
         else:
             cli.error("give either --llm and --vision, or --llava")
         parallel = [f"parallel.{key}={value}" for key, value in (("tp", args.tp), ("pp", args.pp))
                     if value is not None]
         cfg = config_from_sections(sections, args.config, args.overrides + parallel)
         state = complete_state(cfg, state, seed=cfg.train.seed)
-        from megavictor.checkpoint import save_full_state
-
         save_full_state(cfg, state, args.out, cfg.parallel.tp, cfg.parallel.pp, source=source)
         recorded = f"tokenizer of {source.tokenizer}" if source.tokenizer else "no tokenizer (the source has none)"
         print(f"wrote {args.out} (tp={cfg.parallel.tp}, pp={cfg.parallel.pp}, {len(state)} tensors, {recorded})")
     else:
-        from megavictor.checkpoint import load_full_state
-
         checkpoint = resolve(args.checkpoint)
-        tokenizer = export_tokenizer(checkpoint, args.tokenizer)
+        source = read_source(checkpoint)
+        tokenizer = export_tokenizer(source.tokenizer, checkpoint, args.tokenizer)
         cfg, state = load_full_state(checkpoint)
-        out = to_hf(cfg, state, args.out, tokenizer_dir=tokenizer, max_shard_size=args.max_shard_size)
+        out = to_hf(cfg, state, args.out, tokenizer_dir=tokenizer, max_shard_size=args.max_shard_size,
+                    source=source.config, vision_tail=source.vision_tail)
         print(f"wrote {out} ({'Victor LLaVA, trust_remote_code' if cfg.victor.enabled else 'stock LLaVA'})")
     return 0
 

@@ -6,9 +6,13 @@ convention, so q/k rows need no permutation within a head. One table of (megavic
 drives both directions, so import and export cannot drift apart.
 
 The ViT hands the LLM its last layer's patch outputs. A CLIP checkpoint is imported without the layers past
-LLaVA's feature layer (-2: CLIP's last layer is dropped) and without `post_layernorm`; on export the HF ViT has
-exactly megavictor's layers and `vision_feature_layer=-1` (`post_layernorm`, unused by LLaVA, is written as
-identity so the checkpoint is complete).
+LLaVA's feature layer (-2: CLIP's last layer is dropped) and without `post_layernorm`; the checkpoint keeps them
+aside (`source_of`, `megavictor.checkpoint.hf_source`) with the source's config, and the export puts them back:
+the whole CLIP, the source's `vision_feature_layer` and config fields. Without a recorded source, the HF ViT has
+exactly megavictor's layers and `vision_feature_layer=-1` (`post_layernorm`, unused by LLaVA, written as identity
+so the checkpoint is complete).
+
+The LLM may be a Llama (Vicuna, Llama 3 with its RoPE scaling), Mistral or Qwen2 (QKV biases) model.
 """
 
 from __future__ import annotations
@@ -31,14 +35,23 @@ from transformers import (
     LlavaImageProcessor,
     CLIPVisionConfig,
     GenerationConfig,
-    LlamaConfig,
     LlavaConfig,
     LlavaProcessor,
+    PretrainedConfig,
     PreTrainedTokenizerBase,
 )
 
-from megavictor.config import Config, ImageAspectRatio, ModelConfig, VictorMask, VisionActivation, VisionConfig, \
-    load_config
+from megavictor.config import (
+    Config,
+    ImageAspectRatio,
+    ModelConfig,
+    PromptFormat,
+    RopeScaling,
+    VictorMask,
+    VisionActivation,
+    VisionConfig,
+    load_config,
+)
 from megavictor.data.images import CLIP_MEAN, CLIP_STD
 from megavictor.hf.configuration_victor_llava import VictorLlavaConfig
 from megavictor.hf.processing_victor_llava import VictorLlavaProcessor
@@ -108,6 +121,9 @@ def _llm_params(m: ModelConfig, prefix: str, head: str) -> list[_Param]:
             _stack(ref + "mlp.linear_fc1.weight", [hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"]),
             _copy(ref + "mlp.linear_fc2.weight", hf + "mlp.down_proj.weight"),
         ]
+        if m.qkv_bias:
+            params.append(_qkv(ref + "self_attention.linear_qkv.bias",
+                               [hf + f"self_attn.{x}_proj.bias" for x in "qkv"], heads, groups))
     return params
 
 
@@ -160,20 +176,48 @@ def _require(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def _model_section(tc: LlamaConfig) -> dict:
-    """megavictor `model:` keys for a Llama config; refuses what ReferenceVLM does not implement."""
-    _require(tc.model_type == "llama", f"the LLM is a {tc.model_type!r} model; only llama is supported")
+# The decoder families of transformers' LLaVA that megavictor's LLM implements: all RMSNorm + SwiGLU + RoPE, Qwen2
+# with biases on q/k/v only.
+LLM_FAMILIES = ("llama", "mistral", "qwen2")
+_LLAMA3_KEYS = {"factor": "rope_scaling_factor", "low_freq_factor": "rope_low_freq_factor",
+                "high_freq_factor": "rope_high_freq_factor",
+                "original_max_position_embeddings": "rope_original_max_position_embeddings"}
+
+
+def _rope_of(tc: PretrainedConfig) -> tuple[float, dict | None]:
+    """RoPE base and scaling of an HF text config: transformers 5's `rope_parameters` or 4's `rope_theta` +
+    `rope_scaling` (None: plain RoPE)."""
+    params = getattr(tc, "rope_parameters", None)
+    if params:
+        scaling = None if params.get("rope_type", "default") == "default" else params
+        return float(params["rope_theta"]), scaling
+    scaling = getattr(tc, "rope_scaling", None)  # Mistral's config has none
+    return float(tc.rope_theta), scaling if scaling and scaling.get("rope_type", scaling.get("type")) != "default" \
+        else None
+
+
+def _model_section(tc: PretrainedConfig) -> dict:
+    """megavictor `model:` keys for a Llama, Mistral or Qwen2 config; refuses what megavictor does not implement."""
+    _require(tc.model_type in LLM_FAMILIES,
+             f"the LLM is a {tc.model_type!r} model; supported: {', '.join(LLM_FAMILIES)}")
     _require(tc.hidden_act == "silu", f"LLM hidden_act={tc.hidden_act!r}; only silu (SwiGLU) is supported")
-    _require(not tc.attention_bias and not tc.mlp_bias, "LLM biases (attention_bias/mlp_bias) are not supported")
-    _require(not tc.rope_scaling, f"LLM rope_scaling={tc.rope_scaling!r} is not supported")
+    _require(not getattr(tc, "attention_bias", False) and not getattr(tc, "mlp_bias", False),
+             "LLM biases (attention_bias/mlp_bias) are not supported")
+    _require(not getattr(tc, "use_sliding_window", False), "LLM use_sliding_window=true is not supported")
     _require(getattr(tc, "head_dim", None) in (None, tc.hidden_size // tc.num_attention_heads),
-             f"LLM head_dim={tc.head_dim} differs from hidden_size / num_attention_heads")
+             f"LLM head_dim={getattr(tc, 'head_dim', None)} differs from hidden_size / num_attention_heads")
+    base, scaling = _rope_of(tc)
+    rope: dict = {}
+    if scaling is not None:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        _require(kind == RopeScaling.LLAMA3, f"LLM rope scaling {kind!r} is not supported (only llama3)")
+        rope = {"rope_scaling": str(RopeScaling.LLAMA3)} | {key: scaling[hf] for hf, key in _LLAMA3_KEYS.items()}
     kv = tc.num_key_value_heads or tc.num_attention_heads
     return {"num_layers": tc.num_hidden_layers, "hidden_size": tc.hidden_size,
             "ffn_hidden_size": tc.intermediate_size, "num_attention_heads": tc.num_attention_heads,
             "num_query_groups": None if kv == tc.num_attention_heads else kv, "vocab_size": tc.vocab_size,
-            "rotary_base": float(tc.rope_theta), "norm_epsilon": tc.rms_norm_eps,
-            "init_method_std": tc.initializer_range}
+            "rotary_base": base, "norm_epsilon": tc.rms_norm_eps, "init_method_std": tc.initializer_range,
+            "qkv_bias": tc.model_type == "qwen2", **rope}
 
 
 def _vision_section(vc: CLIPVisionConfig, feature_layer: int) -> dict:
@@ -220,8 +264,44 @@ def from_hf(llm_dir: str | Path, vision_dir: str | Path) -> tuple[dict, dict[str
         llm["lm_head.weight"] = llm["model.embed_tokens.weight"].clone()
     state = _gather(_llm_params(ModelConfig(**sections["model"]), "model.", "lm_head.weight"), llm, str(llm_dir))
     state |= _gather(_vision_params(VisionConfig(**sections["vision"]), "vision_model."),
-                     read_safetensors(vision_dir), str(vision_dir))
+                     {clip_name(n): t for n, t in read_safetensors(vision_dir).items()}, str(vision_dir))
     return sections, state
+
+
+def _vision_tail(tensors: dict[str, Tensor], prefix: str, used_layers: int) -> dict[str, Tensor]:
+    """The ViT tensors megavictor does not run, named relative to the vision model: CLIP's layers past the feature
+    layer, and `post_layernorm` (unused by LLaVA)."""
+    tail = {}
+    for name, tensor in tensors.items():
+        if not name.startswith(prefix):
+            continue
+        rest = name[len(prefix):]
+        layer = re.match(r"encoder\.layers\.(\d+)\.", rest)
+        if rest.startswith("post_layernorm.") or (layer and int(layer.group(1)) >= used_layers):
+            tail[rest] = tensor
+    return tail
+
+
+def source_of(llm_dir: str | Path | None = None, vision_dir: str | Path | None = None,
+              llava_dir: str | Path | None = None) -> tuple[dict, dict[str, Tensor]]:
+    """What an export needs of the HF source to keep its conventions: its LLaVA config (as a dict; for a separate
+    LLM and CLIP, the two configs with LLaVA's feature layer) and the ViT tail (`_vision_tail`)."""
+    if llava_dir is not None:
+        config = _llava_config(llava_dir)
+        tensors = {current_llava_name(n): t for n, t in read_safetensors(llava_dir).items()}
+        sections = _vision_section(config.vision_config, config.vision_feature_layer)
+        return config.to_dict(), _vision_tail(tensors, LLAVA_VISION, sections["num_layers"])
+    text, vision = AutoConfig.from_pretrained(llm_dir), CLIPVisionConfig.from_pretrained(vision_dir)
+    used = _vision_section(vision, LLAVA_FEATURE_LAYER)["num_layers"]
+    config = {"text_config": text.to_dict(), "vision_config": vision.to_dict(),
+              "vision_feature_layer": LLAVA_FEATURE_LAYER}
+    return config, _vision_tail({clip_name(n): t for n, t in read_safetensors(vision_dir).items()}, "vision_model.",
+                                used)
+
+
+def _llava_config(llava_dir: str | Path) -> LlavaConfig:
+    model_type = json.loads((Path(llava_dir) / "config.json").read_text())["model_type"]
+    return (VictorLlavaConfig if model_type == "victor_llava" else LlavaConfig).from_pretrained(llava_dir)
 
 
 def from_hf_llava(llava_dir: str | Path) -> tuple[dict, dict[str, Tensor]]:
@@ -230,8 +310,7 @@ def from_hf_llava(llava_dir: str | Path) -> tuple[dict, dict[str, Tensor]]:
     A Victor export brings its registers and a `victor:` section; a stock LLaVA has none (`complete_state`
     initialises them).
     """
-    model_type = json.loads((Path(llava_dir) / "config.json").read_text())["model_type"]
-    config = (VictorLlavaConfig if model_type == "victor_llava" else LlavaConfig).from_pretrained(llava_dir)
+    config = _llava_config(llava_dir)
     _require(config.vision_feature_select_strategy == "default",
              "vision_feature_select_strategy must be 'default' (class token dropped)")
     _require(config.projector_hidden_act == "gelu" and config.multimodal_projector_bias,
@@ -242,7 +321,7 @@ def from_hf_llava(llava_dir: str | Path) -> tuple[dict, dict[str, Tensor]]:
     if victor:
         sections["victor"] = {"enabled": True, "num_registers": config.num_registers,
                               "drop_layer": config.drop_layer}
-    tensors = {_current_llava_name(name): t for name, t in read_safetensors(llava_dir).items()}
+    tensors = {current_llava_name(name): t for name, t in read_safetensors(llava_dir).items()}
     params = _llava_params(ModelConfig(**sections["model"]), VisionConfig(**sections["vision"]),
                            victor and config.num_registers > 0)
     return sections, _gather(params, tensors, str(llava_dir))
@@ -254,13 +333,20 @@ LEGACY_LLAVA_NAMES = {r"^language_model.model": "model.language_model", r"^visio
                       r"^multi_modal_projector": "model.multi_modal_projector", r"^language_model.lm_head": "lm_head"}
 
 
-def _current_llava_name(name: str) -> str:
-    """A tensor name of any llava-hf checkpoint in transformers' current naming."""
+def clip_name(name: str) -> str:
+    """A CLIP vision tensor name as transformers 4 writes it (`vision_model.*`; 5 drops that level)."""
+    return name if name.startswith("vision_model.") else "vision_model." + name
+
+
+def current_llava_name(name: str) -> str:
+    """A tensor name of any llava-hf checkpoint (old layouts, or transformers 5's CLIP without `vision_model.`) in
+    the naming megavictor reads and writes, which every transformers 4.5x and 5.x loads."""
     for pattern, replacement in LEGACY_LLAVA_NAMES.items():
-        renamed, n = re.subn(pattern, replacement, name)
+        name, n = re.subn(pattern, replacement, name)
         if n:
-            return renamed
-    return name
+            break
+    vision = "model.vision_tower."
+    return vision + clip_name(name[len(vision):]) if name.startswith(vision) else name
 
 
 def complete_state(cfg: Config, state: dict[str, Tensor], seed: int = 0) -> dict[str, Tensor]:
@@ -302,23 +388,68 @@ def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase | None, tokens: list[s
     return tokenizer.convert_tokens_to_ids(tokens)
 
 
-def _hf_config(cfg: Config, vocab_size: int, token_ids: list[int],
-               tokenizer: PreTrainedTokenizerBase | None, dtype: torch.dtype) -> LlavaConfig:
-    m, v, vi = cfg.model, cfg.vision, cfg.victor
+# Config fields an export takes from megavictor's config (the weights fix them), whatever the source said.
+_NOT_FROM_SOURCE = ("architectures", "_name_or_path", "transformers_version", "torch_dtype", "dtype", "rope_theta",
+                    "rope_scaling", "rope_parameters")
+
+
+def _text_config(cfg: Config, vocab_size: int, tokenizer: PreTrainedTokenizerBase | None,
+                 source: dict | None) -> dict:
+    """The LLM's HF config: the source's (its `max_position_embeddings` and every other field) with the sizes
+    megavictor trained; without a source, a Llama config whose context is `data.seq_length`."""
+    m = cfg.model
+    base = {k: v for k, v in (source or {}).get("text_config", {}).items() if k not in _NOT_FROM_SOURCE}
+    base.setdefault("model_type", "qwen2" if m.qkv_bias else "llama")
+    _require(base["model_type"] in LLM_FAMILIES and m.qkv_bias == (base["model_type"] == "qwen2"),
+             f"model.qkv_bias={m.qkv_bias} does not fit the source's {base['model_type']!r} decoder")
+    rope_scaling = None if m.rope_scaling is None else \
+        {"rope_type": str(m.rope_scaling)} | {hf: getattr(m, key) for hf, key in _LLAMA3_KEYS.items()}
+    base.setdefault("max_position_embeddings", cfg.data.seq_length)
     ids = {f"{name}_token_id": getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad")}
-    text = LlamaConfig(vocab_size=vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
-                       num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
-                       num_key_value_heads=m.num_query_groups or m.num_attention_heads, rms_norm_eps=m.norm_epsilon,
-                       rope_theta=m.rotary_base, initializer_range=m.init_method_std,
-                       max_position_embeddings=cfg.data.seq_length, tie_word_embeddings=False, **ids)
-    vision = CLIPVisionConfig(hidden_size=v.hidden_size, intermediate_size=v.ffn_hidden_size,
-                              num_hidden_layers=v.num_layers, num_attention_heads=v.num_attention_heads,
-                              image_size=v.image_size, patch_size=v.patch_size, hidden_act=v.activation,
-                              layer_norm_eps=v.norm_epsilon)
-    common = {"vision_config": vision, "text_config": text, "image_token_index": token_ids[0],
-              "vision_feature_layer": -1, "vision_feature_select_strategy": "default",
-              "image_seq_length": v.num_visual_tokens, "projector_hidden_act": "gelu",
-              "tie_word_embeddings": False, "dtype": dtype}
+    return {**base, "vocab_size": vocab_size, "hidden_size": m.hidden_size, "intermediate_size": m.ffn_hidden_size,
+            "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_attention_heads,
+            "num_key_value_heads": m.num_query_groups or m.num_attention_heads, "rms_norm_eps": m.norm_epsilon,
+            "rope_theta": m.rotary_base, "rope_scaling": rope_scaling, "initializer_range": m.init_method_std,
+            "tie_word_embeddings": False, **ids}
+
+
+def faithful_vision(cfg: Config, source: dict | None, vision_tail: dict[str, Tensor]) -> bool:
+    """Whether the source's whole ViT can be exported: its config, with `vision_tail` holding exactly the layers
+    past megavictor's (which the source's `vision_feature_layer` then selects), at megavictor's sizes."""
+    src = (source or {}).get("vision_config")
+    if not src or not isinstance(source.get("vision_feature_layer"), int):
+        return False
+    v, n = cfg.vision, src.get("num_hidden_layers")
+    layer = source["vision_feature_layer"]
+    tail_layers = {int(match.group(1)) for name in vision_tail
+                   if (match := re.match(r"encoder\.layers\.(\d+)\.", name))}
+    sizes = {"hidden_size": v.hidden_size, "intermediate_size": v.ffn_hidden_size, "image_size": v.image_size,
+             "patch_size": v.patch_size, "num_attention_heads": v.num_attention_heads}
+    return (isinstance(n, int) and (layer if layer >= 0 else n + 1 + layer) == v.num_layers
+            and tail_layers == set(range(v.num_layers, n)) and all(src.get(k) == x for k, x in sizes.items()))
+
+
+def _vision_config(cfg: Config, source: dict | None, faithful: bool) -> tuple[dict | CLIPVisionConfig, int]:
+    """The ViT's HF config and LLaVA's `vision_feature_layer`: the source's when the whole tower is exported, else
+    exactly megavictor's layers and the last of them."""
+    if faithful:
+        vision = {k: v for k, v in source["vision_config"].items() if k not in _NOT_FROM_SOURCE}
+        return {**vision, "model_type": vision.get("model_type", "clip_vision_model")}, source["vision_feature_layer"]
+    v = cfg.vision
+    return CLIPVisionConfig(hidden_size=v.hidden_size, intermediate_size=v.ffn_hidden_size,
+                            num_hidden_layers=v.num_layers, num_attention_heads=v.num_attention_heads,
+                            image_size=v.image_size, patch_size=v.patch_size, hidden_act=v.activation,
+                            layer_norm_eps=v.norm_epsilon), -1
+
+
+def _hf_config(cfg: Config, vocab_size: int, token_ids: list[int], tokenizer: PreTrainedTokenizerBase | None,
+               dtype: torch.dtype, source: dict | None = None, faithful: bool = False) -> LlavaConfig:
+    v, vi = cfg.vision, cfg.victor
+    vision, feature_layer = _vision_config(cfg, source, faithful)
+    common = {"vision_config": vision, "text_config": _text_config(cfg, vocab_size, tokenizer, source),
+              "image_token_index": token_ids[0], "vision_feature_layer": feature_layer,
+              "vision_feature_select_strategy": "default", "image_seq_length": v.num_visual_tokens,
+              "projector_hidden_act": "gelu", "tie_word_embeddings": False, "dtype": dtype}
     if not vi.enabled:
         return LlavaConfig(architectures=["LlavaForConditionalGeneration"], **common)
     config = VictorLlavaConfig(num_registers=vi.num_registers, drop_layer=vi.drop_layer,
@@ -333,14 +464,16 @@ def _has_registers(cfg: Config) -> bool:
     return cfg.victor.enabled and cfg.victor.num_registers > 0
 
 
-def hf_state(cfg: Config, full_state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The (Victor) LLaVA tensors of a full state, in transformers' names; the ViT's `post_layernorm` (unused by
-    LLaVA) as identity."""
+def hf_state(cfg: Config, full_state: dict[str, Tensor], vision_tail: dict[str, Tensor] | None = None
+             ) -> dict[str, Tensor]:
+    """The (Victor) LLaVA tensors of a full state, in transformers' names, with the source's ViT tail (layers past
+    the feature layer, `post_layernorm`); without one, the ViT's `post_layernorm` (unused by LLaVA) as identity."""
     tensors = _scatter(_llava_params(cfg.model, cfg.vision, _has_registers(cfg)), full_state)
     dtype = full_state["embedding.word_embeddings.weight"].dtype
     hidden = cfg.vision.hidden_size
     tensors[LLAVA_VISION + "post_layernorm.weight"] = torch.ones(hidden, dtype=dtype)
     tensors[LLAVA_VISION + "post_layernorm.bias"] = torch.zeros(hidden, dtype=dtype)
+    tensors |= {LLAVA_VISION + name: t.to(dtype) for name, t in (vision_tail or {}).items()}
     return tensors
 
 
@@ -373,10 +506,53 @@ def image_processor(cfg: Config) -> CLIPImageProcessor | LlavaImageProcessor:
     return CLIPImageProcessor(**common)
 
 
+def chat_template(cfg: Config) -> str:
+    """The processor's chat template: the prompt format megavictor trained with (`megavictor.data.tokenizer.render`),
+    its system prompt the default. Messages hold strings or LLaVA content lists ({"type": "image"} renders
+    `<image>`, {"type": "text"} its text, in order)."""
+    content = ("{%- if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+               "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif -%}")
+    if cfg.data.prompt_format == PromptFormat.PLAIN:  # images, then the caption
+        return "{%- for m in messages if m['role'] != 'system' %}" + content + "{%- endfor %}"
+    return ("{%- set system = " + json.dumps(cfg.data.system_prompt) + " %}"
+            "{%- for m in messages if m['role'] == 'system' %}{% set system = m['content'] %}{% endfor %}"
+            "{%- if system %}{{ system }} {% endif %}"
+            "{%- for m in messages if m['role'] != 'system' %}"
+            "{%- if m['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}" + content +
+            "{%- if m['role'] == 'user' %} {% else %}{{ eos_token }}{% endif %}"
+            "{%- endfor %}{%- if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+def _readable_by_4_and_5(out: Path) -> None:
+    """What transformers 5 writes in a form 4.5x reads too (exports are loaded with either, whichever wrote them):
+    RoPE as `rope_theta` + `rope_scaling` beside 5's `rope_parameters` (4 would silently fall back to base 10000),
+    and the fast tokenizer's class as `PreTrainedTokenizerFast` (5 writes `TokenizersBackend`, its alias)."""
+    path = out / "config.json"
+    config = json.loads(path.read_text())
+    text = config["text_config"]
+    params = text.get("rope_parameters")
+    if params and text.get("rope_theta") is None:
+        text["rope_theta"] = params["rope_theta"]
+        text["rope_scaling"] = None if params.get("rope_type", "default") == "default" else \
+            {k: v for k, v in params.items() if k != "rope_theta"}
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    path = out / "tokenizer_config.json"
+    if path.is_file():
+        tokenizer = json.loads(path.read_text())
+        if tokenizer.get("tokenizer_class") == "TokenizersBackend":
+            path.write_text(json.dumps({**tokenizer, "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2,
+                                       ensure_ascii=False) + "\n")
+
+
 def to_hf(cfg: Config, full_state: dict[str, Tensor], out_dir: str | Path, tokenizer_dir: str | Path | None = None,
-          max_shard_size: str | int = "5GB") -> Path:
+          max_shard_size: str | int = "5GB", source: dict | None = None,
+          vision_tail: dict[str, Tensor] | None = None) -> Path:
     """Write an HF model dir: safetensors (sharded past `max_shard_size`), config, generation config, image
-    processor, and with `tokenizer_dir` the tokenizer (plus `<image>`/`<register>` tokens) and processor.
+    processor, and with `tokenizer_dir` the tokenizer (plus `<image>`/`<register>` tokens) and processor, whose
+    chat template renders the training prompt format.
+
+    `source` (the HF source's config, `source_of`) and `vision_tail` keep the source's conventions: its config
+    fields (`max_position_embeddings`, ...) and, when they fit, its whole ViT with its `vision_feature_layer`.
 
     A baseline (`victor.enabled=false`) becomes a stock `LlavaForConditionalGeneration`; its `<image>` token must
     be embeddable, so when it lies past the vocabulary the embedding and output rows are padded with zeros (and the
@@ -399,7 +575,8 @@ def to_hf(cfg: Config, full_state: dict[str, Tensor], out_dir: str | Path, token
     token_ids = _prepare_tokenizer(tokenizer, [IMAGE_TOKEN] + [REGISTER_TOKEN] * _has_registers(cfg),
                                    cfg.model.vocab_size)
 
-    tensors = hf_state(cfg, full_state)
+    faithful = faithful_vision(cfg, source, vision_tail or {})
+    tensors = hf_state(cfg, full_state, vision_tail if faithful else None)
     dtype = full_state["embedding.word_embeddings.weight"].dtype
     vocab_size = cfg.model.vocab_size
     if not vi.enabled and token_ids[0] >= vocab_size:
@@ -409,7 +586,7 @@ def to_hf(cfg: Config, full_state: dict[str, Tensor], out_dir: str | Path, token
         vocab_size += extra
     save_torch_state_dict(tensors, str(out), max_shard_size=max_shard_size)
 
-    config = _hf_config(cfg, vocab_size, token_ids, tokenizer, dtype)
+    config = _hf_config(cfg, vocab_size, token_ids, tokenizer, dtype, source, faithful)
     config.save_pretrained(out)
     text = config.text_config
     GenerationConfig(bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id,
@@ -419,7 +596,8 @@ def to_hf(cfg: Config, full_state: dict[str, Tensor], out_dir: str | Path, token
         images.save_pretrained(out)
     else:
         llava = {"patch_size": cfg.vision.patch_size, "vision_feature_select_strategy": "default",
-                 "num_additional_image_tokens": 1}  # CLIP's class token, dropped by the "default" strategy
+                 "num_additional_image_tokens": 1,  # CLIP's class token, dropped by the "default" strategy
+                 "chat_template": chat_template(cfg)}
         if vi.enabled:
             processor = VictorLlavaProcessor(images, tokenizer, num_registers=vi.num_registers,
                                              register_token=REGISTER_TOKEN, **llava)
@@ -430,4 +608,5 @@ def to_hf(cfg: Config, full_state: dict[str, Tensor], out_dir: str | Path, token
     if vi.enabled:
         for name in REMOTE_CODE:
             shutil.copy(Path(__file__).with_name(name), out / name)
+    _readable_by_4_and_5(out)
     return out

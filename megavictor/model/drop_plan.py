@@ -25,7 +25,7 @@ from functools import partial
 
 import torch
 
-from megavictor.config import AttentionBackend, Config, VictorMask
+from megavictor.config import AttentionBackend, Config, ModelConfig, RopeScaling, VictorMask
 from megavictor.hf.victor_drop import keep_index
 from megavictor.model.batch import IGNORE_INDEX, KIND_PAD, KIND_REGISTER, KIND_TEXT, KIND_VISUAL, VictorBatch
 
@@ -173,12 +173,27 @@ def short_length(batch: VictorBatch, cfg: Config) -> int:
 
 
 
-def rope_angles(position_ids: torch.Tensor, head_dim: int, base: float) -> torch.Tensor:
+def rope_frequencies(m: ModelConfig, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The decoder's RoPE inverse frequencies, base^(-2i/head_dim); with `model.rope_scaling=llama3` scaled as
+    Llama 3.1 does (transformers' `_compute_llama3_parameters`): low frequencies divided by the factor, high ones
+    kept, a smooth blend between."""
+    head_dim = m.hidden_size // m.num_attention_heads
+    inv_freq = 1.0 / (m.rotary_base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    if m.rope_scaling != RopeScaling.LLAMA3:
+        return inv_freq
+    factor, low, high = m.rope_scaling_factor, m.rope_low_freq_factor, m.rope_high_freq_factor
+    context = m.rope_original_max_position_embeddings
+    wavelength = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelength > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelength - low) / (high - low)
+    medium = (wavelength >= context / high) & (wavelength <= context / low)
+    return torch.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+
+
+def rope_angles(position_ids: torch.Tensor, m: ModelConfig) -> torch.Tensor:
     """[B, S] positions -> [S, B, 1, head_dim] angles, halves duplicated (non-interleaved RoPE), as megatron's
     `RotaryEmbedding` computes them for positions 0..S-1, but for the given (gapped, restarting) positions."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=position_ids.device)
-                               / head_dim))
-    freqs = position_ids.t().float()[..., None] * inv_freq
+    freqs = position_ids.t().float()[..., None] * rope_frequencies(m, position_ids.device)
     return torch.cat((freqs, freqs), dim=-1).unsqueeze(2)
 
 
@@ -217,8 +232,8 @@ def packed_view(segments: torch.Tensor, ghost: torch.Tensor, rope: torch.Tensor)
 
 
 def _view(segments: torch.Tensor, kinds: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor,
-          ghost: torch.Tensor, head_dim: int, base: float, packed: bool, text_blind: bool = False) -> SequenceView:
-    rope = rope_angles(positions, head_dim, base)
+          ghost: torch.Tensor, m: ModelConfig, packed: bool, text_blind: bool = False) -> SequenceView:
+    rope = rope_angles(positions, m)
     if packed:
         return SequenceView(mask=None, segments=segments, position_ids=positions, rope=rope, labels=labels,
                             ghost=ghost, packed=packed_view(segments, ghost, rope))
@@ -243,7 +258,7 @@ def ranking_queries(segments: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
 
 def _short_side(dropped: torch.Tensor, segments: torch.Tensor, kinds: torch.Tensor, positions: torch.Tensor,
-                labels: torch.Tensor, align: int, min_length: int, head_dim: int, base: float,
+                labels: torch.Tensor, align: int, min_length: int, m: ModelConfig,
                 packed: bool) -> tuple[SequenceView, torch.Tensor]:
     """The view of the slots that survive when `dropped` [B, S] slots go, and their indices in the long view."""
     short_len = max(-(-int((~dropped).sum(dim=1).max()) // align) * align, min_length)
@@ -254,7 +269,7 @@ def _short_side(dropped: torch.Tensor, segments: torch.Tensor, kinds: torch.Tens
     short = _view(segments=torch.where(filler, lone, segments.gather(1, index)), kinds=short_kinds,
                   positions=positions.gather(1, index),
                   labels=torch.where(filler, IGNORE_INDEX, labels.gather(1, index)), ghost=short_kinds == KIND_PAD,
-                  head_dim=head_dim, base=base, packed=packed)
+                  m=m, packed=packed)
     return short, index
 
 
@@ -270,20 +285,19 @@ def build_drop_plan(batch: VictorBatch, cfg: Config, packed: bool = False,
     THD description of both views (`PackedView`) instead of masks.
     """
     victor, fastv_layer, m = cfg.victor, cfg.peer.fastv_layer, cfg.model
-    head_dim, base = m.hidden_size // m.num_attention_heads, m.rotary_base
     align = short_alignment(cfg)
     kinds, positions, labels = batch.kinds, batch.position_ids, batch.labels
     segments = batch.segment_ids()
     visual = kinds == KIND_VISUAL
     text_blind = victor.enabled and victor.mask == VictorMask.TEXT_BLIND
-    long = _view(segments, kinds, positions, labels, kinds == KIND_PAD, head_dim, base, packed, text_blind)
+    long = _view(segments, kinds, positions, labels, kinds == KIND_PAD, m, packed, text_blind)
     if (not victor.enabled and fastv_layer is None) or not bool(visual.any()):
         if positions.shape[1] % align:
             raise ValueError(f"sequence length {positions.shape[1]} is not a multiple of {align}")
         identity = torch.arange(positions.shape[1], device=kinds.device).expand_as(kinds)
         return DropPlan(long=long, short=long, keep_index=identity, drop_layer=None, packed=packed)
     short_side = partial(_short_side, segments=segments, kinds=kinds, positions=positions, labels=labels, align=align,
-                         min_length=min_short_length, head_dim=head_dim, base=base, packed=packed)
+                         min_length=min_short_length, m=m, packed=packed)
     if victor.enabled:
         short, index = short_side(visual)
         return DropPlan(long=long, short=short, keep_index=index, drop_layer=victor.drop_layer, packed=packed)

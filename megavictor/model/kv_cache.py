@@ -62,7 +62,6 @@ def greedy_generate_cached(model: ReferenceVLM, cfg: Config, prompts: list[Sampl
     long, short = _sides(plan, batch.kinds, text_blind)
     position = batch.position_ids[torch.arange(len(rows)), last]
     m = cfg.model
-    head_dim = m.hidden_size // m.num_attention_heads
 
     generated: list[list[int]] = [[] for _ in prompts]
     done = torch.zeros(len(prompts), dtype=torch.bool)
@@ -74,7 +73,7 @@ def greedy_generate_cached(model: ReferenceVLM, cfg: Config, prompts: list[Sampl
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         position = position + 1
-        rope = rope_angles(position[:, None], head_dim, m.rotary_base).transpose(0, 1)  # [B, 1, 1, head_dim]
+        rope = rope_angles(position[:, None], m).transpose(0, 1)  # [B, 1, 1, head_dim]
         masks = long.grow(), short.grow()
         x = model.embedding.word_embeddings(torch.where(done, pad_id, tokens)[:, None])
         for index, layer in enumerate(layers):

@@ -49,10 +49,10 @@ class KVSlot:
 
 
 class Attention(nn.Module):
-    def __init__(self, hidden: int, heads: int, groups: int, bias: bool) -> None:
+    def __init__(self, hidden: int, heads: int, groups: int, bias: bool, qkv_bias: bool = False) -> None:
         super().__init__()
         self.heads, self.groups, self.head_dim = heads, groups, hidden // heads
-        self.linear_qkv = nn.Linear(hidden, (heads + 2 * groups) * self.head_dim, bias=bias)
+        self.linear_qkv = nn.Linear(hidden, (heads + 2 * groups) * self.head_dim, bias=bias or qkv_bias)
         self.linear_proj = nn.Linear(hidden, hidden, bias=bias)
         self.softmax = nn.Softmax(dim=-1)  # a module, so that FastV can read the probabilities (no parameters)
 
@@ -99,10 +99,10 @@ class Layer(nn.Module):
     """Pre-norm transformer layer with megatron's submodule names."""
 
     def __init__(self, hidden: int, ffn: int, heads: int, groups: int, norm, gated: bool, bias: bool,
-                 activation) -> None:
+                 activation, qkv_bias: bool = False) -> None:
         super().__init__()
         self.input_layernorm = norm()
-        self.self_attention = Attention(hidden, heads, groups, bias)
+        self.self_attention = Attention(hidden, heads, groups, bias, qkv_bias)
         self.pre_mlp_layernorm = norm()
         self.mlp = MLP(hidden, ffn, gated, bias, activation)
 
@@ -177,7 +177,8 @@ class ReferenceVLM(nn.Module):
         self.registers = nn.Parameter(torch.zeros(registers, m.hidden_size)) if registers else None
         groups = m.num_query_groups or m.num_attention_heads
         self.decoder = Stack([Layer(m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, groups, norm,
-                                    gated=True, bias=False, activation=F.silu) for _ in range(m.num_layers)],
+                                    gated=True, bias=False, activation=F.silu, qkv_bias=m.qkv_bias)
+                              for _ in range(m.num_layers)],
                              norm())
         self.output_layer = nn.Linear(m.hidden_size, m.vocab_size, bias=False)
         initialize(self, m.init_method_std, m.num_layers, cfg.train.seed)
