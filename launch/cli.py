@@ -1,10 +1,12 @@
 """`megavictor launch`: submit a training run to SLURM (or run it locally) through submitit.
 
     megavictor launch --config configs/X.yaml --nodes 4 --gpus-per-node 8 --partition P [--time MIN]
-                      [--account A] [--qos Q] [--cluster slurm|local] [--dry-run] [--wait] [section.key=value ...]
+                      [--account A] [--qos Q] [--cluster slurm|local] [--network-interface IFACE] [--dry-run]
+                      [--wait] [section.key=value ...]
 
 Prints the job id and the run directory, then returns; `--wait` blocks and exits with the job's status (1 on
-failure, after printing the failing rank's traceback). The run directory (`train.run_dir`, made absolute) holds
+failure, after printing what ended it: the failing rank's traceback, or srun's word for a rank killed). Every task
+sets up its own rendezvous across nodes (launch/rendezvous.py). The run directory (`train.run_dir`, made absolute) holds
 config.yaml (the resolved config), submitit/ (sbatch script, per-rank logs <job>_<rank>_log.{out,err}) and whatever
 the trainer writes (checkpoints/). `--dry-run` prints the sbatch script and submits nothing.
 """
@@ -98,7 +100,7 @@ def make_executor(args: argparse.Namespace, run_dir: Path) -> submitit.AutoExecu
     return executor
 
 
-SRUN_ERROR = re.compile(r"^srun: error: (?P<node>\S+): tasks? (?P<tasks>[\d,-]+): .+$", re.M)
+SRUN_ERROR = re.compile(r"srun: error: (?P<node>\S+): tasks? (?P<tasks>[\d,-]+): [^\r\n]+")  # maybe after a progress bar
 EXCEPTION_LINE = re.compile(r"^\w[\w.]*(?:Error|Exception)\b.*$", re.M)  # a traceback's last line
 
 
@@ -116,7 +118,7 @@ def srun_errors(job: submitit.Job) -> list[tuple[int, str]]:
 
 
 def wait_for(job: submitit.Job) -> int:
-    """Block until every task ends; print rank 0's summary, or what ended the job: the rank that failed first, with
+    """Block until every task ends; print the summary of the rank holding the loss, or what ended the job: the rank that failed first, with
     its traceback, or srun's word for how it ended when it left none (killed, or its node lost).
 
     When one rank fails, its peers fail too (gloo: "connection closed by peer") or are killed (srun
@@ -125,7 +127,10 @@ def wait_for(job: submitit.Job) -> int:
     errors = {rank: job.task(rank).exception() for rank in range(job.num_tasks)}
     failed = {rank: e for rank, e in errors.items() if e is not None}
     if not failed:
-        print(json.dumps(dataclasses.asdict(job.task(0).result()), default=str))
+        results = [job.task(rank).result() for rank in range(job.num_tasks)]
+        # The summary of the rank holding the loss (the last pipeline stage; rank 0's has final_loss None when pp>1)
+        summary = next((r for r in results if getattr(r, "final_loss", None) is not None), results[0])
+        print(json.dumps(dataclasses.asdict(summary), default=str))
         return 0
     raised = [r for r, e in failed.items() if isinstance(e, FailedJobError)]
     reported = [(rank, line) for rank, line in srun_errors(job) if rank in failed]
