@@ -98,7 +98,8 @@ def test_megatron_thd_rope_rotates_by_the_local_angles() -> None:
     cfg = tiny_config()
     init_from_config(cfg)
     config = language_config(cfg, [cfg.model.num_layers])
-    assert not config.apply_rope_fusion
+    te = tiny_config(["train.attention_backend=te"])
+    assert not language_config(te, [te.model.num_layers]).apply_rope_fusion, "the THD path needs unfused RoPE"
     batch = _batch(cfg, ROWS["rows of 2 and 1 images (fillers lead row 0)"])
     local = build_drop_plan(batch, cfg, min_short_length=120)
     packed = build_drop_plan(batch, cfg, packed=True, min_short_length=120)

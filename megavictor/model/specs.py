@@ -192,7 +192,7 @@ def pipeline_layout(layers_per_stage: list[int]) -> list[list[str]]:
 
 def language_config(cfg: Config, layers_per_stage: list[int]) -> TransformerConfig:
     m, p, t = cfg.model, cfg.parallel, cfg.train
-    return TransformerConfig(
+    config = TransformerConfig(
         num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
         num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
         normalization="RMSNorm", layernorm_epsilon=m.norm_epsilon, gated_linear_unit=True,
@@ -212,6 +212,11 @@ def language_config(cfg: Config, layers_per_stage: list[int]) -> TransformerConf
         fp8=None if t.fp8 is None else str(t.fp8), fp8_recipe=str(t.fp8_recipe),
         **_recompute(cfg, layers_per_stage), **_dtype(cfg), **_UNFUSED,
     )
+    if uses_packed_attention(cfg):
+        # THD keeps the original, gapped positions as per-token RoPE angles, which only the unfused THD RoPE
+        # (`_apply_rotary_pos_emb_thd`) takes; the fused kernel would restart positions at each sequence.
+        config.apply_rope_fusion = False
+    return config
 
 
 def _recompute(cfg: Config, layers_per_stage: list[int]) -> dict:
