@@ -67,7 +67,9 @@ class TrainJob(Checkpointable):
         # torch.distributed's environment (launch/rendezvous.py). Every task keeps all of its node's GPUs visible:
         # the trainer selects cuda:LOCAL_RANK itself.
         print(rendezvous.header(job_env, rendezvous.setup(job_env, self.network_interface)), flush=True)
-        if not self.gpus:  # CPU tasks: hide any GPU so the trainer picks gloo
+        if self.gpus:  # the trainer stops with one line if this task sees no GPU (megavictor.cuda_expected)
+            os.environ["MEGAVICTOR_EXPECT_CUDA"] = "1"
+        else:  # CPU tasks: hide any GPU so the trainer picks gloo
             import torch
 
             os.environ["CUDA_VISIBLE_DEVICES"] = ""

@@ -15,6 +15,9 @@ CPU tensors with the gloo backend, and does nothing where CUDA exists:
 megatron's torch norm (`WrappedTorchNorm`, the local layers' norm without Transformer Engine or Apex) refuses
 sequence parallelism; `SequenceParallelTorchNorm` is the same norm for that case.
 
+The distributed optimizer without APEX or Transformer Engine (always the case on CPU) steps torch's Adam, whose
+per-parameter state megatron-core 0.16 mishandles on load (`prepare_distributed_optimizer_load`).
+
 DeepSpeed needs settings of its own on a CPU-only machine (`import_deepspeed`).
 
 Everything else in megavictor is device-agnostic; `tests/test_compat.py` pins each workaround down, so that a
@@ -111,6 +114,52 @@ class SequenceParallelTorchNorm:
         for param in norm.parameters():
             param.sequence_parallel = True  # type: ignore[attr-defined]
         return norm
+
+
+def prepare_distributed_optimizer_load(optimizer: Any) -> None:
+    """Make megatron's distributed optimizer able to load a checkpoint when it steps torch's Adam (no APEX or
+    Transformer Engine FusedAdam: always so on CPU; Megatron-LM's GPU images have TE). Two megatron-core 0.16 gaps:
+
+    - Loading first calls `DistributedOptimizer.state_dict()`, which asserts that all parameters share one Adam
+      `step`, and fails while the optimizer has not stepped: it gets a zero state here, all of it replaced by the
+      checkpoint's.
+    - The `fully_reshardable` loader copies every entry of a parameter's state from the checkpoint except `step`
+      (restored from the param groups), and fails with KeyError 'step' on torch Adam's per-parameter step:
+      `_set_main_param_and_optimizer_states` leaves `step` aside while it copies the rest. The restored step is one
+      tensor shared by all parameters, which torch's Adam would then advance once per parameter at every step
+      (wrong bias correction): each parameter gets its own copy.
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    cls = distrib_optimizer.DistributedOptimizer
+    with _lock:
+        if not getattr(cls._set_main_param_and_optimizer_states, "_keeps_step", False):
+            cls._set_main_param_and_optimizer_states = _keeping_adam_step(cls._set_main_param_and_optimizer_states)
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(opt, cls):
+            continue
+        for group in opt.optimizer.param_groups:
+            for param in group["params"]:
+                if not opt.optimizer.state[param]:
+                    opt.optimizer.state[param] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(param),
+                                                  "exp_avg_sq": torch.zeros_like(param)}
+
+
+def _keeping_adam_step(set_states: Any) -> Any:
+    def wrapper(self: Any, model_param: torch.nn.Parameter, tensors: dict[str, torch.Tensor]) -> None:
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
+        step = state.pop("step", None) if "step" not in tensors else None
+        try:
+            set_states(self, model_param, tensors)
+        finally:
+            if step is not None:
+                state["step"] = step.clone()
+
+    wrapper._keeps_step = True  # type: ignore[attr-defined]
+    return wrapper
 
 
 def import_deepspeed() -> Any:

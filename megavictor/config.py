@@ -74,6 +74,11 @@ class Fp8Recipe(enum.StrEnum):
     TENSORWISE = "tensorwise"  # current scaling
 
 
+class Fp8AmaxAlgo(enum.StrEnum):
+    MAX = "max"  # the largest amax of the history (Megatron-LM's H100 FP8 recipe)
+    MOST_RECENT = "most_recent"
+
+
 class AttentionBackend(enum.StrEnum):
     LOCAL = "local"  # megatron's local layers (megatron engine) / SDPA (deepspeed engine); CPU and GPU
     TE = "te"  # Transformer Engine layers (megatron engine, CUDA)
@@ -244,8 +249,14 @@ class TrainConfig:
     eval_interval: int = 0  # steps between validation-loss evaluations (0: only at the end)
     eval_batches: int = 4  # micro-batches of the val split per evaluation
     precision: Precision = Precision.FP32
+    grad_reduce_dtype: Precision = Precision.FP32  # data-parallel gradient reduction (megatron engine); bf16 halves it
+    distributed_optimizer: bool = False  # megatron engine: optimizer state and fp32 main params sharded over dp
     fp8: Fp8Format | None = None  # Transformer Engine, GPU only
     fp8_recipe: Fp8Recipe = Fp8Recipe.DELAYED
+    # Delayed scaling, with Megatron-LM's H100 FP8 recipe as defaults (examples/llama/train_llama3_8b_h100_fp8.sh).
+    fp8_amax_history_len: int = 1024
+    fp8_amax_compute_algo: Fp8AmaxAlgo = Fp8AmaxAlgo.MAX
+    fp8_margin: int = 0
     attention_backend: AttentionBackend = AttentionBackend.LOCAL
     recompute: Recompute | None = None  # megatron engine
     recompute_method: RecomputeMethod = RecomputeMethod.UNIFORM  # with recompute=full
@@ -434,11 +445,12 @@ def _check_ranges(cfg: Config) -> None:
             ("data.min_image_side", d.min_image_side), ("data.max_image_pixels", d.max_image_pixels),
             ("train.global_batch_size", t.global_batch_size), ("train.eval_batches", t.eval_batches),
             ("train.max_nonfinite_steps", t.max_nonfinite_steps),
+            ("train.fp8_amax_history_len", t.fp8_amax_history_len),
             ("log.log_interval", log.log_interval)],
         0: [("victor.num_registers", vi.num_registers), ("data.num_workers", d.num_workers), ("data.seed", d.seed),
             ("train.max_steps", t.max_steps), ("train.warmup_steps", t.warmup_steps), ("train.seed", t.seed),
             ("train.save_interval", t.save_interval), ("train.keep_last", t.keep_last),
-            ("train.eval_interval", t.eval_interval)],
+            ("train.eval_interval", t.eval_interval), ("train.fp8_margin", t.fp8_margin)],
     }
     for low, items in at_least.items():
         for key, value in items:
@@ -513,6 +525,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
              f"data.seq_length={d.seq_length} must be a multiple of 16 with train.fp8 (FP8 GEMM alignment)")
     _require(t.fp8 is None or t.attention_backend == "te",
              f"train.fp8={t.fp8} needs train.attention_backend=te (Transformer Engine on a CUDA GPU)")
+    _require(t.grad_reduce_dtype == Precision.FP32 or t.precision == Precision.BF16,
+             f"train.grad_reduce_dtype={t.grad_reduce_dtype} needs train.precision=bf16 (fp32 training reduces fp32 "
+             "gradients)")
     _validate_peer(cfg)
     _validate_engine(cfg)
     per_step = d.micro_batch_size * (world_size // (p.tp * p.pp) if world_size else 1)
@@ -585,6 +600,11 @@ def _validate_engine(cfg: Config) -> None:
     _require(t.attention_backend in ("local", "flash"),
              f"train.attention_backend={t.attention_backend!r}: train.engine=deepspeed takes local (SDPA) or flash")
     _require(t.fp8 is None, f"train.fp8={t.fp8} needs train.engine=megatron (Transformer Engine layers)")
+    _require(not t.distributed_optimizer, "train.distributed_optimizer=true is the megatron engine's; "
+                                          "train.engine=deepspeed shards the optimizer with train.zero_stage")
+    _require(t.grad_reduce_dtype == Precision.FP32,
+             f"train.grad_reduce_dtype={t.grad_reduce_dtype} is the megatron engine's; DeepSpeed reduces in its own "
+             "precision")
     _require(t.recompute is None,
              f"train.recompute={t.recompute} is the megatron engine's; use train.gradient_checkpointing=true")
     _require(vi.enabled, "victor.enabled=false: train.engine=deepspeed trains the HF Victor model; train the plain "

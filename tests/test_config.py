@@ -39,6 +39,9 @@ INVALID = [
     (["train.warmup_steps=-5"], "train.warmup_steps"),
     (["train.eval_batches=0"], "train.eval_batches"),
     (["train.max_nonfinite_steps=0"], "train.max_nonfinite_steps"),
+    (["train.fp8_amax_compute_algo=mean"], "train.fp8_amax_compute_algo"),
+    (["train.fp8_amax_history_len=0"], "train.fp8_amax_history_len"),
+    (["train.precision=fp32", "train.grad_reduce_dtype=bf16"], "train.grad_reduce_dtype"),
 ]
 
 
@@ -95,3 +98,18 @@ def test_train_refuses_a_bad_value_in_one_line_before_building_anything(tmp_path
                            f"train.run_dir={tmp_path}"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "megavictor train: error: train.lr=-1.0 must be > 0"], proc.stderr
+
+
+def test_precision_and_fp8_recipe_settings_reach_megatron() -> None:
+    """bf16, the FP8 recipe (Megatron-LM's H100 defaults) and the initialisation device as megatron receives them."""
+    import torch
+
+    from megavictor.model import specs
+
+    cfg = load_config(LLAVA, ["train.fp8_margin=1", "train.fp8_recipe=tensorwise"])
+    assert cfg.train.distributed_optimizer
+    config = specs.language_config(cfg, [cfg.model.num_layers])
+    assert (config.fp8_amax_history_len, config.fp8_amax_compute_algo, config.fp8_margin) == (1024, "max", 1)
+    assert config.fp8_recipe == "tensorwise" and config.bf16 and config.params_dtype == torch.bfloat16
+    cuda = torch.cuda.is_available()
+    assert config.use_cpu_initialization == (not cuda) and config.masked_softmax_fusion == cuda

@@ -180,3 +180,33 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr(reference_run) -> None:
     assert all(a > b for a, b in zip(lrs[1:], lrs[2:]))
     assert lrs[5] == pytest.approx((1e-3 + 1e-4) / 2)  # cosine midpoint: step 6 of the 8 decay steps after warmup
     assert lrs[-1] == pytest.approx(1e-4)
+
+
+def test_bf16_tracks_fp32_from_the_same_init_from(reference_run, digits_data: Path, tmp_path: Path) -> None:
+    """bf16 the way Megatron does it (whole model in bf16, ViT conv and norms included; fp32 main parameters) trains
+    like fp32 from the same `train.init_from` weights; a reset to random weights would jump to the from-scratch loss
+    (the reference run's first step)."""
+    ref_dir, _ = reference_run
+    curves = {}
+    for precision in ("fp32", "bf16"):
+        run(train_cmd(1, digits_data, tmp_path / precision, f"train.init_from={ref_dir}",
+                      f"train.precision={precision}", "train.max_steps=3", "train.eval_batches=1"))
+        curves[precision] = losses(tmp_path / precision)
+    assert_close(curves["bf16"], curves["fp32"], rel=0.02)
+    assert max(curves["bf16"]) < losses(ref_dir)[0] - 1.0
+
+
+def test_distributed_optimizer_trains_and_reshards_dp2_to_dp1(reference_run, digits_data: Path,
+                                                              tmp_path: Path) -> None:
+    """megatron's distributed optimizer (state and main params sharded over dp) on CPU: it trains as the regular
+    optimizer does, and its checkpoint (megatron's fully reshardable format) resumes under dp=1 exactly."""
+    ref_dir, _ = reference_run
+    dp2 = tmp_path / "dp2"
+    run(train_cmd(2, digits_data, dp2, "train.distributed_optimizer=true", "train.save_interval=5"))
+    assert_close(losses(dp2), losses(ref_dir), rel=1e-4)
+    dp1 = tmp_path / "dp1"
+    shutil.copytree(dp2, dp1)
+    shutil.rmtree(dp1 / "checkpoints" / "step_000010")
+    (dp1 / "checkpoints" / "latest").write_text("step_000005\n")
+    assert run(train_cmd(1, digits_data, dp1, "train.distributed_optimizer=true"))["final_step"] == 10
+    assert_close(losses(dp1), losses(dp2), rel=1e-6)  # measured: identical

@@ -23,11 +23,15 @@ import torch
 from megavictor.checkpoint.commit import MARKERS, CheckpointError, commit_atomically
 from megavictor.checkpoint.hf_source import HFSource
 from megavictor.checkpoint.rng import rng_state, set_rng_state
+from megavictor.compat import prepare_distributed_optimizer_load
 from megavictor.config import Config, Engine
 from megavictor.model.sharding import full_name
 from megavictor.process_lifetime import start_checkpoint_writer_queue
 
 MARKER = MARKERS[Engine.MEGATRON]
+# The distributed optimizer's state in megatron's canonical per-parameter form (as a regular optimizer saves it),
+# gathered over data parallel on save: it loads into any dp size (dp2 -> dp1) and any tp/pp layout.
+OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
 _STACKED_LAYERS = re.compile(r"^((?:vision\.)?decoder\.layers)\.(.+)$")
 
 
@@ -66,7 +70,7 @@ def save(checkpoints_dir: str | Path, step: int, model: torch.nn.Module, optimiz
                                  "rng": _rng_object(rng_state()),
                                  "config": cfg.to_dict() if cfg is not None else None, "extra": extra or {}}
         if optimizer is not None:
-            state["optimizer"] = optimizer.sharded_state_dict(model_sd)
+            state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_FORMAT)
         if scheduler is not None:
             state["scheduler"] = scheduler.state_dict()
         dist_checkpointing.save(state, str(tmp))
@@ -101,7 +105,8 @@ def load(path: str | Path, model: torch.nn.Module, optimizer: Any, scheduler: An
     model_sd = model.sharded_state_dict()
     template: dict[str, Any] = {"model": model_sd}
     same_layout = common.get("layout") == parallel_sizes()
-    template["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
+    prepare_distributed_optimizer_load(optimizer)
+    template["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIMIZER_FORMAT)
     if same_layout:
         template["rng"] = _rng_object(None)
     loaded = dist_checkpointing.load(template, str(path))

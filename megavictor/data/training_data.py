@@ -220,7 +220,7 @@ def broadcast_batch(batch: VictorBatch | None, rows: int, seq_length: int) -> Vi
 
     group = parallel_state.get_tensor_model_parallel_group()
     src = parallel_state.get_tensor_model_parallel_src_rank()
-    device = collective_device()
+    device = collective_device(group)
     if batch is not None:
         header = torch.tensor([batch.cu_seqlens.numel(), *batch.images.shape], dtype=torch.int64)
     else:

@@ -73,15 +73,16 @@ def build_model(cfg: Config, dims: ParallelDims, weights: InitialWeights | None 
 
 
 def build_ddp_config(cfg: Config) -> DistributedDataParallelConfig:
-    """megatron DDP settings: overlap of gradient reduction and parameter all-gather (null: on with CUDA), buckets."""
-    p, cuda = cfg.parallel, torch.cuda.is_available()
-    distributed_optimizer = cuda
+    """megatron DDP settings: gradient reduction in fp32 or bf16, the distributed optimizer, overlap of gradient
+    reduction and parameter all-gather (null: on with CUDA), buckets."""
+    p, t, cuda = cfg.parallel, cfg.train, torch.cuda.is_available()
+    distributed_optimizer = t.distributed_optimizer
     overlap_param = (cuda and distributed_optimizer) if p.overlap_param_gather is None else p.overlap_param_gather
     if overlap_param and not distributed_optimizer:
-        raise ConfigError("parallel.overlap_param_gather=true needs megatron's distributed optimizer, which this "
-                          "machine does not run (no CUDA): set parallel.overlap_param_gather=null or false")
+        raise ConfigError("parallel.overlap_param_gather=true needs megatron's distributed optimizer: set "
+                          "train.distributed_optimizer=true, or parallel.overlap_param_gather=null or false")
     return DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=distributed_optimizer,
+        grad_reduce_in_fp32=t.grad_reduce_dtype == Precision.FP32, use_distributed_optimizer=distributed_optimizer,
         overlap_grad_reduce=cuda if p.overlap_grad_reduce is None else p.overlap_grad_reduce,
         overlap_param_gather=overlap_param, bucket_size=p.ddp_bucket_size)
 
@@ -107,9 +108,9 @@ def wrap_for_training(cfg: Config, model: torch.nn.Module) -> tuple[DistributedD
 
 def _forward_step(data_iterator: Iterator[VictorBatch], model: torch.nn.Module,
                   min_short_length: int = 0) -> tuple[torch.Tensor, Callable]:
-    batch = next(data_iterator)
+    batch = next(data_iterator)  # this stage's fields only (`data.training_data`: images on the first stage)
     if torch.cuda.is_available():
-        batch = batch.to(torch.cuda.current_device())
+        batch = batch.to(torch.device("cuda", torch.cuda.current_device()))
     plan = build_drop_plan(batch, get_attr_wrapped_model(model, "cfg"),
                            packed=get_attr_wrapped_model(model, "packed"), min_short_length=min_short_length)
     output = model(batch, plan)

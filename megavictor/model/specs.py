@@ -7,6 +7,7 @@ the same drop works with the local layers (CPU) and the Transformer Engine layer
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -28,9 +29,35 @@ from megavictor.config import AttentionBackend, Config, ConfigError, Precision, 
 from megavictor.model.drop_plan import DropPlan, SequenceView, uses_packed_attention
 from megavictor.model.peers import run_layer
 
-# Fusions that only exist as CUDA kernels; their unfused paths are numerically the reference.
-_UNFUSED = dict(masked_softmax_fusion=False, bias_activation_fusion=False, bias_dropout_fusion=False,
-                apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False)
+def _apex_grad_accum_fusion() -> bool:
+    """APEX's `fused_weight_gradient_mlp_cuda`, which megatron's local (tensor-parallel) linear layers need for
+    gradient-accumulation fusion; Transformer Engine's layers bring their own (`fuse_wgrad_accumulation`)."""
+    from megatron.core.tensor_parallel import layers
+
+    return layers._grad_accum_fusion_available
+
+
+def fusions(cfg: Config, te_layers: bool) -> dict[str, bool]:
+    """megatron's CUDA fusions: on where CUDA is present (as Megatron-LM's defaults), off on the CPU, where only the
+    unfused paths run. Gradient-accumulation fusion (fp32 weight gradients accumulated straight into megatron DDP's
+    `main_grad`) is on where a kernel exists for every linear layer of the config: APEX's for megatron's local
+    layers, Transformer Engine's for TE layers (`te_layers`: the config builds only TE linear layers).
+
+    RoPE fusion stays off: our layers take per-slot angles (positions restart at every packed sample and survive the
+    Victor drop), while megatron's fused RoPE applies one position table to every row."""
+    cuda = torch.cuda.is_available()
+    return dict(masked_softmax_fusion=cuda, bias_dropout_fusion=cuda, persist_layer_norm=cuda,
+                gradient_accumulation_fusion=cuda and (_apex_grad_accum_fusion() or
+                                                      (te_layers and cfg.train.attention_backend == AttentionBackend.TE)),
+                apply_rope_fusion=False)
+
+
+def local_layer_config(config: TransformerConfig) -> TransformerConfig:
+    """`config` for a megatron local linear layer next to TE layers (the LM's output layer): gradient-accumulation
+    fusion only where APEX provides it (megatron's local layers refuse the flag otherwise)."""
+    if not config.gradient_accumulation_fusion or _apex_grad_accum_fusion():
+        return config
+    return dataclasses.replace(config, gradient_accumulation_fusion=False)
 
 
 @dataclass
@@ -176,10 +203,14 @@ def vision_norm(backend: AttentionBackend) -> type:
     return WrappedTorchNorm
 
 
-def _dtype(cfg: Config) -> dict:
+def _common(cfg: Config, te_layers: bool = True) -> dict:
+    """What every megatron config of the model shares: the training precision (megatron builds the parameters in
+    bf16 under bf16; `Float16Module` casts what megatron builds with plain torch layers), the CUDA fusions, and the
+    initialisation device: on the GPU where there is one (Megatron-LM's default), on the CPU only without CUDA."""
     bf16 = cfg.train.precision == Precision.BF16
     dtype = torch.bfloat16 if bf16 else torch.float32
-    return dict(bf16=bf16, params_dtype=dtype, pipeline_dtype=dtype)
+    return dict(bf16=bf16, params_dtype=dtype, pipeline_dtype=dtype,
+                use_cpu_initialization=not torch.cuda.is_available(), **fusions(cfg, te_layers))
 
 
 def pipeline_layout(layers_per_stage: list[int]) -> list[list[str]]:
@@ -208,9 +239,11 @@ def language_config(cfg: Config, layers_per_stage: list[int]) -> TransformerConf
         # in dense models.
         variable_seq_lengths=not p.pipeline_length_buckets, moe_token_dispatcher_type="alltoall",
         calculate_per_token_loss=True,
-        use_cpu_initialization=True,
-        fp8=None if t.fp8 is None else str(t.fp8), fp8_recipe=str(t.fp8_recipe),
-        **_recompute(cfg, layers_per_stage), **_dtype(cfg), **_UNFUSED,
+        fp8=None if t.fp8 is None else str(t.fp8), fp8_recipe=str(t.fp8_recipe), fp8_margin=t.fp8_margin,
+        fp8_amax_history_len=t.fp8_amax_history_len, fp8_amax_compute_algo=str(t.fp8_amax_compute_algo),
+        # SwiGLU without biases: megatron's fused bias-SwiGLU (its default on GPU) applies.
+        bias_activation_fusion=torch.cuda.is_available(),
+        **_recompute(cfg, layers_per_stage), **_common(cfg),
     )
     if uses_packed_attention(cfg):
         # THD keeps the original, gapped positions as per-token RoPE angles, which only the unfused THD RoPE
@@ -243,8 +276,10 @@ def vision_config(cfg: Config) -> TransformerConfig:
         activation_func=quick_gelu if v.activation == VisionActivation.QUICK_GELU else F.gelu,
         hidden_dropout=0.0, attention_dropout=0.0, init_method_std=cfg.model.init_method_std,
         # The ViT runs whole on the first pipeline stage: no pipeline split of its own.
-        tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=1, use_cpu_initialization=True,
-        **_dtype(cfg), **_UNFUSED,
+        tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=1,
+        # megatron fuses bias + GELU, but not the bias + quick_gelu of an ungated MLP (CLIP's).
+        bias_activation_fusion=torch.cuda.is_available() and v.activation == VisionActivation.GELU,
+        **_common(cfg),
     )
 
 
@@ -255,6 +290,6 @@ def projector_config(cfg: Config) -> TransformerConfig:
         num_layers=1, hidden_size=m.hidden_size, ffn_hidden_size=m.hidden_size,
         num_attention_heads=m.num_attention_heads, gated_linear_unit=False, add_bias_linear=True,
         activation_func=F.gelu, hidden_dropout=0.0, attention_dropout=0.0, init_method_std=m.init_method_std,
-        tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=1, use_cpu_initialization=True,
-        **_dtype(cfg), **_UNFUSED,
+        tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=1,
+        bias_activation_fusion=torch.cuda.is_available(), **_common(cfg, te_layers=False),
     )

@@ -72,8 +72,8 @@ class VictorVLM(MegatronModule):
                                         pre_process=pre_process, post_process=post_process)
         if post_process:
             self.output_layer = ColumnParallelLinear(
-                cfg.model.hidden_size, cfg.model.vocab_size, config=lm_config, init_method=lm_config.init_method,
-                bias=False, gather_output=False, skip_bias_add=False)
+                cfg.model.hidden_size, cfg.model.vocab_size, config=specs.local_layer_config(lm_config),
+                init_method=lm_config.init_method, bias=False, gather_output=False, skip_bias_add=False)
         self.layer_offset = first_layer(layers_per_stage, parallel_state.get_pipeline_model_parallel_rank())
         initialize(self, cfg.model.init_method_std, cfg.model.num_layers, cfg.train.seed,
                    tp_rank=parallel_state.get_tensor_model_parallel_rank(), tp=cfg.parallel.tp,
