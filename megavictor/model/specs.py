@@ -44,9 +44,11 @@ def fusions(cfg: Config, te_layers: bool) -> dict[str, bool]:
     layers, Transformer Engine's for TE layers (`te_layers`: the config builds only TE linear layers).
 
     RoPE fusion stays off: our layers take per-slot angles (positions restart at every packed sample and survive the
-    Victor drop), while megatron's fused RoPE applies one position table to every row."""
+    Victor drop), while megatron's fused RoPE applies one position table to every row. `persist_layer_norm` is APEX's
+    persistent LayerNorm kernel, which none of our norms is (RMSNorm, torch or TE norms; megatron's torch norm
+    refuses the flag)."""
     cuda = torch.cuda.is_available()
-    return dict(masked_softmax_fusion=cuda, bias_dropout_fusion=cuda, persist_layer_norm=cuda,
+    return dict(masked_softmax_fusion=cuda, bias_dropout_fusion=cuda, persist_layer_norm=False,
                 gradient_accumulation_fusion=cuda and (_apex_grad_accum_fusion() or
                                                       (te_layers and cfg.train.attention_backend == AttentionBackend.TE)),
                 apply_rope_fusion=False)
