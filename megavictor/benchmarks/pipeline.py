@@ -44,11 +44,12 @@ def _rank(rank: int, world: int, port: int, cfg_dict: dict, variants: dict, rows
 
         torch.set_num_threads(1)
         from megavictor.config import config_from_dict
-        from megavictor.distributed import init_distributed, shutdown
+        from megavictor.distributed import collective_device, init_distributed, shutdown
         from megavictor.engines.megatron import build_model, forward_backward, wrap_for_training
 
         cfg = config_from_dict(cfg_dict)
         dims = init_distributed(1, 2, cfg.train.seed)
+        device = collective_device()  # the timings' collectives: on the GPU under NCCL
         batches = image_text_batches(cfg, rows, micro_batches)
         stages = {}
         for name, (layers, buckets) in variants.items():
@@ -68,9 +69,9 @@ def _rank(rank: int, world: int, port: int, cfg_dict: dict, variants: dict, rows
                 optimizer.zero_grad()
                 forward_backward(ddp, batches)
                 optimizer.step()
-                elapsed = torch.tensor([time.perf_counter() - start])
-                busy = [torch.zeros(1) for _ in range(world)]
-                dist.all_gather(busy, torch.tensor([time.process_time() - cpu_start]))
+                elapsed = torch.tensor([time.perf_counter() - start], device=device)
+                busy = [torch.zeros(1, device=device) for _ in range(world)]
+                dist.all_gather(busy, torch.tensor([time.process_time() - cpu_start], device=device))
                 dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the step ends when its slowest stage does
                 if i >= warmup:
                     times[name].append(float(elapsed))
