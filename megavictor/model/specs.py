@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -137,13 +138,11 @@ def _with_mask_type(spec: ModuleSpec, mask_type: AttnMaskType) -> ModuleSpec:
 
 
 def _require_te() -> None:
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError as exc:
+    if importlib.util.find_spec("transformer_engine") is None:
         raise RuntimeError(
             "train.attention_backend=te (or train.fp8) needs Transformer Engine: pip install -e '.[gpu]' on a "
             "CUDA machine, or set train.attention_backend=local train.fp8=null"
-        ) from exc
+        )
     if not torch.cuda.is_available():
         raise RuntimeError("train.attention_backend=te needs a CUDA GPU; use train.attention_backend=local on CPU")
 
