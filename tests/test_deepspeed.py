@@ -53,7 +53,7 @@ def test_packed_hf_model_matches_reference_loss_and_gradients() -> None:
     """Rows packing 1-3 samples with 0-2 images each (so rows drop different numbers of slots), and a micro-batch
     without any image: per-token loss sum and every gradient of the HF model equal ReferenceVLM's."""
     from megavictor.engines.deepspeed import hf_inputs
-    from megavictor.hf.convert import full_state_of
+    from megavictor.hf.convert import full_state_of, hf_named_parameters
 
     cfg = tiny_config(["vision.freeze=false"])  # gradients for the ViT too
     reference, model = hf_twin(cfg)
@@ -63,7 +63,7 @@ def test_packed_hf_model_matches_reference_loss_and_gradients() -> None:
         collate_rows([[lay("one_image"), lay("text_only")], [lay("two_images")], [lay("text_only")]], 128),
         collate_rows([[lay("text_only"), lay("text_only")]], 128),
     ]
-    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    trainable = [name for name, p in hf_named_parameters(model) if p.requires_grad]
     assert "model.vision_tower.vision_model.post_layernorm.weight" not in trainable  # unused by LLaVA: frozen
     for batch in batches:
         expected = reference(batch).sum()

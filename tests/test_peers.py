@@ -84,8 +84,10 @@ def test_megatron_loss_matches_the_reference(variant: str) -> None:
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
         expected.backward()
         got.backward()
-    torch.testing.assert_close(megatron.projector.encoder.linear_fc1.weight.grad,
-                               reference.projector.encoder.linear_fc1.weight.grad, rtol=1e-4, atol=1e-7)
+    expected_grad = reference.projector.encoder.linear_fc1.weight.grad
+    # fp32 sums in another order: the tolerance scales with the gradient, not with each element (as in test_deepspeed).
+    torch.testing.assert_close(megatron.projector.encoder.linear_fc1.weight.grad, expected_grad, rtol=1e-4,
+                               atol=1e-5 * expected_grad.abs().max().item())
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -31,7 +31,7 @@ from megavictor.compat import import_deepspeed
 from megavictor.config import AttentionBackend, Config, Precision
 from megavictor.distributed import ParallelDims, any_rank
 from megavictor.engines.base import Restored, StepResult, build_scheduler, micro_batches_per_rank
-from megavictor.hf.convert import hf_reference_names, hf_state, victor_hf_config
+from megavictor.hf.convert import hf_named_parameters, hf_reference_names, hf_state, victor_hf_config
 from megavictor.hf.modeling_victor_llava import VictorLlavaForConditionalGeneration
 from megavictor.initial_weights import InitialWeights, WeightSource, checkpoints_dir, fresh_state
 from megavictor.model.batch import KIND_REGISTER, KIND_VISUAL, VictorBatch
@@ -54,7 +54,7 @@ def build_model(cfg: Config, full_state: dict[str, torch.Tensor]) -> VictorLlava
     tensors = hf_state(cfg, full_state)
     names = hf_reference_names(cfg)
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for name, param in hf_named_parameters(model):
             if name not in tensors:
                 raise KeyError(f"no weights for {name}")
             param.copy_(tensors[name])
@@ -70,7 +70,7 @@ def param_groups(cfg: Config, model: torch.nn.Module) -> list[dict[str, Any]]:
     of: no decay for biases and 1-D tensors (`wd_mult`, applied by the scheduler)."""
     names, shapes = hf_reference_names(cfg), full_shapes(cfg)
     groups: dict[float, list[torch.nn.Parameter]] = {1.0: [], 0.0: []}
-    for name, param in model.named_parameters():
+    for name, param in hf_named_parameters(model):
         if param.requires_grad:
             ref = names[name]
             groups[0.0 if ref.endswith(".bias") or len(shapes[ref]) == 1 else 1.0].append(param)

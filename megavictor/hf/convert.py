@@ -478,8 +478,16 @@ def hf_state(cfg: Config, full_state: dict[str, Tensor], vision_tail: dict[str, 
 
 
 def full_state_of(cfg: Config, tensors: dict[str, Tensor], source: str = "HF state") -> dict[str, Tensor]:
-    """Inverse of `hf_state`: megavictor's full state from (Victor) LLaVA tensors in transformers' names."""
+    """Inverse of `hf_state`: megavictor's full state from (Victor) LLaVA tensors in transformers' names, as any
+    transformers 4.5x/5.x model or checkpoint names them (`current_llava_name`)."""
+    tensors = {current_llava_name(name): t for name, t in tensors.items()}
     return _gather(_llava_params(cfg.model, cfg.vision, _has_registers(cfg)), tensors, source)
+
+
+def hf_named_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """A (Victor) LLaVA model's parameters under the names megavictor reads and writes: transformers 5 builds CLIP
+    without its `vision_model.` level in memory (its loader renames on the fly), 4.5x with it."""
+    return [(current_llava_name(name), param) for name, param in model.named_parameters()]
 
 
 def hf_reference_names(cfg: Config) -> dict[str, str]:
