@@ -19,6 +19,7 @@ import json
 import re
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,9 @@ def make_executor(args: argparse.Namespace, run_dir: Path) -> submitit.AutoExecu
 
 SRUN_ERROR = re.compile(r"srun: error: (?P<node>\S+): tasks? (?P<tasks>[\d,-]+): [^\r\n]+")  # maybe after a progress bar
 EXCEPTION_LINE = re.compile(r"^\w[\w.]*(?:Error|Exception)\b.*$", re.M)  # a traceback's last line
+# How often `--wait` asks the scheduler (sacct) whether the job ended. submitit's own polling backs off to once a
+# minute, so a job whose task was killed (no result file) was reported up to a minute late.
+STATE_POLL_S = 10.0
 
 
 def srun_errors(job: submitit.Job) -> list[tuple[int, str]]:
@@ -117,6 +121,17 @@ def srun_errors(job: submitit.Job) -> list[tuple[int, str]]:
     return found
 
 
+def wait_until_ended(job: submitit.Job) -> None:
+    """Every task wrote its result, or the scheduler says the job ended (asked every STATE_POLL_S): a job whose task
+    was killed writes no result for that task."""
+    checked = time.monotonic()
+    while not job.done():
+        time.sleep(1)
+        if isinstance(job, submitit.SlurmJob) and time.monotonic() - checked >= STATE_POLL_S:
+            job.watcher.update()
+            checked = time.monotonic()
+
+
 def wait_for(job: submitit.Job) -> int:
     """Block until every task ends; print the summary of the rank holding the loss, or what ended the job: the rank that failed first, with
     its traceback, or srun's word for how it ended when it left none (killed, or its node lost).
@@ -124,6 +139,7 @@ def wait_for(job: submitit.Job) -> int:
     When one rank fails, its peers fail too (gloo: "connection closed by peer") or are killed (srun
     --kill-on-bad-exit), so the first to fail is the cause: srun reports the tasks in the order they ended; off
     SLURM, the earliest result file holding a traceback."""
+    wait_until_ended(job)
     errors = {rank: job.task(rank).exception() for rank in range(job.num_tasks)}
     failed = {rank: e for rank, e in errors.items() if e is not None}
     if not failed:

@@ -1,8 +1,9 @@
 """`megavictor launch` on one node of the real test SLURM cluster (tests/slurm_cluster.py): sbatch rendering, a 2-task
 (tp=2) demo training job to COMPLETED in sacct with the losses of the same run under torchrun, preemption by USR2
 (checkpoint at a step boundary, requeue, resume, the uninterrupted losses), and, with the fast payload
-tests/slurm_payload.py (the trainer's contract, with a real gloo all_reduce): preemption by `scontrol requeue`,
-scancel (no resurrection), a failing rank, and `--cluster local`.
+tests/slurm_payload.py (the trainer's contract, with a real gloo all_reduce): scancel (no resurrection), a failing
+rank, and `--cluster local`. Preemption by `scontrol requeue` (SIGTERM, save within KillWait, SLURM requeues) is
+tests/test_multinode.py's pp=2 job across two nodes.
 
 Needs root to start SLURM; if it cannot start, the fixture errors (it never skips).
 """
@@ -21,7 +22,7 @@ import yaml
 
 from launch.cli import main
 from tests.slurm_cluster import PARTITION, Paths, sacct_state
-from tests.slurm_payload import Summary, expected_total
+from tests.slurm_payload import expected_total
 from tests.runs import STAGE2, assert_close, losses, run, train_cmd, train_overrides, wait_for_metrics
 
 STEPS = 40  # x 0.25 s per step: long enough to interrupt mid-run
@@ -46,15 +47,6 @@ def wait_for_steps(run_dir: Path, steps: int, timeout: float = 60) -> None:
     while not (progress.is_file() and len(progress.read_text().splitlines()) >= steps):
         assert time.monotonic() < deadline, f"the job made no progress in {timeout:.0f} s"
         time.sleep(0.2)
-
-
-def slurm_results(run_dir: Path, job_id: str) -> list[Summary]:
-    return submitit.SlurmJob(folder=run_dir / "submitit", job_id=job_id, tasks=(0, 1)).results()
-
-
-def attempts(run_dir: Path) -> list[str]:
-    """The restart count of every step rank 0 ran, in order."""
-    return [line.split("restart=")[1] for line in (run_dir / "progress" / "rank0.txt").read_text().splitlines()]
 
 
 def test_dry_run_renders_the_sbatch_script(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -128,21 +120,6 @@ def test_usr2_checkpoints_requeues_and_resumes(trained: dict[str, Any], digits_d
     uninterrupted = losses(trained["run_dir"])
     assert_close(losses(tmp_path), uninterrupted, rel=1e-6)
     assert results[0].final_loss == pytest.approx(uninterrupted[-1], rel=1e-6)
-
-
-@pytest.mark.timeout(300)
-def test_scontrol_requeue_checkpoints_and_resumes(slurm_cluster: Paths, capsys: pytest.CaptureFixture[str],
-                                                  tmp_path: Path) -> None:
-    """SLURM-side requeue (as preemption with PreemptMode=REQUEUE): SIGTERM, save within KillWait, SLURM requeues."""
-    rc, job_id, _ = launch(capsys, tmp_path, "--partition", PARTITION)
-    assert rc == 0
-    wait_for_steps(tmp_path, 5)
-    subprocess.run(["scontrol", "requeue", job_id], check=True)
-    results = slurm_results(tmp_path, job_id)
-    assert [r.total for r in results] == [expected_total(2, STEPS)] * 2
-    assert all(5 <= r.resumed_from < STEPS for r in results), results
-    assert len(attempts(tmp_path)) == STEPS
-    assert "requeueing job" not in (tmp_path / "submitit" / f"{job_id}_0_log.out").read_text()  # SLURM did it
 
 
 @pytest.mark.timeout(300)

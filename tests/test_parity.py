@@ -130,12 +130,12 @@ FULL = ["train.recompute=full"]
     pytest.param(["parallel.pp=2"], 2, VICTOR_K + [["victor.drop_layer=2", "parallel.pipeline_length_buckets=[96,112]"],
                                                    ["victor.drop_layer=1", "parallel.pipeline_length_buckets=[120]"]],
                  id="pp2"),
-    # Sequence parallel x pipeline, and full recompute (uniform and block) with k inside stage 0, at the boundary
-    # and inside stage 1 of the even split [2, 2].
-    pytest.param([*SP, "parallel.pp=2"], 4, VICTOR_K + [
+    # tp x pp in one launch of 4 ranks: with sequence parallelism, without it (every tensor-parallel rank sends the
+    # whole short sequence), and full recompute (uniform and block); k inside stage 0, at the boundary and inside
+    # stage 1 of the even split [2, 2].
+    pytest.param([*SP, "parallel.pp=2"], 4, VICTOR_K + [[*k, "parallel.sequence_parallel=false"] for k in VICTOR_K] + [
         ["victor.drop_layer=1", *FULL], ["victor.drop_layer=2", *FULL, "train.recompute_method=block"],
-        ["victor.drop_layer=3", *FULL, "train.recompute_num_layers=2"]], id="tp2-sp-x-pp2-recompute"),
-    pytest.param(["parallel.tp=2", "parallel.pp=2"], 4, VICTOR_K, id="tp2xpp2"),
+        ["victor.drop_layer=3", *FULL, "train.recompute_num_layers=2"]], id="tp2xpp2-sp-recompute"),
     # 6 layers with short text: balanced picks [2, 4] for k=2 (boundary) and k=3 (inside stage 1).
     pytest.param(["parallel.pp=2", "parallel.pp_split=balanced", "model.num_layers=6", "data.text_length=8"], 2,
                  VICTOR_K, id="pp2-balanced"),

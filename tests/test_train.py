@@ -19,12 +19,12 @@ from tests.runs import ROOT, STAGE2, assert_close, losses, run, sigterm_after, t
 @pytest.mark.parametrize("world,layout,rel", [
     (2, ["parallel.tp=2"], 1e-6),
     (2, ["parallel.pp=2"], 1e-4),  # the stage boundary changes the order of float sums
-    (2, [], 1e-6),  # tp1 pp1 dp2, same global batch of 4 rows, each rank decoding only its 2
     # Sequence parallelism through the real DDP + finalize_model_grads path, with full recompute.
     (2, ["parallel.tp=2", "parallel.sequence_parallel=true", "train.recompute=full"], 1e-4),
-    # Gradient all-reduce overlapped with backward, in several buckets (the model has ~1M parameters).
+    # tp1 pp1 dp2, same global batch of 4 rows, each rank decoding only its 2; the gradient all-reduce overlapped
+    # with backward, in several buckets (the model has ~1M parameters). dp2 without overlap: the resume tests below.
     (2, ["parallel.overlap_grad_reduce=true", "parallel.ddp_bucket_size=100000"], 1e-6),
-], ids=["tp2", "pp2", "dp2", "tp2-sp-recompute", "dp2-overlap"])
+], ids=["tp2", "pp2", "tp2-sp-recompute", "dp2-overlap"])
 def test_losses_do_not_depend_on_the_layout(reference_run, digits_data: Path, tmp_path: Path, world: int,
                                             layout: list[str], rel: float) -> None:
     ref_dir, _ = reference_run
@@ -198,12 +198,16 @@ def test_bf16_tracks_fp32_from_the_same_init_from(reference_run, digits_data: Pa
 
 def test_distributed_optimizer_trains_and_reshards_dp2_to_dp1(reference_run, digits_data: Path,
                                                               tmp_path: Path) -> None:
-    """megatron's distributed optimizer (state and main params sharded over dp) on CPU: it trains as the regular
-    optimizer does, and its checkpoint (megatron's fully reshardable format) resumes under dp=1 exactly."""
-    ref_dir, _ = reference_run
+    """megatron's distributed optimizer (state and main params sharded over dp) on CPU, with the parameter
+    all-gather overlapped with the next forward (`parallel.overlap_param_gather`, its GPU default): it trains as the
+    regular optimizer does, a validation and a save between steps see the updated parameters, and its checkpoint
+    (megatron's fully reshardable format) resumes under dp=1 exactly."""
+    ref_dir, ref_summary = reference_run
     dp2 = tmp_path / "dp2"
-    run(train_cmd(2, digits_data, dp2, "train.distributed_optimizer=true", "train.save_interval=5"))
+    summary = run(train_cmd(2, digits_data, dp2, "train.distributed_optimizer=true",
+                            "parallel.overlap_param_gather=true", "train.save_interval=5", "train.eval_interval=5"))
     assert_close(losses(dp2), losses(ref_dir), rel=1e-4)
+    assert summary["val_loss"] == pytest.approx(ref_summary["val_loss"], rel=1e-4)
     dp1 = tmp_path / "dp1"
     shutil.copytree(dp2, dp1)
     shutil.rmtree(dp1 / "checkpoints" / "step_000010")
