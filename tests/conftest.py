@@ -54,3 +54,12 @@ def slurm_cluster() -> Iterator[Paths]:
 
     with session(nodes=2) as paths:
         yield paths
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist's `loadgroup` (pytest.ini), a module's tests run on one worker, so its module fixtures are
+    built once; the SLURM modules name one group ("slurm"): they share the one test cluster."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))

@@ -25,6 +25,8 @@ from tests.slurm_cluster import PARTITION, Paths, sacct_state
 from tests.slurm_payload import expected_total
 from tests.runs import STAGE2, assert_close, losses, run, train_cmd, train_overrides, wait_for_metrics
 
+pytestmark = pytest.mark.xdist_group("slurm")  # one cluster: its jobs run one after another
+
 STEPS = 40  # x 0.25 s per step: long enough to interrupt mid-run
 PAYLOAD = ["--entry", "tests.slurm_payload:run", "--tasks-per-node", "2", "--time", "5", "--signal-delay", "15"]
 TRAIN_STEPS = 20  # demo training, tp=2: ~0.25 s per step after a first one of a few seconds

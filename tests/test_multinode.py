@@ -28,6 +28,8 @@ from tests.runs import ROOT, STAGE2, assert_close, losses, train_overrides, wait
 from tests.slurm_cluster import PARTITION, Paths, sacct_state
 from tests.slurm_network import on_node
 
+pytestmark = pytest.mark.xdist_group("slurm")  # one cluster: its jobs run one after another
+
 NODES = ["mvnode1", "mvnode2"]
 STEPS = 10  # the reference run's
 ACROSS_NODES = ["--config", STAGE2, "--cluster", "slurm", "--nodes", "2", "--tasks-per-node", "1", "--partition", PARTITION, "--time",
