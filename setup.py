@@ -35,7 +35,7 @@ setup(
         # train.engine=deepspeed. Its sdist builds no ops at install (none are used: torch's AdamW, gloo on CPU).
         "deepspeed": ["deepspeed>=0.19.8,<0.20"],
         # pytest-xdist: two workers fill the cores that SLURM waits and process start-ups leave idle (pytest.ini).
-        "dev": ["pytest>=8", "pytest-timeout", "pytest-xdist>=3.5", "deepspeed>=0.19.8,<0.20"],
+        "dev": ["pytest>=8", "pytest-timeout", "pytest-xdist>=3.5", "filelock", "deepspeed>=0.19.8,<0.20"],
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
     },
     entry_points={"console_scripts": ["megavictor=megavictor.cli:main"]},

@@ -3,11 +3,15 @@ reference run and the test SLURM cluster."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from filelock import FileLock
 
 if TYPE_CHECKING:
     from tests.slurm_cluster import Paths
@@ -16,15 +20,32 @@ DIGITS_MAXCOUNT = 170  # small shards: every split has several, and counts that 
 VISION_STEPS = 200  # the demo's vision pretraining, shortened (the default 600 steps take ~30 s)
 
 
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """`build(dir)` once per test session, shared by pytest-xdist's workers (the first to take the lock builds, the
+    others wait for it): each worker building its own copy cost the two cores a minute. Users only read it."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's directory, above each worker's own
+    out, built = root / name, root / f"{name}.built"
+    with FileLock(f"{out}.lock"):
+        if not built.exists():
+            shutil.rmtree(out, ignore_errors=True)  # a build that failed in another worker
+            out.mkdir()
+            build(out)
+            built.touch()
+    return out
+
+
 @pytest.fixture(scope="session")
 def digits_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The embedded digits data set, prepared once per session (via the CLI entry point)."""
     from data_prep.cli import main
 
-    out = tmp_path_factory.mktemp("digits")
-    assert main(["digits", "--out", str(out), "--maxcount", str(DIGITS_MAXCOUNT),
-                 "--vision-steps", str(VISION_STEPS)]) == 0
-    return out
+    def prep(out: Path) -> None:
+        assert main(["digits", "--out", str(out), "--maxcount", str(DIGITS_MAXCOUNT),
+                     "--vision-steps", str(VISION_STEPS)]) == 0
+
+    return built_once(tmp_path_factory, "digits", prep)
 
 
 @pytest.fixture(scope="session")
@@ -41,8 +62,12 @@ def reference_run(digits_data: Path, tmp_path_factory: pytest.TempPathFactory) -
     the losses every other layout, launcher and resume must reproduce."""
     from tests.runs import run, train_cmd
 
-    run_dir = tmp_path_factory.mktemp("tp1pp1")
-    return run_dir, run(train_cmd(1, digits_data, run_dir, "train.save_interval=5"))
+    def train(run_dir: Path) -> None:
+        summary = run(train_cmd(1, digits_data, run_dir, "train.save_interval=5"))
+        (run_dir.parent / "tp1pp1.summary.json").write_text(json.dumps(summary))
+
+    run_dir = built_once(tmp_path_factory, "tp1pp1", train)
+    return run_dir, json.loads((run_dir.parent / "tp1pp1.summary.json").read_text())
 
 
 @pytest.fixture(scope="session")
