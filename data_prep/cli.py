@@ -48,6 +48,18 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: the demo's configs/demo_stage1.yaml)")
     digits.add_argument("--vision-steps", type=int, default=600,
                         help="vision pretraining steps of 64 images (default 600, ~30 s on 2 cores; 0: skip)")
+    mix = sub.add_parser("mix", help="a small LLaVA-mix-shaped set (text-only, 1-3 images, aspect 1:3..3:1, "
+                                     "multi-turn) through `prep llava`, in seconds")
+    mix.add_argument("--out", type=Path, required=True, help="output folder (shards, manifest, index, tokenizer, "
+                                                             "the LLaVA JSON + images under llava/)")
+    mix.add_argument("--samples", type=int, default=400, help="samples of the train split (default 400)")
+    mix.add_argument("--eval-samples", type=int, default=64,
+                     help="samples of the val and of the test split each (default 64; 0: train only)")
+    mix.add_argument("--seed", type=int, default=0, help="seed of the records and images (default 0)")
+    mix.add_argument("--text-only-fraction", type=float, default=0.2,
+                     help="fraction of text-only conversations (default 0.2)")
+    mix.add_argument("--multi-image-fraction", type=float, default=0.25,
+                     help="fraction of samples with two or three images (default 0.25)")
     index = sub.add_parser("index", help="write (or rewrite) the per-sample length index of a prepared data set")
     index.add_argument("--data", type=Path, required=True, help="prepared data set folder (holds manifest.json)")
     index.add_argument("--tokenizer", type=Path, default=None,
@@ -72,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
             prep_llava(args.json, args.images, args.out, split=args.split, maxcount=args.maxcount,
                        maxsize=args.maxsize, workers=args.workers, strict=args.strict, restart=args.restart,
                        limits=limits)
+        elif args.source == "mix":
+            from data_prep.llava_mix import prep_mix
+
+            prep_mix(args.out, samples=args.samples, seed=args.seed, text_only_fraction=args.text_only_fraction,
+                     eval_samples=args.eval_samples, multi_image_fraction=args.multi_image_fraction)
         elif args.source == "index":
             from megavictor.data.index import build_index
 

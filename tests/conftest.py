@@ -1,5 +1,5 @@
-"""Session fixtures shared by the test modules: the digits data set, the tiny HF sources, the single-process
-reference run and the test SLURM cluster."""
+"""Session fixtures shared by the test modules: the digits data set, the LLaVA-mix-shaped sets, the tiny HF
+sources, the single-process reference run and the test SLURM cluster."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 DIGITS_MAXCOUNT = 170  # small shards: every split has several, and counts that do not divide by 4 readers
 VISION_STEPS = 200  # the demo's vision pretraining, shortened (the default 600 steps take ~30 s)
+TEXT_HEAVY_MIX = ["mix", "--samples", "120", "--eval-samples", "16", "--text-only-fraction", "0.6", "--seed", "1"]
 
 
 def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
@@ -46,6 +47,28 @@ def digits_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
                      "--vision-steps", str(VISION_STEPS)]) == 0
 
     return built_once(tmp_path_factory, "digits", prep)
+
+
+@pytest.fixture(scope="session")
+def mix_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The LLaVA-mix-shaped set (`megavictor prep mix`: text-only, 1-3 images, aspect 1:3..3:1, multi-turn; splits
+    train 400 / val 64 / test 64), prepared once per session through `prep llava` (via the CLI entry point)."""
+    from data_prep.cli import main
+
+    return built_once(tmp_path_factory, "mix", lambda out: _prep(main, ["mix", "--out", str(out)]))
+
+
+@pytest.fixture(scope="session")
+def text_heavy_mix_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A smaller, text-heavy mix: 60% text-only conversations (train 120 / val 16 / test 16)."""
+    from data_prep.cli import main
+
+    return built_once(tmp_path_factory, "mix_text_heavy",
+                      lambda out: _prep(main, [*TEXT_HEAVY_MIX, "--out", str(out)]))
+
+
+def _prep(main: Callable[[list[str]], int], argv: list[str]) -> None:
+    assert main(argv) == 0
 
 
 @pytest.fixture(scope="session")
