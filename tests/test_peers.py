@@ -61,7 +61,7 @@ def test_average_pool_fills_the_register_slots_and_has_no_registers() -> None:
     with torch.no_grad():
         visual = model.projector(model.vision(batch.images))
         x = model.embedding.word_embeddings(batch.tokens)
-        filled = scatter_image_slots(x, batch.kinds, visual, image_slot_fill(cfg, visual, None))
+        filled = scatter_image_slots(x, build_drop_plan(batch, cfg).image_slots, visual, image_slot_fill(cfg, visual, None))
     registers = filled[batch.kinds == KIND_REGISTER].view(-1, 4, cfg.model.hidden_size)
     torch.testing.assert_close(registers, average_pool(visual, 4))
     assert build_drop_plan(batch, cfg).drop_layer == 0

@@ -28,6 +28,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 from megatron.core.utils import get_attr_wrapped_model
@@ -36,7 +37,7 @@ from megavictor.checkpoint import megatron as megatron_checkpoint
 from megavictor.checkpoint.commit import engine_of
 from megavictor.checkpoint.hf_source import training_source
 from megavictor.config import Config, ConfigError, Engine, Precision
-from megavictor.distributed import ParallelDims, any_rank
+from megavictor.distributed import ParallelDims
 from megavictor.engines.base import Restored, StepResult, build_scheduler
 from megavictor.initial_weights import InitialWeights, WeightSource, checkpoints_dir, init_from_state, \
     vision_tower_state
@@ -109,10 +110,13 @@ def wrap_for_training(cfg: Config, model: torch.nn.Module) -> tuple[DistributedD
 def _forward_step(data_iterator: Iterator[VictorBatch], model: torch.nn.Module,
                   min_short_length: int = 0) -> tuple[torch.Tensor, Callable]:
     batch = next(data_iterator)  # this stage's fields only (`data.training_data`: images on the first stage)
-    if torch.cuda.is_available():
-        batch = batch.to(torch.device("cuda", torch.cuda.current_device()))
+    # The plan is built on the host, where its data-dependent sizes (survivors per row, packed sequences) are known
+    # without waiting for the GPU; batch and plan then follow as non-blocking copies.
     plan = build_drop_plan(batch, get_attr_wrapped_model(model, "cfg"),
                            packed=get_attr_wrapped_model(model, "packed"), min_short_length=min_short_length)
+    if torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+        batch, plan = batch.to(device), plan.to(device)
     output = model(batch, plan)
     mask = plan.loss_mask()
 
@@ -167,7 +171,9 @@ def forward_backward(model: torch.nn.Module, micro_batches: list[VictorBatch],
         adjust_tensor_shapes_fn=None if short is None else static_pipeline_shapes(model, short, (b, s)))
     if not parallel_state.is_pipeline_last_stage():
         return 0.0, 0
-    return sum(float(item["loss"][0]) for item in outputs), sum(int(item["loss"][1]) for item in outputs)
+    # One device-to-host copy for the whole step (the loss is logged once per step).
+    loss_sum, loss_tokens = torch.stack([item["loss"] for item in outputs]).sum(dim=0).tolist()
+    return loss_sum, int(loss_tokens)
 
 
 class MegatronEngine:
@@ -186,15 +192,35 @@ class MegatronEngine:
         # megatron divides the summed gradients by the token count the last stage reports for the step; all
         # ranks agree on the global one through finalize_model_grads' reduction of each rank's count.
         loss_sum, loss_tokens = forward_backward(self.ddp, micro_batches)
-        if any_rank(not (math.isfinite(loss_sum) and self._finite_grads())):
+        grad_norm = self._finite_grad_norm()
+        if grad_norm is None:
             # megatron's fp32 optimizer would apply NaN gradients (only the fp16 loss scaler checks); its DDP
             # check_for_nan_in_grad aborts the job instead: skip the update, as Megatron-LM does on overflow.
             return StepResult(loss_sum, loss_tokens, self.optimizer.param_groups[0]["lr"], float("nan"),
                               skipped=True)
         self.scheduler.step(1)
-        lr = self.optimizer.param_groups[0]["lr"]
-        _, grad_norm, _ = self.optimizer.step()
-        return StepResult(loss_sum, loss_tokens, lr, None if grad_norm is None else float(grad_norm))
+        self._clip_and_update(grad_norm)
+        return StepResult(loss_sum, loss_tokens, self.optimizer.param_groups[0]["lr"], grad_norm)
+
+    def _finite_grad_norm(self) -> float | None:
+        """The main gradients' global norm (megatron's `prepare_grads`, `get_grad_norm`: reduced over every rank
+        holding gradients, so all ranks decide alike), or None when it is not finite. A NaN or inf in any gradient
+        makes the norm NaN or inf, so the norm that clipping needs anyway decides: no pass of our own over the
+        gradient buffers, no collective of our own, one host sync per step. (A non-finite loss makes non-finite
+        gradients; an infinite loss whose gradients stay finite, possible with an infinite logit, is applied.)"""
+        found_inf = self.optimizer.prepare_grads()  # only with a loss scaler (fp16); False for fp32 and bf16
+        grad_norm = float(self.optimizer.get_grad_norm())
+        return grad_norm if math.isfinite(grad_norm) and not found_inf else None
+
+    def _clip_and_update(self, grad_norm: float) -> None:
+        """The rest of megatron's optimizer step (as `ChainedOptimizer.step`): clip by the global norm, update."""
+        for inner in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            params = inner.get_parameters()
+            if inner.config.clip_grad > 0.0 and params and not getattr(inner, "is_stub_optimizer", False):
+                clip_grad_by_total_norm_fp32(
+                    params, max_norm=inner.config.clip_grad, total_norm=grad_norm,
+                    use_decoupled_grad=inner.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+        self.optimizer.step_with_ready_grads()
 
     @contextmanager
     def _parameters_gathered(self) -> Iterator[None]:
@@ -208,11 +234,6 @@ class MegatronEngine:
             yield
         finally:
             self.ddp.enable_forward_pre_hook()
-
-    def _finite_grads(self) -> bool:
-        """This rank's gradient buffers, after the data-parallel reduction, hold only finite values."""
-        buffers = [*self.ddp.buffers, *self.ddp.expert_parallel_buffers]
-        return bool(torch.stack([torch.isfinite(b.grad_data).all() for b in buffers]).all()) if buffers else True
 
     def loss(self, micro_batches: list[VictorBatch]) -> tuple[float, int]:
         self.ddp.eval()

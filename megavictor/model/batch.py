@@ -95,6 +95,14 @@ def truncate_sample(sample: Sample, max_slots: int, visual_tokens: int, register
     return Sample(sample.tokens[:keep], sample.trainable[:keep], sample.images[:n_images])
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`; a host tensor bound for a GPU goes through pinned memory and does not block the host
+    (the copy is ordered on the current stream before any kernel that reads it)."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return (tensor if tensor.is_pinned() else tensor.pin_memory()).to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 @dataclass
 class VictorBatch:
     """One micro-batch in the model's input format ([B, S] tensors, slot-major images)."""
@@ -119,16 +127,14 @@ class VictorBatch:
         return int((self.labels != IGNORE_INDEX).sum())
 
     def to(self, device: torch.device | str) -> "VictorBatch":
-        """The batch on `device`. Host-to-GPU copies go through pinned memory and do not block (as Megatron-LM's
-        pinned data loaders feed them); they are ordered on the current stream before the model reads them."""
+        """The batch on `device`, copied as `to_device` copies (without blocking the host, for a GPU)."""
         device = torch.device(device)
+        return VictorBatch(**{f.name: to_device(getattr(self, f.name), device) for f in fields(self)})
 
-        def move(tensor: torch.Tensor) -> torch.Tensor:
-            if device.type == "cuda" and tensor.device.type == "cpu":
-                return tensor.pin_memory().to(device, non_blocking=True)
-            return tensor.to(device)
-
-        return VictorBatch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
+    def pin_memory(self) -> "VictorBatch":
+        """The batch in pinned host memory (called by the DataLoader's pinning thread, `pin_memory=True`), so that
+        `to` copies it to the GPU asynchronously without pinning it on the training thread."""
+        return VictorBatch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
 
     def validate(self, visual_tokens: int, registers: int) -> None:
         """Check the slot invariants the model relies on; raises ValueError naming the broken one."""

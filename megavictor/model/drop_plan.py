@@ -18,16 +18,19 @@ padding, fillers) are padding inside those boundaries, which attention skips.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 
 from megavictor.config import AttentionBackend, Config, ModelConfig, RopeScaling, VictorMask
 from megavictor.hf.victor_drop import keep_index
-from megavictor.model.batch import IGNORE_INDEX, KIND_PAD, KIND_REGISTER, KIND_TEXT, KIND_VISUAL, VictorBatch
+from megavictor.model.batch import (IGNORE_INDEX, KIND_PAD, KIND_REGISTER, KIND_TEXT, KIND_VISUAL, VictorBatch,
+                                    to_device)
 
 FP8_ALIGNMENT = 16  # FP8 GEMMs need token counts that are multiples of 16
 MAX_SEQLEN_ROUNDING = 64  # Transformer Engine rounds an unknown max_seqlen up to 64 (fewer cuDNN graph builds)
@@ -46,6 +49,17 @@ class PackedView:
     cu_seqlens_padded: torch.Tensor  # [N + 1] int32 offsets of the sequences in the flattened slots
     max_seqlen: int  # longest padded sequence, rounded up to MAX_SEQLEN_ROUNDING
     rope: torch.Tensor  # [B*S, 1, 1, head_dim] per-token RoPE angles (megatron's THD RoPE maps them 1:1)
+
+
+@dataclass
+class ImageSlots:
+    """Where a micro-batch's image slots are, as indices into its flattened [B*S] slots (row-major), found on the host
+    with the rest of the plan: filling them on the GPU is then an index copy, where a mask (masked_scatter, boolean
+    indexing, a count of register slots) would make the host wait for the device."""
+
+    visual: torch.Tensor  # [N*V] the visual slots, image after image
+    registers: torch.Tensor  # [N*R] the register slots, image after image
+    register_rows: torch.Tensor  # [N*R] the learned register each register slot takes (an image's i-th: row i)
 
 
 @dataclass
@@ -87,8 +101,14 @@ class DropPlan:
     short: SequenceView | None
     keep_index: torch.Tensor | None  # [B, S'] indices into the long sequence of the slots that survive
     drop_layer: int | None
+    image_slots: ImageSlots | None = None  # where the first stage puts visual tokens and registers
     ranking: FastVRanking | None = None
     packed: bool = False  # THD attention: the decoder's hidden states are [B*S, 1, H] instead of [S, B, H]
+
+    def to(self, device: torch.device | str) -> "DropPlan":
+        """The plan on `device`, every tensor copied without blocking the host (from pinned memory when the target
+        is a GPU): the plan is built on the host, where its data-dependent sizes cost no device synchronisation."""
+        return _on_device(self, torch.device(device))
 
     def ranks_in(self, layer_index: int) -> bool:
         """Whether `layer_index` is the layer whose attention probabilities `rank` needs (FastV's K-1)."""
@@ -144,6 +164,21 @@ class DropPlan:
         """The decoder's layout -> batch-first [B, S, ...] (the inverse of `sequence_first`)."""
         x = x.transpose(0, 1)
         return x.reshape(self.long.position_ids.shape[0], -1, *x.shape[2:]) if self.packed else x
+
+
+def _on_device(value: Any, device: torch.device) -> Any:
+    """`value` with every tensor inside it (dataclass fields, tuples, partial arguments) on `device`."""
+    if isinstance(value, torch.Tensor):
+        return to_device(value, device)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: _on_device(getattr(value, f.name), device)
+                                             for f in dataclasses.fields(value) if f.init})
+    if isinstance(value, partial):
+        return partial(value.func, *_on_device(value.args, device),
+                       **{k: _on_device(v, device) for k, v in value.keywords.items()})
+    if isinstance(value, tuple):
+        return tuple(_on_device(v, device) for v in value)
+    return value
 
 
 def uses_packed_attention(cfg: Config) -> bool:
@@ -231,6 +266,14 @@ def packed_view(segments: torch.Tensor, ghost: torch.Tensor, rope: torch.Tensor)
                       rope=rope.transpose(0, 1).reshape(-1, 1, 1, rope.shape[-1]))
 
 
+def image_slots(kinds: torch.Tensor, registers_per_image: int) -> ImageSlots:
+    """The flat indices of `kinds`' visual and register slots (built on the host, see `ImageSlots`)."""
+    flat = kinds.flatten()
+    registers = (flat == KIND_REGISTER).nonzero().flatten()
+    rows = torch.arange(registers.numel(), device=kinds.device) % max(registers_per_image, 1)
+    return ImageSlots(visual=(flat == KIND_VISUAL).nonzero().flatten(), registers=registers, register_rows=rows)
+
+
 def _view(segments: torch.Tensor, kinds: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor,
           ghost: torch.Tensor, m: ModelConfig, packed: bool, text_blind: bool = False) -> SequenceView:
     rope = rope_angles(positions, m)
@@ -291,36 +334,37 @@ def build_drop_plan(batch: VictorBatch, cfg: Config, packed: bool = False,
     visual = kinds == KIND_VISUAL
     text_blind = victor.enabled and victor.mask == VictorMask.TEXT_BLIND
     long = _view(segments, kinds, positions, labels, kinds == KIND_PAD, m, packed, text_blind)
+    slots = image_slots(kinds, victor.registers_per_image)
     if (not victor.enabled and fastv_layer is None) or not bool(visual.any()):
         if positions.shape[1] % align:
             raise ValueError(f"sequence length {positions.shape[1]} is not a multiple of {align}")
         identity = torch.arange(positions.shape[1], device=kinds.device).expand_as(kinds)
-        return DropPlan(long=long, short=long, keep_index=identity, drop_layer=None, packed=packed)
+        return DropPlan(long=long, short=long, keep_index=identity, drop_layer=None, image_slots=slots, packed=packed)
     short_side = partial(_short_side, segments=segments, kinds=kinds, positions=positions, labels=labels, align=align,
                          min_length=min_short_length, m=m, packed=packed)
     if victor.enabled:
         short, index = short_side(visual)
-        return DropPlan(long=long, short=short, keep_index=index, drop_layer=victor.drop_layer, packed=packed)
+        return DropPlan(long=long, short=short, keep_index=index, drop_layer=victor.drop_layer, image_slots=slots,
+                        packed=packed)
     v = cfg.vision.num_visual_tokens
     ranking = FastVRanking(queries=ranking_queries(segments, labels), visual=visual, visual_tokens=v,
                            keep=math.ceil(v * cfg.peer.fastv_keep), short_side=short_side)
-    return DropPlan(long=long, short=None, keep_index=None, drop_layer=fastv_layer, ranking=ranking, packed=packed)
+    return DropPlan(long=long, short=None, keep_index=None, drop_layer=fastv_layer, image_slots=slots, ranking=ranking,
+                    packed=packed)
 
 
-def scatter_image_slots(embeddings: torch.Tensor, kinds: torch.Tensor, visual: torch.Tensor | None,
+def scatter_image_slots(embeddings: torch.Tensor, slots: ImageSlots, visual: torch.Tensor | None,
                         registers: torch.Tensor | None) -> torch.Tensor:
-    """Place projected visual tokens and register embeddings into their slots.
+    """Place projected visual tokens and register embeddings into their slots (`DropPlan.image_slots`).
 
     `embeddings` is batch-first [B, S, H]; `visual` is [N_images, V, H] in row-major slot order, `registers`
-    [R, H] (the same R registers after every image) or [N_images, R, H] (each image's own, e.g. pooled).
+    [R, H] (the same R registers after every image) or [N_images, R, H] (each image's own, e.g. pooled). Index
+    copies, whose sizes the host knows: no device synchronisation.
     """
+    flat = embeddings.reshape(-1, embeddings.shape[-1])
     if visual is not None and visual.numel():
-        mask = (kinds == KIND_VISUAL).unsqueeze(-1)
-        embeddings = embeddings.masked_scatter(mask, visual.to(embeddings.dtype))
-    register_slots = kinds == KIND_REGISTER
-    if registers is not None and bool(register_slots.any()):
-        n = int(register_slots.sum())
-        rows = registers.flatten(0, 1) if registers.dim() == 3 else \
-            registers[torch.arange(n, device=kinds.device) % registers.shape[0]]
-        embeddings = embeddings.masked_scatter(register_slots.unsqueeze(-1), rows.to(embeddings.dtype))
-    return embeddings
+        flat = flat.index_copy(0, slots.visual, visual.reshape(-1, flat.shape[-1]).to(flat.dtype))
+    if registers is not None and slots.registers.numel():
+        rows = registers.flatten(0, 1) if registers.dim() == 3 else registers[slots.register_rows]
+        flat = flat.index_copy(0, slots.registers, rows.to(flat.dtype))
+    return flat.view_as(embeddings)

@@ -189,7 +189,7 @@ class ReferenceVLM(nn.Module):
         decoder layer), each layer also keeps its keys and values (the prefill of `megavictor.model.kv_cache`)."""
         x = self.embedding.word_embeddings(batch.tokens)
         visual = self.projector(self.vision(batch.images)) if batch.images.shape[0] else None
-        x = scatter_image_slots(x, batch.kinds, visual, image_slot_fill(self.cfg, visual, self.registers))
+        x = scatter_image_slots(x, plan.image_slots, visual, image_slot_fill(self.cfg, visual, self.registers))
         for index, layer in enumerate(self.decoder.layers):
             if plan.drop_layer == index:
                 x = plan.drop(x, seq_dim=1)

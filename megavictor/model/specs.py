@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.activations import quick_gelu
+from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_local_spec
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -74,13 +75,47 @@ class DropPlanParams(PackedSeqParams):
     plan: DropPlan | None = None
 
 
-def thd_params(view: SequenceView) -> PackedSeqParams:
-    """megatron's THD `PackedSeqParams` of a packed view: real lengths, and padded offsets that put its ghost slots
-    (row padding, fillers) outside every sequence."""
+@dataclass
+class ThdParams(PackedSeqParams):
+    """megatron's THD `PackedSeqParams` of a packed view, with the view's per-token RoPE angles [T, 1, 1, head_dim].
+
+    The layer hands megatron no `rotary_pos_emb` on this path: megatron's unfused THD RoPE splits the tokens per
+    packed sequence with `.tolist()` and one `.item()` per sequence, in every layer, for queries and keys (a host
+    sync each). The angles already hold one row per token, so the core attention (`RotaryCoreAttention`) rotates
+    queries and keys with one elementwise RoPE instead: the same values, no sync."""
+
+    rope: torch.Tensor | None = None
+
+
+def thd_params(view: SequenceView) -> ThdParams:
+    """The THD parameters of a packed view: real lengths, and padded offsets that put its ghost slots (row padding,
+    fillers) outside every sequence; and its per-token RoPE angles."""
     packed = view.packed
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=packed.cu_seqlens, cu_seqlens_kv=packed.cu_seqlens,
-                           cu_seqlens_q_padded=packed.cu_seqlens_padded, cu_seqlens_kv_padded=packed.cu_seqlens_padded,
-                           max_seqlen_q=packed.max_seqlen, max_seqlen_kv=packed.max_seqlen)
+    return ThdParams(qkv_format="thd", cu_seqlens_q=packed.cu_seqlens, cu_seqlens_kv=packed.cu_seqlens,
+                     cu_seqlens_q_padded=packed.cu_seqlens_padded, cu_seqlens_kv_padded=packed.cu_seqlens_padded,
+                     max_seqlen_q=packed.max_seqlen, max_seqlen_kv=packed.max_seqlen, rope=packed.rope)
+
+
+def rotate_thd(t: torch.Tensor, rope: torch.Tensor, config: TransformerConfig) -> torch.Tensor:
+    """RoPE on THD tokens [T, heads, head_dim] with one angle row per token ([T, 1, 1, head_dim]): what megatron's
+    `_apply_rotary_pos_emb_thd` computes when the angles cover every token, without its per-sequence split."""
+    return _apply_rotary_pos_emb_bshd(t.unsqueeze(1), rope, rotary_interleaved=config.rotary_interleaved).squeeze(1)
+
+
+def rotary_core_attention(core_attention: type) -> type:
+    """`core_attention` (Transformer Engine's DotProductAttention wrapper) rotating queries and keys by the
+    `ThdParams` angles before it attends."""
+
+    class RotaryCoreAttention(core_attention):  # type: ignore[misc, valid-type]
+        def forward(self, query, key, value, attention_mask, *args, packed_seq_params=None,
+                    **kwargs):  # type: ignore[override]
+            if isinstance(packed_seq_params, ThdParams) and packed_seq_params.rope is not None:
+                query = rotate_thd(query, packed_seq_params.rope, self.config)
+                key = rotate_thd(key, packed_seq_params.rope, self.config)
+            return super().forward(query, key, value, attention_mask, *args, packed_seq_params=packed_seq_params,
+                                   **kwargs)
+
+    return RotaryCoreAttention
 
 
 class VictorTransformerLayer(TransformerLayer):
@@ -104,7 +139,8 @@ class VictorTransformerLayer(TransformerLayer):
             hidden_states = self._drop(plan, hidden_states)
         view = plan.view_for_layer(index)
         if view.packed is not None:  # THD on Transformer Engine (FastV, which reads probabilities, is local-only)
-            return super().forward(hidden_states, attention_mask=None, rotary_pos_emb=view.packed.rope,
+            # RoPE is applied by the core attention (`ThdParams`), not by megatron's attention.
+            return super().forward(hidden_states, attention_mask=None, rotary_pos_emb=None,
                                    packed_seq_params=thd_params(view), **kwargs)
         forward = lambda: super(VictorTransformerLayer, self).forward(  # noqa: E731
             hidden_states, attention_mask=view.mask, rotary_pos_emb=view.rope, packed_seq_params=None, **kwargs)
@@ -163,6 +199,9 @@ def decoder_layer_spec(backend: AttentionBackend, packed: bool) -> ModuleSpec:
     else:
         spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec = _with_mask_type(spec, AttnMaskType.padding_causal if packed else AttnMaskType.arbitrary)
+    if packed:
+        attention = spec.submodules.self_attention.submodules
+        attention.core_attention = rotary_core_attention(attention.core_attention)
     spec.module = VictorTransformerLayer
     return spec
 

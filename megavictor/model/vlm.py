@@ -95,13 +95,29 @@ class VictorVLM(MegatronModule):
         if batch.images.shape[0]:
             features = self.vision(batch.images.to(words.dtype))[:, 1:]  # drop the class token
             visual = self.projector(features)
-        filled = scatter_image_slots(words.transpose(0, 1), batch.kinds, visual,
+        filled = scatter_image_slots(words.transpose(0, 1), plan.image_slots, visual,
                                      image_slot_fill(self.cfg, visual, self.registers))
+        if visual is None:
+            filled = filled + self._image_path_at_zero()
         # Contiguous in sequence-first order: elementwise layers keep strides, and p2p sends need contiguous tensors.
         hidden = plan.sequence_first(filled).contiguous()
         if self.config.sequence_parallel:
             hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden).clone()
         return hidden
+
+    def _image_path_at_zero(self) -> torch.Tensor:
+        """0 times the trainable parameters of the image path (ViT, projector, registers), for a micro-batch without
+        images: each then still receives a gradient (zero), as LLaVA adds an empty slice of image features to
+        text-only samples. megatron's DDP counts every parameter's gradient in every micro-batch; with
+        `overlap_grad_reduce`, a bucket whose parameters get none in the step's last micro-batch is never reduced
+        and the step fails ("Communication call has not been issued for this bucket")."""
+        modules = [self.vision, self.projector]
+        params = [p for m in modules for p in m.parameters() if p.requires_grad]
+        params += [self.registers] if self.registers is not None and self.registers.requires_grad else []
+        if not params:
+            return torch.zeros((), dtype=self.embedding.word_embeddings.weight.dtype,
+                               device=self.embedding.word_embeddings.weight.device)
+        return torch.stack([p.sum() for p in params]).sum() * 0.0
 
     def forward(self, batch: VictorBatch, plan: DropPlan | None = None, return_logits: bool = False) -> torch.Tensor:
         """Hidden states to send on (inner stages), or on the last stage per-slot losses [B, S'] (masked by the
