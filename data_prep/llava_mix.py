@@ -3,7 +3,8 @@
 It has the shape of LLaVA's instruction mix, at toy scale: text-only conversations (~20% by default,
 `text_only_fraction`), samples with one image (~55%) and with two or three (~25%, `multi_image_fraction`), images of
 aspect ratios spread over 1:3 .. 3:1 (both extremes in every split) with sides of 16-160 px, PNG and JPEG, and
-1-4 turns per conversation with human turns of 3-40 words and answers of 1-60 words. The `<image>` markers (one per
+1-4 turns per conversation with human turns of 3-40 words and answers of 1-60 words; text-only samples are long chats
+(2-4 turns, answers of 15-70 words), as ShareGPT's are in LLaVA-665k. The `<image>` markers (one per
 image) sit either at the start of the first human turn or inside its text. Every image is coloured shapes or
 stripes on a background, and most answers name its colour, shape, count or orientation, so there is something to
 learn. All text is drawn from a fixed word list: with the prompt templates and the tokenizer's specials the
@@ -73,6 +74,9 @@ class MixSpec:
     max_turns: int = 4
     human_words: tuple[int, int] = (3, 40)
     answer_words: tuple[int, int] = (1, 60)
+    # Text-only samples are long multi-turn chats (ShareGPT's in LLaVA-665k): 2-4 turns of 15-70-word answers, a
+    # few hundred tokens each, so that packing makes whole rows, and micro-batches, without an image.
+    text_only_answer_words: tuple[int, int] = (15, 70)
     jpeg_fraction: float = 0.3
 
     def check(self) -> None:
@@ -222,9 +226,9 @@ def answer_length(rng: np.random.Generator, low: int, high: int) -> int:
 
 def conversation(rng: np.random.Generator, pictures: list[Picture], spec: MixSpec) -> list[dict[str, str]]:
     pool = image_questions(pictures) if pictures else text_questions(rng)
-    turns = int(rng.integers(1, spec.max_turns + 1))
+    turns = int(rng.integers(1 if pictures else 2, spec.max_turns + 1))
     picks = [int(k) for k in rng.choice(len(pool), size=min(turns, len(pool)), replace=False)]
-    lo, hi = spec.answer_words
+    lo, hi = spec.answer_words if pictures else spec.text_only_answer_words
     h_lo, h_hi = spec.human_words
     conversations = []
     for turn, k in enumerate(picks):
@@ -234,7 +238,7 @@ def conversation(rng: np.random.Generator, pictures: list[Picture], spec: MixSpe
         human = words(rng, want - len(question)) + ([","] if want > len(question) else []) + question
         human = human[-h_hi:] if len(human) > h_hi else human
         # Answer: the true answer, extended with filler sentences up to the wanted length (1-60 words).
-        want = max(len(answer), answer_length(rng, lo, hi))
+        want = max(len(answer), answer_length(rng, lo, hi) if pictures else int(rng.integers(lo, hi + 1)))
         extra = words(rng, want - len(answer))
         gpt = (answer + (["."] if extra and answer[-1] != "." else []) + extra)[:hi]
         human_text = sentence(human)

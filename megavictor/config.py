@@ -215,7 +215,9 @@ class DataConfig:
     seq_length: int = 256
     text_length: int = 64  # typical text tokens per image sample; used by the pipeline cost model
     micro_batch_size: int = 1
-    num_workers: int = 0  # decoding processes per rank (0: decode in the training process)
+    # Decoding processes per rank, each `prefetch` micro-batches ahead of the training step (0: decode in the training
+    # process). null: 4 on CUDA (batches pinned for asynchronous copies), 0 on the CPU.
+    num_workers: int | None = None
     prefetch: int = 2  # micro-batches each worker decodes ahead
     shuffle_buffer: int | None = None  # deprecated: the packing plan shuffles the whole split every epoch
     pack_buffer: int = 64
@@ -257,7 +259,9 @@ class TrainConfig:
     fp8_amax_history_len: int = 1024
     fp8_amax_compute_algo: Fp8AmaxAlgo = Fp8AmaxAlgo.MAX
     fp8_margin: int = 0
-    attention_backend: AttentionBackend = AttentionBackend.LOCAL
+    # null: chosen at start-up (`megavictor.cuda_expected.resolve_attention_backend`): te (THD, fused attention) on
+    # CUDA with Transformer Engine installed, else local.
+    attention_backend: AttentionBackend | None = None
     recompute: Recompute | None = None  # megatron engine
     recompute_method: RecomputeMethod = RecomputeMethod.UNIFORM  # with recompute=full
     recompute_num_layers: int = 1  # with recompute=full: layers per checkpointed group (uniform) / per stage (block)
@@ -447,7 +451,7 @@ def _check_ranges(cfg: Config) -> None:
             ("train.max_nonfinite_steps", t.max_nonfinite_steps),
             ("train.fp8_amax_history_len", t.fp8_amax_history_len),
             ("log.log_interval", log.log_interval)],
-        0: [("victor.num_registers", vi.num_registers), ("data.num_workers", d.num_workers), ("data.seed", d.seed),
+        0: [("victor.num_registers", vi.num_registers), ("data.num_workers", d.num_workers or 0), ("data.seed", d.seed),
             ("train.max_steps", t.max_steps), ("train.warmup_steps", t.warmup_steps), ("train.seed", t.seed),
             ("train.save_interval", t.save_interval), ("train.keep_last", t.keep_last),
             ("train.eval_interval", t.eval_interval), ("train.fp8_margin", t.fp8_margin)],
@@ -523,7 +527,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _require(t.stage in (1, 2), f"train.stage={t.stage} must be 1 or 2 (the LLaVA training stage)")
     _require(t.fp8 is None or d.seq_length % 16 == 0,
              f"data.seq_length={d.seq_length} must be a multiple of 16 with train.fp8 (FP8 GEMM alignment)")
-    _require(t.fp8 is None or t.attention_backend == "te",
+    _require(t.fp8 is None or t.attention_backend in (None, "te"),
              f"train.fp8={t.fp8} needs train.attention_backend=te (Transformer Engine on a CUDA GPU)")
     _require(t.grad_reduce_dtype == Precision.FP32 or t.precision == Precision.BF16,
              f"train.grad_reduce_dtype={t.grad_reduce_dtype} needs train.precision=bf16 (fp32 training reduces fp32 "
@@ -553,7 +557,7 @@ def _validate_peer(cfg: Config) -> None:
         _require(not vi.enabled, f"peer.fastv_layer={k} replaces the Victor drop: set victor.enabled=false")
         _require(p.pp == 1, f"peer.fastv_layer={k} needs parallel.pp=1 (the kept slots are chosen during the "
                             "forward; later pipeline stages could not know them)")
-        _require(t.attention_backend == AttentionBackend.LOCAL,
+        _require(t.attention_backend in (None, AttentionBackend.LOCAL),
                  f"peer.fastv_layer={k} needs train.attention_backend=local (it reads the attention probabilities)")
     if pe.avg_pool_to is not None:
         r = pe.avg_pool_to
@@ -597,8 +601,15 @@ def _validate_engine(cfg: Config) -> None:
     for key, value in (("parallel.tp", p.tp), ("parallel.pp", p.pp)):
         _require(value == 1, f"{key}={value}: train.engine=deepspeed is data parallel only ({key} must be 1)")
     _require(not p.sequence_parallel, "parallel.sequence_parallel=true needs train.engine=megatron")
-    _require(t.attention_backend in ("local", "flash"),
+    # null (chosen at start-up) is local (SDPA) on this engine.
+    _require(t.attention_backend in (None, "local", "flash"),
              f"train.attention_backend={t.attention_backend!r}: train.engine=deepspeed takes local (SDPA) or flash")
+    _require(t.attention_backend != "flash" or t.precision == Precision.BF16,
+             f"train.attention_backend=flash with train.precision={t.precision} and train.engine=deepspeed: flash-attn "
+             "has no fp32 kernels; set train.precision=bf16, or train.attention_backend=local (SDPA)")
+    _require(t.precision != Precision.BF16 or t.zero_stage != 1,
+             "train.zero_stage=1 with train.precision=bf16: DeepSpeed accumulates fp32 gradients under ZeRO-1 only "
+             "in its BF16 optimizer, whose checkpoints its zero_to_fp32 cannot read; use train.zero_stage=2")
     _require(t.fp8 is None, f"train.fp8={t.fp8} needs train.engine=megatron (Transformer Engine layers)")
     _require(not t.distributed_optimizer, "train.distributed_optimizer=true is the megatron engine's; "
                                           "train.engine=deepspeed shards the optimizer with train.zero_stage")

@@ -1,4 +1,5 @@
-"""A job that asked for GPUs stops with one line when it finds no CUDA, instead of training on the CPU.
+"""What a training job expects of CUDA: a job that asked for GPUs stops with one line when it finds none, instead
+of training on the CPU; and `train.attention_backend: null` becomes the best backend the machine has.
 
 Without this, a GPU job whose CUDA is not visible (wrong CUDA_VISIBLE_DEVICES, a driver mismatch, a CPU-only torch
 wheel) would pick gloo and megavictor's CPU compatibility layer and run, silently, orders of magnitude slower.
@@ -8,12 +9,13 @@ task; so can a user's own launcher) or when the config names a GPU-only feature.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
 
-from megavictor.config import AttentionBackend, Config
-from megavictor.errors import UserError
+from megavictor.config import AttentionBackend, Config, Engine
+from megavictor.errors import UserError, notice
 
 ENV = "MEGAVICTOR_EXPECT_CUDA"
 
@@ -41,3 +43,37 @@ def require_cuda_if_expected(cfg: Config) -> None:
         raise CudaMissing(f"{reason} expects CUDA GPUs, but torch sees none (torch {torch.__version__}, "
                           f"CUDA_VISIBLE_DEVICES={visible!r}); fix the node's GPUs/driver or the torch install, "
                           "or run without GPUs (no --gpus-per-node, train.attention_backend=local, train.fp8=null)")
+
+
+def softmax_kernels_available() -> bool:
+    """The fused softmax kernels megatron's local attention imports for `masked_softmax_fusion` (APEX or Megatron-LM's
+    fused_kernels build them: `scaled_masked_softmax_cuda` for our explicit masks, `scaled_softmax_cuda` for the
+    ViT's unmasked attention). Without them megatron would fail at the first attention of 17-4096 keys."""
+    return all(importlib.util.find_spec(name) is not None
+               for name in ("scaled_masked_softmax_cuda", "scaled_softmax_cuda"))
+
+
+def resolve_attention_backend(cfg: Config) -> None:
+    """Fill in `train.attention_backend: null` for this machine, as the training job starts (each rank, so that a
+    login node without GPUs decides nothing for the GPU nodes): Transformer Engine's THD attention (fused
+    FlashAttention / cuDNN kernels, no [S, S] mask) on CUDA where Transformer Engine is installed, or with
+    `train.fp8`, which needs it; megatron's local layers otherwise, and for the deepspeed engine (SDPA) and FastV
+    (which reads attention probabilities). On CUDA without Transformer Engine it says so in one line."""
+    t, gpu = cfg.train, torch.cuda.is_available()
+    if t.attention_backend is None:
+        t.attention_backend = _best_attention_backend(cfg, gpu)
+    if gpu and t.attention_backend == AttentionBackend.LOCAL and not softmax_kernels_available():
+        notice("train.attention_backend=local: APEX's fused softmax kernels (scaled_masked_softmax_cuda) are not "
+               "installed, so the local attention's softmax runs unfused (slower, more memory)")
+
+
+def _best_attention_backend(cfg: Config, gpu: bool) -> AttentionBackend:
+    if cfg.train.engine == Engine.DEEPSPEED or cfg.peer.fastv_layer is not None:
+        return AttentionBackend.LOCAL
+    if cfg.train.fp8 is not None or (gpu and importlib.util.find_spec("transformer_engine") is not None):
+        return AttentionBackend.TE
+    if gpu:
+        notice("train.attention_backend=null: Transformer Engine is not installed, so attention runs on megatron's "
+               "local layers (an explicit [S, S] mask); install transformer-engine for the THD attention path, or set "
+               "train.attention_backend=local")
+    return AttentionBackend.LOCAL

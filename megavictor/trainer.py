@@ -17,7 +17,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from megavictor.config import Config, load_config
-from megavictor.cuda_expected import require_cuda_if_expected
+from megavictor.cuda_expected import require_cuda_if_expected, resolve_attention_backend
 from megavictor.data.preflight import check_data_set
 from megavictor.process_lifetime import tie_forked_helpers
 from megavictor.run_lock import acquire
@@ -39,6 +39,7 @@ def run(cfg: Config, install_signal_handlers: bool = True) -> Summary:
     lock = acquire(cfg.train.run_dir) if os.environ.get("RANK", "0") == "0" else None  # before anything slow
     try:
         require_cuda_if_expected(cfg)  # before gloo and the CPU compatibility layer could stand in for NCCL
+        resolve_attention_backend(cfg)
         check_data_set(cfg)
         from megavictor.training import train
 

@@ -93,7 +93,8 @@ def test_megatron_thd_rope_rotates_by_the_local_angles() -> None:
     from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 
     from megavictor.distributed import init_from_config
-    from megavictor.model.specs import language_config
+    from megavictor.model.specs import language_config, rotate_thd, thd_params
+    from tests.host_syncs import HostSyncCounter
 
     cfg = tiny_config()
     init_from_config(cfg)
@@ -112,6 +113,12 @@ def test_megatron_thd_rope_rotates_by_the_local_angles() -> None:
         rotated = apply_rotary_pos_emb(thd, pv.packed.rope, config=config, cu_seqlens=pv.packed.cu_seqlens_padded,
                                        cp_group=parallel_state.get_context_parallel_group())
         assert torch.allclose(packed.batch_first(rotated.unsqueeze(1)), expected.transpose(0, 1), atol=1e-6)
+        # What our core attention applies instead (`ThdParams`): the same values, without megatron's split of the
+        # tokens per sequence (`.tolist()` and an `.item()` per sequence, in every layer).
+        counter = HostSyncCounter()
+        with counter.counting():
+            ours = rotate_thd(thd, thd_params(pv).rope, config)
+        assert torch.equal(ours, rotated) and not counter.events, counter.events
 
 
 def test_packed_layout_drops_the_same_slots() -> None:

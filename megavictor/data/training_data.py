@@ -8,7 +8,9 @@ real tokens, samples and FLOPs) comes from the plan, so no rank materialises the
 As in Megatron-LM, tensor-parallel rank 0 loads and broadcasts to its tensor-parallel peers, and only the pipeline
 stages that use data read it: the first stage decodes text and images, the last stage only the text (its labels),
 and middle stages read nothing, building their micro-batches' structure (kinds, positions, `cu_seqlens`) from the
-index. Decoding runs in `data.num_workers` worker processes, each `data.prefetch` micro-batches ahead.
+index. Decoding runs in `data.num_workers` worker processes (by default 4 on CUDA, none on the CPU), each
+`data.prefetch` micro-batches ahead, so that the next micro-batches decode while the current ones compute; on CUDA
+the loader pins them for asynchronous copies to the GPU.
 
 The position in the data is the number of plan rows consumed: the same number on every rank, independent of the
 layout, saved in the checkpoint's common state (which every rank reads) and restored exactly under any tp/pp/dp.
@@ -44,6 +46,7 @@ from megavictor.model.batch import IMAGE_PLACEHOLDER, Sample, VictorBatch, colla
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 2
+GPU_DECODING_WORKERS = 4  # data.num_workers: null on CUDA
 
 
 class Reads(enum.Enum):
@@ -242,6 +245,15 @@ def broadcast_batch(batch: VictorBatch | None, rows: int, seq_length: int) -> Vi
     return VictorBatch(**out)
 
 
+def decoding_workers(cfg: Config) -> int:
+    """`data.num_workers`, or for null what a GPU job wants: 4 processes decoding ahead of the step, so that image
+    decoding never holds up the GPU (Megatron-LM's data loaders use workers too); on the CPU, where the workers would
+    take cores from training, 0."""
+    if cfg.data.num_workers is not None:
+        return cfg.data.num_workers
+    return GPU_DECODING_WORKERS if torch.cuda.is_available() else 0
+
+
 def _identity(item: Any) -> Any:
     return item
 
@@ -292,9 +304,10 @@ class TrainData:
         jobs = self._jobs()
         if not self.data.loads:
             return (None for _ in jobs)
-        workers = self.cfg.data.num_workers
+        workers, cuda = decoding_workers(self.cfg), torch.cuda.is_available()
         return iter(DataLoader(self.data.decoder, sampler=jobs, batch_size=None, num_workers=workers,
-                               collate_fn=_identity, prefetch_factor=self.cfg.data.prefetch if workers else None))
+                               collate_fn=_identity, prefetch_factor=self.cfg.data.prefetch if workers else None,
+                               pin_memory=cuda))
 
     def next_step(self) -> StepBatches:
         if self._batches is None:

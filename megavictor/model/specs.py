@@ -26,6 +26,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megavictor.compat import SequenceParallelTorchNorm
+from megavictor.cuda_expected import softmax_kernels_available
 from megavictor.config import AttentionBackend, Config, ConfigError, Precision, Recompute, RecomputeMethod, \
     VisionActivation
 from megavictor.model.drop_plan import DropPlan, SequenceView, uses_packed_attention
@@ -41,16 +42,19 @@ def _apex_grad_accum_fusion() -> bool:
 
 def fusions(cfg: Config, te_layers: bool) -> dict[str, bool]:
     """megatron's CUDA fusions: on where CUDA is present (as Megatron-LM's defaults), off on the CPU, where only the
-    unfused paths run. Gradient-accumulation fusion (fp32 weight gradients accumulated straight into megatron DDP's
-    `main_grad`) is on where a kernel exists for every linear layer of the config: APEX's for megatron's local
-    layers, Transformer Engine's for TE layers (`te_layers`: the config builds only TE linear layers).
+    unfused paths run. The local attention's fused softmax only where its kernels are importable
+    (`softmax_kernels_available`). Gradient-accumulation fusion (fp32 weight gradients accumulated straight into
+    megatron DDP's `main_grad`) is on where a kernel exists for every linear layer of the config: APEX's for
+    megatron's local layers, Transformer Engine's for TE layers (`te_layers`: the config builds only TE linear
+    layers).
 
     RoPE fusion stays off: our layers take per-slot angles (positions restart at every packed sample and survive the
     Victor drop), while megatron's fused RoPE applies one position table to every row. `persist_layer_norm` is APEX's
     persistent LayerNorm kernel, which none of our norms is (RMSNorm, torch or TE norms; megatron's torch norm
     refuses the flag)."""
     cuda = torch.cuda.is_available()
-    return dict(masked_softmax_fusion=cuda, bias_dropout_fusion=cuda, persist_layer_norm=False,
+    return dict(masked_softmax_fusion=cuda and softmax_kernels_available(), bias_dropout_fusion=cuda,
+                persist_layer_norm=False,
                 gradient_accumulation_fusion=cuda and (_apex_grad_accum_fusion() or
                                                       (te_layers and cfg.train.attention_backend == AttentionBackend.TE)),
                 apply_rope_fusion=False)
