@@ -1,19 +1,29 @@
 """megavictor: distributed training of Victor (visual compact token register) VLMs on megatron-core."""
 
+import os
+
 from setuptools import find_packages, setup
+
+# GPU install inside an NGC PyTorch container (README "GPU install"): MEGAVICTOR_KEEP_TORCH=1 asks only for a torch
+# megatron-core 0.16 accepts, so pip keeps the container's CUDA build (which its Transformer Engine and Apex are
+# compiled against; the container's PIP_CONSTRAINT pins it too), and admits the containers' Python 3.12. Unset, the
+# requirements stay exactly those of the CPU machines.
+KEEP_TORCH = os.environ.get("MEGAVICTOR_KEEP_TORCH", "") not in ("", "0")
 
 setup(
     name="megavictor",
     version="0.1.0",
     description="Train LLaVA-style VLMs with Victor visual registers on megatron-core (TP/PP/DP), CPU-testable.",
-    python_requires=">=3.11,<3.12",
+    # megatron-core 0.16 runs on Python >= 3.10 (0.17+ need 3.12, and are not what this code is written against).
+    python_requires=">=3.11,<3.13" if KEEP_TORCH else ">=3.11,<3.12",
     packages=find_packages(include=["megavictor", "megavictor.*", "data_prep", "data_prep.*", "launch", "launch.*"]),
     include_package_data=True,
     install_requires=[
         # The CPU wheel of this exact version is on the project's machines; a looser pin would let pip
-        # fetch a multi-GB CUDA build.
-        "torch==2.13.0",
-        # Python 3.11 caps megatron-core at 0.16.x.
+        # fetch a multi-GB CUDA build. With MEGAVICTOR_KEEP_TORCH: the installed torch, if megatron-core 0.16's floor
+        # (torch>=2.6.0) admits it.
+        "torch>=2.6.0" if KEEP_TORCH else "torch==2.13.0",
+        # Python 3.11 caps megatron-core at 0.16.x (0.17+ require Python 3.12); this code is written against 0.16.
         "megatron-core>=0.16.1,<0.17",
         "psutil",  # megatron dist_checkpointing's writer needs it but does not declare it
         "einops",

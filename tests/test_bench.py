@@ -39,6 +39,63 @@ def test_bench_train(capsys: pytest.CaptureFixture[str]) -> None:
         assert record["flop_bound"] > 1  # Victor does less work than the baseline on the same data
         assert record["victor_peak_mem_mb"] > 50 and record["baseline_peak_mem_mb"] > 50  # whole processes
     assert out["speedup"] == out["by_text_length"]["8"]["speedup"]
+    # No GPU here: host memory, wall-clock timer; the row lengths are one sample's slots (no FP8 padding).
+    assert out["peak_memory_kind"] == "host_rss" and out["timer"] == "wall_clock" and out["fp8"] is None
+    assert out["attention_backend"] == "local"  # null, resolved in the worker as a training job does
+    record = out["by_text_length"]["8"]
+    assert record["baseline_seq_length"] == 16 + 8 and record["victor_seq_length"] == 16 + 8 + 8
+    assert record["victor_short_length"] == 8 + 8
+    assert record["victor_host_peak_mem_mb"] == record["victor_peak_mem_mb"]
+
+
+def test_bench_train_lengths_are_fp8_aligned() -> None:
+    """Under `train.fp8` the bench rows of Victor and of the baseline, and Victor's short length after the drop, are
+    all multiples of 16 (R=8 makes the two rows differ by 8: both are padded up); without FP8 the rows stay one
+    sample's slots exactly. Pure Python: the configs and batches only."""
+    from megavictor.benchmarks.common import bench_config, image_text_batches, sample_slots, variant
+    from megavictor.model.drop_plan import short_length
+
+    fp8 = ["train.fp8=hybrid", "train.attention_backend=te", "train.precision=bf16"]
+    for shape in ([], TINY):  # the default CPU LLaVA-1.5 shape (576 visual tokens) and the tiny one (16)
+        cfg = bench_config(None, shape + fp8)
+        assert cfg.victor.num_registers % 16 != 0  # the case that cannot be aligned without padding
+        for text in (8, 24, 64, 100, 256):
+            victor, baseline = variant(cfg, True, text), variant(cfg, False, text)
+            assert victor.train.fp8 and baseline.train.fp8
+            for c, on in ((victor, True), (baseline, False)):
+                assert c.data.seq_length % 16 == 0, (shape, text, on, c.data.seq_length)
+                assert 0 <= c.data.seq_length - sample_slots(cfg, on, text) < 16
+            batch = image_text_batches(victor, 2, 1)[0]
+            short = short_length(batch, victor)
+            assert short % 16 == 0 and victor.victor.num_registers + text <= short < victor.data.seq_length
+            assert short_length(image_text_batches(baseline, 2, 1)[0], baseline) == baseline.data.seq_length
+        plain = bench_config(None, shape)
+        assert variant(plain, True, 64).data.seq_length == sample_slots(plain, True, 64)
+        assert variant(plain, False, 64).data.seq_length == sample_slots(plain, False, 64)
+
+
+def test_bench_timer_synchronizes_cuda_around_the_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`timed` (every `bench train` step) waits for the GPU before starting and before stopping the clock. The CUDA
+    functions are monkeypatched here only to record the order of the calls: this machine has no GPU."""
+    import time
+
+    import torch
+
+    from megavictor.benchmarks import common
+
+    calls: list[str] = []
+    clock = iter([10.0, 12.5])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: calls.append("synchronize"))
+    monkeypatch.setattr(time, "perf_counter", lambda: calls.append("clock") or next(clock))
+    result, seconds, cpu_seconds = common.timed(lambda: calls.append("step") or "out")
+    assert calls == ["synchronize", "clock", "step", "synchronize", "clock"]
+    assert (result, seconds) == ("out", 2.5) and cpu_seconds >= 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    calls.clear()
+    clock = iter([1.0, 2.0])
+    common.timed(lambda: calls.append("step"))
+    assert calls == ["clock", "step", "clock"]  # no CUDA: no synchronize
 
 
 def test_bench_infer(capsys: pytest.CaptureFixture[str]) -> None:

@@ -113,3 +113,15 @@ def test_precision_and_fp8_recipe_settings_reach_megatron() -> None:
     assert config.fp8_recipe == "tensorwise" and config.bf16 and config.params_dtype == torch.bfloat16
     cuda = torch.cuda.is_available()
     assert config.use_cpu_initialization == (not cuda) and config.masked_softmax_fusion == cuda
+
+
+def test_deepspeed_flash_attention_with_fp32_is_refused_in_one_line(tmp_path: Path) -> None:
+    """flash-attn rejects fp32 at the first forward on the GPU; validation says so before anything starts."""
+    proc = subprocess.run([sys.executable, "-m", "megavictor", "train", "--config", str(ROOT / "configs" /
+                           "demo_stage2.yaml"), "train.engine=deepspeed", "train.attention_backend=flash",
+                           "train.precision=fp32", f"train.run_dir={tmp_path}"], capture_output=True, text=True,
+                          cwd=ROOT)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "megavictor train: error: train.attention_backend=flash with train.precision=fp32 and train.engine=deepspeed: "
+        "flash-attn has no fp32 kernels; set train.precision=bf16, or train.attention_backend=local (SDPA)"], \
+        proc.stderr

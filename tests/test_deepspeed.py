@@ -112,10 +112,85 @@ def test_flash_backend_without_flash_attn_or_cuda_is_a_clear_error() -> None:
     (["victor.enabled=false"], "victor.enabled"),
     (["train.attention_backend=te"], "train.attention_backend"),
     (["train.engine=megatron", "train.gradient_checkpointing=true"], "train.gradient_checkpointing"),
+    (["train.precision=bf16", "train.zero_stage=1"], "train.zero_stage"),
 ])
 def test_engine_settings_name_their_key(overrides: list[str], key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(STAGE2, ["train.engine=deepspeed", *overrides])
+
+
+def test_flash_attention_needs_bf16() -> None:
+    """flash-attn has no fp32 kernels: refused at validation, in one line naming the keys and the way out; bf16 and
+    the null backend (chosen at start-up: SDPA on this engine) pass."""
+    from megavictor.config import validate
+
+    with pytest.raises(ConfigError) as err:
+        load_config(STAGE2, ["train.engine=deepspeed", "train.attention_backend=flash", "train.precision=fp32"])
+    message = str(err.value)
+    assert "\n" not in message
+    for part in ("train.attention_backend=flash", "train.precision=fp32", "train.engine=deepspeed",
+                 "train.precision=bf16", "train.attention_backend=local"):
+        assert part in message, (part, message)
+    load_config(STAGE2, ["train.engine=deepspeed", "train.attention_backend=flash", "train.precision=bf16"])
+    cfg = load_config(STAGE2, ["train.engine=deepspeed"])
+    cfg.train.attention_backend = None
+    validate(cfg)
+
+
+def test_bf16_config_asks_for_fp32_gradient_accumulation_and_reduction() -> None:
+    """The DeepSpeed config of a bf16 run holds fp32 gradient accumulation and fp32 communication, as DeepSpeed's
+    own parser reads them; an fp32 run leaves both at DeepSpeed's defaults (they follow the fp32 model)."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from megavictor.engines.deepspeed import deepspeed_config
+
+    for stage in (2, 3):
+        config = deepspeed_config(tiny_config(["train.engine=deepspeed", "train.precision=bf16",
+                                               f"train.zero_stage={stage}"]), 1)
+        assert config["bf16"]["enabled"] and config["zero_optimization"]["stage"] == stage
+        assert config["data_types"] == {"grad_accum_dtype": "fp32"} and config["communication_data_type"] == "fp32"
+        parsed = DeepSpeedConfig(config)  # no process group here: world size 1
+        assert parsed.bfloat16_config.enabled and parsed.grad_accum_dtype == "fp32"
+        assert parsed.communication_data_type == torch.float32
+    fp32 = deepspeed_config(tiny_config(["train.engine=deepspeed"]), 1)
+    assert not fp32["bf16"]["enabled"] and "data_types" not in fp32 and "communication_data_type" not in fp32
+
+
+BF16_PROBE = """
+import json, sys
+from megavictor.distributed import init_distributed
+from megavictor.engines.deepspeed import DeepSpeedEngine
+from megavictor.initial_weights import InitialWeights, WeightSource
+from tests.fixtures import packed_batches, tiny_config
+
+out = {}
+for stage in (2, 3):
+    cfg = tiny_config(["train.engine=deepspeed", "train.precision=bf16", f"train.zero_stage={stage}",
+                       "data.micro_batch_size=1", "train.global_batch_size=2", f"train.run_dir={sys.argv[1]}/{stage}"])
+    engine = DeepSpeedEngine(cfg, init_distributed(1, 1, cfg.train.seed), InitialWeights(WeightSource.FRESH))
+    batches = packed_batches(cfg)  # two micro-batches: one accumulation
+    step = engine.train_step(batches, sum(b.num_loss_tokens() for b in batches))
+    out[stage] = {"params": str(next(engine.engine.module.parameters()).dtype),
+                  "data_types": [str(d) for d in engine.engine.get_data_types()],
+                  "communication": str(engine.engine.communication_data_type),
+                  "accumulation": str(engine.optimizer.gradient_accumulation_dtype),
+                  "skipped": step.skipped, "grad_norm": step.grad_norm}
+print(json.dumps(out))
+"""
+
+
+def test_bf16_engine_accumulates_and_reduces_gradients_in_fp32(tmp_path: Path) -> None:
+    """What DeepSpeed built from that config (in a fresh process: DeepSpeed's state is per process): bf16 weights,
+    fp32 gradient accumulation in the ZeRO-2 and ZeRO-3 optimizers, fp32 communication; a step over two
+    micro-batches applies. (Without the keys DeepSpeed 0.19 chose bf16 for both.)"""
+    proc = subprocess.run([sys.executable, "-c", BF16_PROBE, str(tmp_path)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for stage, got in json.loads(proc.stdout.strip().splitlines()[-1]).items():
+        assert got["params"] == "torch.bfloat16", (stage, got)
+        assert got["data_types"] == ["torch.bfloat16", "torch.float32"], (stage, got)
+        assert got["communication"] == got["accumulation"] == "torch.float32", (stage, got)
+        assert not got["skipped"] and got["grad_norm"] > 0, (stage, got)
 
 
 # --------------------------------------------------------------------------- training on 2 ranks

@@ -1,15 +1,20 @@
-"""What the benchmarks share: the CPU-width LLaVA-1.5 shape, synthetic image + text batches, peak memory, medians."""
+"""What the benchmarks share: the CPU-width LLaVA-1.5 shape, synthetic image + text batches, timers, peak memory,
+medians."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from megavictor.config import Config, load_config
+from megavictor.model.drop_plan import FP8_ALIGNMENT
 from megavictor.model.batch import IMAGE_PLACEHOLDER, KIND_TEXT, KIND_VISUAL, Sample, VictorBatch, collate_rows, \
     expand_sample
 
@@ -31,19 +36,31 @@ def bench_config(path: str | None, overrides: list[str], defaults: list[str] = C
 
 
 def variant(cfg: Config, victor: bool, text_length: int | None = None) -> Config:
-    """`cfg` with Victor on or off (the baseline is `victor.enabled=false`), seq_length = one sample's slots."""
+    """`cfg` with Victor on or off (the baseline is `victor.enabled=false`), seq_length = one sample's slots
+    (`bench_seq_length`)."""
     d = cfg.to_dict()
     d["victor"]["enabled"] = victor
     if text_length is not None:
         d["data"]["text_length"] = text_length
     t = d["data"]["text_length"]
-    d["data"]["seq_length"] = sample_slots(cfg, victor, t)
+    d["data"]["seq_length"] = bench_seq_length(cfg, victor, t)
     overrides = [f"{s}.{k}={json.dumps(v)}" for s, vals in d.items() for k, v in vals.items()]
     return load_config(None, overrides)
 
 
 def sample_slots(cfg: Config, victor: bool, text_length: int) -> int:
     return cfg.vision.num_visual_tokens + (cfg.victor.num_registers if victor else 0) + text_length
+
+
+def bench_seq_length(cfg: Config, victor: bool, text_length: int) -> int:
+    """A benchmark row's length: one sample's slots, and with `train.fp8` rounded up to a multiple of 16 (FP8 GEMM
+    alignment; the row's tail is padding). Victor's row is R slots longer than the baseline's, so with R not a
+    multiple of 16 (the default 8) the two cannot both be exact multiples of 16: both are padded up instead. After
+    the drop Victor's short length (registers + text) is rounded up the same way by the drop plan
+    (`megavictor.model.drop_plan.short_length`). Without FP8 the rows are unpadded, as before."""
+    slots = sample_slots(cfg, victor, text_length)
+    align = FP8_ALIGNMENT if cfg.train.fp8 else 1
+    return -(-slots // align) * align
 
 
 def image_text_batches(cfg: Config, rows: int, micro_batches: int, seed: int = 0) -> list[VictorBatch]:
@@ -81,6 +98,50 @@ def memory_mb() -> dict[str, float]:
         if key in ("VmRSS", "VmHWM"):
             out[key] = int(value.split()[0]) / 1024
     return {"rss_mb": out.get("VmRSS", 0.0), "peak_mb": out.get("VmHWM", 0.0)}
+
+
+def peak_memory_kind() -> str:
+    """What `measured_memory_mb` reports: the GPU's allocated memory with CUDA, else the host's resident set."""
+    return "cuda_allocated" if torch.cuda.is_available() else "host_rss"
+
+
+def reset_peak_memory() -> None:
+    """Start this process's CUDA peak (`torch.cuda.max_memory_allocated`) from now; nothing to do on the host, whose
+    VmHWM is per process."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def measured_memory_mb() -> dict[str, float]:
+    """The memory a benchmark variant reports, MiB: with CUDA the tensors allocated on this process's GPU now
+    (`rss_mb`) and at their peak since `reset_peak_memory` (`peak_mb`); on the host VmRSS and VmHWM. The host
+    numbers always come along as `host_rss_mb` / `host_peak_mb`."""
+    host = memory_mb()
+    out = {"host_rss_mb": host["rss_mb"], "host_peak_mb": host["peak_mb"]}
+    if torch.cuda.is_available():
+        return {"rss_mb": torch.cuda.memory_allocated() / 2**20, "peak_mb": torch.cuda.max_memory_allocated() / 2**20,
+                **out}
+    return {**host, **out}
+
+
+def synchronize() -> None:
+    """Wait for the work queued on the current CUDA device (nothing to wait for without CUDA)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+T = TypeVar("T")
+
+
+def timed(fn: Callable[[], T]) -> tuple[T, float, float]:
+    """`fn()`, its wall seconds and this process's CPU seconds. With CUDA the device is synchronised before each
+    clock read: kernels queued before the start are not charged to `fn`, and the ones `fn` queued are finished
+    when the clock stops (CUDA calls return at launch)."""
+    synchronize()
+    start, cpu = time.perf_counter(), time.process_time()
+    result = fn()
+    synchronize()
+    return result, time.perf_counter() - start, time.process_time() - cpu
 
 
 def median(values: list[float]) -> float:

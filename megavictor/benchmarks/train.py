@@ -6,8 +6,15 @@ Victor and the baseline (`victor.enabled=false`) are the same model shape on the
 micro-batch holds one sample (one image + `text_length` text tokens), so Victor's rows are R slots longer.
 
 Each variant lives in its own fresh worker process (for a per-variant peak memory), and the parent alternates
-single steps between the two workers, so machine noise hits both alike; reported times are medians. Peak memory is
-the worker's VmHWM (peak resident set of that process alone, imports and model included).
+single steps between the two workers, so machine noise hits both alike; reported times are medians. With CUDA each
+step is timed between two `torch.cuda.synchronize()` calls (`common.timed`), so it covers the kernels, not their
+launch. Peak memory (`peak_memory_kind` in the JSON): with CUDA the worker's `torch.cuda.max_memory_allocated`
+(reset when the worker starts: model, optimizer state and activations of that variant alone), on the host the
+worker's VmHWM (peak resident set of that process alone, imports and model included).
+
+Each row holds one sample and no padding, except under `train.fp8`, where both variants' rows (and Victor's short
+length after the drop) are padded up to multiples of 16 for the FP8 GEMMs (`common.bench_seq_length`); the padding
+is counted in the FLOPs, not in tokens/s.
 
 `flop_bound` is baseline FLOPs / Victor FLOPs of exactly the batches run (`megavictor.metrics.batch_train_flops`:
 layers < k on visual + registers + text, layers >= k on registers + text, quadratic attention, the frozen ViT
@@ -19,13 +26,19 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import time
 import warnings
 
 from megavictor.benchmarks.common import add_threads_option, bench_config, data_tokens, image_text_batches, median, \
-    memory_mb, print_table, variant
+    measured_memory_mb, peak_memory_kind, print_table, reset_peak_memory, timed, variant
 from megavictor.config import Config
 from megavictor.metrics import batch_train_flops
+from megavictor.model.drop_plan import short_length
+
+MEMORY_METHODS = {
+    "host_rss": "VmHWM (peak RSS) of a fresh worker process per variant, imports + model included",
+    "cuda_allocated": "torch.cuda.max_memory_allocated of a fresh worker process per variant (reset at its start): "
+                      "model, optimizer state and activations",
+}
 
 
 def _worker(conn, cfg_dict: dict, rows: int, micro_batches: int, threads: int) -> None:
@@ -36,25 +49,31 @@ def _worker(conn, cfg_dict: dict, rows: int, micro_batches: int, threads: int) -
     if threads:
         torch.set_num_threads(threads)
     from megavictor.config import config_from_dict
+    from megavictor.cuda_expected import resolve_attention_backend
     from megavictor.distributed import init_distributed, shutdown
     from megavictor.engines.megatron import build_model, forward_backward, wrap_for_training
 
     try:
         cfg = config_from_dict(cfg_dict)
+        resolve_attention_backend(cfg)  # `train.attention_backend: null` as a training job on this machine decides it
         dims = init_distributed(1, 1, cfg.train.seed)
+        reset_peak_memory()
         torch.manual_seed(cfg.train.seed)
         ddp, optimizer = wrap_for_training(cfg, build_model(cfg, dims))
         batches = image_text_batches(cfg, rows, micro_batches)
-        conn.send({"ready": True, **memory_mb()})
-        while conn.recv() == "step":
-            start, cpu = time.perf_counter(), time.process_time()
+
+        def step() -> tuple[float, int]:
             ddp.zero_grad_buffer()
             optimizer.zero_grad()
             loss_sum, loss_tokens = forward_backward(ddp, batches)
             optimizer.step()
-            conn.send({"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
-                       "loss": loss_sum / max(loss_tokens, 1)})
-        conn.send(memory_mb())
+            return loss_sum, loss_tokens
+
+        conn.send({"ready": True, "attention_backend": str(cfg.train.attention_backend), **measured_memory_mb()})
+        while conn.recv() == "step":
+            (loss_sum, loss_tokens), seconds, cpu_seconds = timed(step)
+            conn.send({"seconds": seconds, "cpu_seconds": cpu_seconds, "loss": float(loss_sum) / max(loss_tokens, 1)})
+        conn.send(measured_memory_mb())
         shutdown()
     except BaseException as exc:  # report to the parent instead of hanging it
         import traceback
@@ -98,6 +117,7 @@ def measure(cfg: Config, text_length: int, rows: int, micro_batches: int, repeat
     cfgs = {name: variant(cfg, name == "victor", text_length) for name in ("victor", "baseline")}
     flops = {name: sum(batch_train_flops(c, b) for b in image_text_batches(c, rows, micro_batches))
              for name, c in cfgs.items()}
+    victor_short = max(short_length(b, cfgs["victor"]) for b in image_text_batches(cfgs["victor"], rows, 1))
     times: dict[str, list[float]] = {"victor": [], "baseline": []}
     cpu: dict[str, list[float]] = {"victor": [], "baseline": []}
     workers = {}
@@ -138,6 +158,10 @@ def measure(cfg: Config, text_length: int, rows: int, micro_batches: int, repeat
         "cpu_time_ratio_to_bound": round(cpu_speedup / bound, 4),
         "victor_step_times_s": [round(t, 4) for t in times["victor"]],
         "baseline_step_times_s": [round(t, 4) for t in times["baseline"]],
+        "victor_seq_length": cfgs["victor"].data.seq_length, "baseline_seq_length": cfgs["baseline"].data.seq_length,
+        "victor_short_length": victor_short, "attention_backend": workers["victor"].start_memory["attention_backend"],
+        "victor_host_peak_mem_mb": round(memory["victor"]["host_peak_mb"], 1),
+        "baseline_host_peak_mem_mb": round(memory["baseline"]["host_peak_mb"], 1),
     }
 
 
@@ -167,9 +191,11 @@ def main(argv: list[str]) -> int:
     head = results[0]
     out = {k: head[k] for k in ("victor_step_s", "baseline_step_s", "speedup", "flop_bound", "ratio_to_bound",
                                 "victor_peak_mem_mb", "baseline_peak_mem_mb")}
+    kind = peak_memory_kind()
     out.update(text_length=head["text_length"], rows=args.rows, micro_batches=args.micro_batches,
-               repeats=args.repeats, threads=args.threads,
-               memory_method="VmHWM (peak RSS) of a fresh worker process per variant, imports + model included",
-               by_text_length={str(r["text_length"]): r for r in results})
+               repeats=args.repeats, threads=args.threads, memory_method=MEMORY_METHODS[kind],
+               by_text_length={str(r["text_length"]): r for r in results}, peak_memory_kind=kind,
+               timer="cuda_synchronized" if kind == "cuda_allocated" else "wall_clock",
+               fp8=None if cfg.train.fp8 is None else str(cfg.train.fp8), attention_backend=head["attention_backend"])
     print(json.dumps(out))
     return 0

@@ -89,7 +89,7 @@ def hf_inputs(batch: VictorBatch, config: Any, device: torch.device) -> dict[str
 
 def deepspeed_config(cfg: Config, dp: int) -> dict[str, Any]:
     t = cfg.train
-    return {
+    config: dict[str, Any] = {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
         "gradient_accumulation_steps": micro_batches_per_rank(cfg, dp),
@@ -100,6 +100,23 @@ def deepspeed_config(cfg: Config, dp: int) -> dict[str, Any]:
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
     }
+    if t.precision == Precision.BF16:
+        config.update(BF16_FP32_GRADIENTS)
+    return config
+
+
+# bf16 weights, fp32 gradients, as megatron's bf16 path (fp32 main grads, `train.grad_reduce_dtype: fp32`). Left to
+# itself DeepSpeed 0.19 accumulates a bf16 model's gradients over the micro-batches of a step in bf16 and reduces
+# them in bf16 (its `communication_data_type` follows the model). `data_types.grad_accum_dtype: fp32`: ZeRO-2 reduces
+# each micro-batch's gradients and adds them into an fp32 buffer of this rank's partition, ZeRO-3 turns its
+# reduce-scattered partitions into fp32 before adding them up; `communication_data_type: fp32` makes those reductions
+# fp32. (ZeRO-1 honours the accumulation dtype only by switching to DeepSpeed's BF16_Optimizer, whose checkpoints
+# DeepSpeed's `zero_to_fp32` cannot merge, so config validation refuses ZeRO-1 with bf16; the
+# `bf16.immediate_grad_update` switch concerns that optimizer alone.)
+BF16_FP32_GRADIENTS: dict[str, Any] = {
+    "data_types": {"grad_accum_dtype": "fp32"},
+    "communication_data_type": "fp32",
+}
 
 
 # --------------------------------------------------------------------------- the engine
