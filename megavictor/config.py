@@ -607,9 +607,6 @@ def _validate_engine(cfg: Config) -> None:
     _require(t.attention_backend != "flash" or t.precision == Precision.BF16,
              f"train.attention_backend=flash with train.precision={t.precision} and train.engine=deepspeed: flash-attn "
              "has no fp32 kernels; set train.precision=bf16, or train.attention_backend=local (SDPA)")
-    _require(t.precision != Precision.BF16 or t.zero_stage != 1,
-             "train.zero_stage=1 with train.precision=bf16: DeepSpeed accumulates fp32 gradients under ZeRO-1 only "
-             "in its BF16 optimizer, whose checkpoints its zero_to_fp32 cannot read; use train.zero_stage=2")
     _require(t.fp8 is None, f"train.fp8={t.fp8} needs train.engine=megatron (Transformer Engine layers)")
     _require(not t.distributed_optimizer, "train.distributed_optimizer=true is the megatron engine's; "
                                           "train.engine=deepspeed shards the optimizer with train.zero_stage")

@@ -112,7 +112,6 @@ def test_flash_backend_without_flash_attn_or_cuda_is_a_clear_error() -> None:
     (["victor.enabled=false"], "victor.enabled"),
     (["train.attention_backend=te"], "train.attention_backend"),
     (["train.engine=megatron", "train.gradient_checkpointing=true"], "train.gradient_checkpointing"),
-    (["train.precision=bf16", "train.zero_stage=1"], "train.zero_stage"),
 ])
 def test_engine_settings_name_their_key(overrides: list[str], key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -154,6 +153,10 @@ def test_bf16_config_asks_for_fp32_gradient_accumulation_and_reduction() -> None
         assert parsed.communication_data_type == torch.float32
     fp32 = deepspeed_config(tiny_config(["train.engine=deepspeed"]), 1)
     assert not fp32["bf16"]["enabled"] and "data_types" not in fp32 and "communication_data_type" not in fp32
+    # ZeRO-1 keeps DeepSpeed's bf16 gradients (fp32 ones need its BF16 optimizer, whose checkpoints zero_to_fp32
+    # cannot read) and says so on building the config.
+    zero1 = deepspeed_config(tiny_config(["train.engine=deepspeed", "train.precision=bf16", "train.zero_stage=1"]), 1)
+    assert zero1["bf16"]["enabled"] and "data_types" not in zero1
 
 
 BF16_PROBE = """

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
-from tests.fixtures import packed_batches, tiny_config
+from tests.fixtures import packed_batches, samples, tiny_config
 from tests.spawn import run_ranks
 
 
@@ -51,3 +54,35 @@ def test_gradient_reduction_overlaps_backward() -> None:
         # reduction starts as soon as its gradients are complete, during backward.
         assert len(second) == rank["buckets"] and all(second), rank
         assert len(first) == rank["buckets"], rank
+
+
+def imageless_steps_rank(overrides: list[str]) -> list[float]:
+    """dp2 steps under every overlap, in small buckets, where one whole step (both ranks) holds no image: its image-
+    path parameters get zero gradients and their buckets are reduced and all-gathered like every other."""
+    from megavictor.distributed import init_from_config
+    from megavictor.engines.megatron import build_model, forward_backward, wrap_for_training
+    from megavictor.model.batch import collate_rows, expand_sample
+
+    cfg = tiny_config(["parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true",
+                       "train.distributed_optimizer=true", "parallel.ddp_bucket_size=5000",
+                       "data.micro_batch_size=1", *overrides])
+    ddp, optimizer = wrap_for_training(cfg, build_model(cfg, init_from_config(cfg)))
+    s = samples()
+    lay = lambda name: expand_sample(s[name], cfg.vision.num_visual_tokens, cfg.victor.registers_per_image)  # noqa: E731
+    with_images = [collate_rows([[lay("one_image"), lay("text_only")]], 128), collate_rows([[lay("two_images")]], 128)]
+    text_only = [collate_rows([[lay("text_only")]], 128), collate_rows([[lay("text_only"), lay("text_only")]], 128)]
+    losses = []
+    for batches in (with_images, text_only, with_images, text_only):
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        loss_sum, tokens = forward_backward(ddp, batches)
+        optimizer.step()
+        losses.append(loss_sum / tokens)
+    return losses
+
+
+@pytest.mark.parametrize("overrides", [["train.stage=1"], ["train.stage=2", "vision.freeze=false"]],
+                         ids=["stage1", "stage2-vision-trained"])
+def test_steps_without_images_under_overlapped_reduction_and_gather(overrides: list[str]) -> None:
+    for losses in run_ranks(2, imageless_steps_rank, overrides):
+        assert len(losses) == 4 and all(math.isfinite(x) for x in losses), losses

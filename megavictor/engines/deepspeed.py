@@ -31,6 +31,7 @@ from megavictor.compat import import_deepspeed
 from megavictor.config import AttentionBackend, Config, Precision
 from megavictor.distributed import ParallelDims, any_rank
 from megavictor.engines.base import Restored, StepResult, build_scheduler, micro_batches_per_rank
+from megavictor.errors import notice
 from megavictor.hf.convert import hf_named_parameters, hf_reference_names, hf_state, victor_hf_config
 from megavictor.hf.modeling_victor_llava import VictorLlavaForConditionalGeneration
 from megavictor.initial_weights import InitialWeights, WeightSource, checkpoints_dir, fresh_state
@@ -100,8 +101,12 @@ def deepspeed_config(cfg: Config, dp: int) -> dict[str, Any]:
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
     }
-    if t.precision == Precision.BF16:
+    if t.precision == Precision.BF16 and t.zero_stage >= 2:
         config.update(BF16_FP32_GRADIENTS)
+    elif t.precision == Precision.BF16:
+        notice("train.zero_stage=1 with train.precision=bf16: DeepSpeed accumulates and reduces the gradients in bf16 "
+               "at ZeRO-1 (its fp32 accumulation there needs its BF16 optimizer, whose checkpoints zero_to_fp32 "
+               "cannot read); train.zero_stage=2 accumulates them in fp32")
     return config
 
 
@@ -111,8 +116,8 @@ def deepspeed_config(cfg: Config, dp: int) -> dict[str, Any]:
 # each micro-batch's gradients and adds them into an fp32 buffer of this rank's partition, ZeRO-3 turns its
 # reduce-scattered partitions into fp32 before adding them up; `communication_data_type: fp32` makes those reductions
 # fp32. (ZeRO-1 honours the accumulation dtype only by switching to DeepSpeed's BF16_Optimizer, whose checkpoints
-# DeepSpeed's `zero_to_fp32` cannot merge, so config validation refuses ZeRO-1 with bf16; the
-# `bf16.immediate_grad_update` switch concerns that optimizer alone.)
+# DeepSpeed's `zero_to_fp32` cannot merge, so ZeRO-1 with bf16 keeps DeepSpeed's bf16 gradients, as before, and says
+# so; the `bf16.immediate_grad_update` switch concerns that optimizer alone.)
 BF16_FP32_GRADIENTS: dict[str, Any] = {
     "data_types": {"grad_accum_dtype": "fp32"},
     "communication_data_type": "fp32",

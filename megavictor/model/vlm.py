@@ -106,18 +106,27 @@ class VictorVLM(MegatronModule):
         return hidden
 
     def _image_path_at_zero(self) -> torch.Tensor:
-        """0 times the trainable parameters of the image path (ViT, projector, registers), for a micro-batch without
-        images: each then still receives a gradient (zero), as LLaVA adds an empty slice of image features to
-        text-only samples. megatron's DDP counts every parameter's gradient in every micro-batch; with
-        `overlap_grad_reduce`, a bucket whose parameters get none in the step's last micro-batch is never reduced
-        and the step fails ("Communication call has not been issued for this bucket")."""
-        modules = [self.vision, self.projector]
-        params = [p for m in modules for p in m.parameters() if p.requires_grad]
-        params += [self.registers] if self.registers is not None and self.registers.requires_grad else []
-        if not params:
-            return torch.zeros((), dtype=self.embedding.word_embeddings.weight.dtype,
-                               device=self.embedding.word_embeddings.weight.device)
-        return torch.stack([p.sum() for p in params]).sum() * 0.0
+        """0 times what the trainable image path (ViT, projector, registers) makes of a blank image, for a
+        micro-batch without images, so that each of their parameters still receives a gradient (zero), as LLaVA
+        appends an empty slice of image features to text-only samples. megatron's DDP counts every parameter's
+        gradient in every micro-batch: with `overlap_grad_reduce`, a bucket whose parameters get none in the step's
+        last micro-batch is never reduced and the step fails ("Communication call has not been issued for this
+        bucket"). The modules run their forward (one blank image through a trainable ViT, one zero feature
+        through the projector) rather than touching parameters directly: with `overlap_param_gather` it is each
+        module's forward that waits for its parameters' all-gather."""
+        weight = self.embedding.word_embeddings.weight
+        total = torch.zeros((), dtype=weight.dtype, device=weight.device)
+        v = self.cfg.vision
+        if any(p.requires_grad for p in self.vision.parameters()):
+            blank = torch.zeros(1, 3, v.image_size, v.image_size, dtype=weight.dtype, device=weight.device)
+            features = self.vision(blank)[:, 1:]
+        else:
+            features = torch.zeros(1, 1, v.hidden_size, dtype=weight.dtype, device=weight.device)
+        if any(p.requires_grad for p in self.projector.parameters()):
+            total = total + self.projector(features).sum()
+        if self.registers is not None and self.registers.requires_grad:
+            total = total + self.registers.sum()
+        return total * 0.0
 
     def forward(self, batch: VictorBatch, plan: DropPlan | None = None, return_logits: bool = False) -> torch.Tensor:
         """Hidden states to send on (inner stages), or on the last stage per-slot losses [B, S'] (masked by the
