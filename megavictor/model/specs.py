@@ -216,7 +216,7 @@ def decoder_block_spec(cfg: Config, config: TransformerConfig) -> ModuleSpec | T
     norm refuses sequence parallelism."""
     backend = cfg.train.attention_backend
     spec = decoder_layer_spec(backend, uses_packed_attention(cfg))
-    if not (config.sequence_parallel and backend == AttentionBackend.LOCAL):
+    if not (config.sequence_parallel and backend != AttentionBackend.TE):
         return spec
     norm = SequenceParallelTorchNorm
     spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = norm
