@@ -12,7 +12,7 @@ DEMO_STAGE1 = Path(__file__).resolve().parents[1] / "configs" / "demo_stage1.yam
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megavictor prep", description=__doc__)
-    sub = parser.add_subparsers(dest="source", required=True)
+    sub = parser.add_subparsers(dest="kind", required=True)
 
     llava = sub.add_parser("llava", help="LLaVA-format JSON + image folder -> tar shards + manifest.json")
     llava.add_argument("--json", type=Path, required=True, help="LLaVA JSON list of records")
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     from megavictor.data.manifest import DataError
 
     try:
-        if args.source == "llava":
+        if args.kind == "llava":
             from data_prep.llava import RecordLimits, prep_llava
 
             limits = RecordLimits(min_image_side=args.min_image_side, max_image_pixels=args.max_image_pixels,
@@ -84,12 +84,12 @@ def main(argv: list[str] | None = None) -> int:
             prep_llava(args.json, args.images, args.out, split=args.split, maxcount=args.maxcount,
                        maxsize=args.maxsize, workers=args.workers, strict=args.strict, restart=args.restart,
                        limits=limits)
-        elif args.source == "mix":
+        elif args.kind == "mix":
             from data_prep.llava_mix import prep_mix
 
             prep_mix(args.out, samples=args.samples, seed=args.seed, text_only_fraction=args.text_only_fraction,
                      eval_samples=args.eval_samples, multi_image_fraction=args.multi_image_fraction)
-        elif args.source == "index":
+        elif args.kind == "index":
             from megavictor.data.index import build_index
 
             print(f"wrote {build_index(args.data, args.tokenizer, args.system_prompt)}")
@@ -101,10 +101,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.vision_steps > 0:
                 ensure_vision_encoder(args.out, args.vision_config, args.vision_steps, args.seed)
     except (PrepError, DataError) as exc:
-        print(f"megavictor prep {args.source}: error: {exc}", file=sys.stderr)
+        print(f"megavictor prep {args.kind}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"megavictor prep {args.source}: interrupted; run the same command again to resume "
+        print(f"megavictor prep {args.kind}: interrupted; run the same command again to resume "
               f"(or pass --restart)", file=sys.stderr)
         return 130
     return 0

@@ -1,6 +1,6 @@
 """LLaVA-format JSON (+ an image folder) to tar shards, checking every record and image on the way.
 
-Shard sample layout (one sample per record, `__key__` = the record's 9-digit position in the JSON list):
+Shard sample members (one sample per record, `__key__` = the record's 9-digit position in the JSON list):
   `json`  UTF-8 JSON {"id", "conversations", "images": [member names in <image> order], "source_images"}
   one image member per image, its original bytes: `jpg` or `png` for a single image, `0.jpg`, `1.png`, ... for
   several; other formats (gif, webp, bmp, ...) are re-encoded to PNG. Text-only records have no image member.
@@ -26,8 +26,8 @@ from tqdm import tqdm
 from data_prep.shards import PrepError, ShardSetWriter, Skip
 from megavictor.config import DataConfig, PromptFormat
 from megavictor.data.index import build_index, index_command
-from megavictor.data.tokenizer import IMAGE_TOKEN, ChatTokenizer, conversation_problem, count_image_tokens, \
-    load_tokenizer
+from megavictor.data.tokenizer import (IMAGE_TOKEN, ChatTokenizer, conversation_problem, count_image_tokens,
+                                       load_tokenizer)
 
 _SHOWN_SKIPS = 20  # skip messages printed; the manifest lists them all
 

@@ -243,7 +243,7 @@ def conversation(rng: np.random.Generator, pictures: list[Picture], spec: MixSpe
         gpt = (answer + (["."] if extra and answer[-1] != "." else []) + extra)[:hi]
         human_text = sentence(human)
         if turn == 0 and pictures:
-            if rng.random() < 0.5:  # markers first, one line each (LLaVA's usual layout)
+            if rng.random() < 0.5:  # markers first, one line each (LLaVA's usual placement)
                 human_text = "\n".join([IMAGE_TOKEN] * len(pictures) + [human_text])
             else:  # markers inside the text, between its words
                 cut = sorted(int(c) for c in rng.integers(0, len(human) + 1, size=len(pictures)))
@@ -329,7 +329,7 @@ def _clear(out: Path) -> None:
         manifest = load_manifest(out)
         if manifest.source.get("kind") != SOURCE_KIND:
             raise PrepError(f"{out} holds another data set ({manifest.source.get('kind')}); use another --out")
-    others = sorted(p.name for p in out.iterdir() if p.name not in ours and not p.name.startswith(".stage-")
+    others = sorted(p.name for p in out.iterdir() if p.name not in ours and not p.name.startswith(".staging-")
                     and not p.name.endswith(".tar"))
     if others:
         raise PrepError(f"{out} holds files `prep mix` does not write ({', '.join(others[:3])}); use an empty or "
@@ -366,16 +366,16 @@ def prep_mix(out: Path, samples: int = 400, seed: int = 0, text_only_fraction: f
     for split, split_records in records.items():
         json_path = llava / f"{split}.json"
         json_path.write_text(json.dumps(split_records, indent=1) + "\n", encoding="utf-8")
-        stage = out / f".stage-{split}"
+        staging = out / f".staging-{split}"
         with contextlib.redirect_stdout(io.StringIO()):  # its summary names the staging folder; ours follows
-            prep_llava(json_path, llava / "images", stage, split=split, maxcount=maxcount, strict=True,
+            prep_llava(json_path, llava / "images", staging, split=split, maxcount=maxcount, strict=True,
                        restart=True, limits=RecordLimits(tokenizer=tokenizer))
-        manifest = load_manifest(stage)
+        manifest = load_manifest(staging)
         for shard in manifest.shards:
-            (stage / shard.name).replace(out / shard.name)
+            (staging / shard.name).replace(out / shard.name)
         shards += manifest.shards
         sources[split] = manifest.source
-        shutil.rmtree(stage)
+        shutil.rmtree(staging)
     stats = {split: mix_stats(rs, llava / "images") for split, rs in records.items()}
     source = {"kind": SOURCE_KIND, "seed": seed, "spec": {k: list(v) if isinstance(v, tuple) else v
                                                           for k, v in asdict(spec).items()},

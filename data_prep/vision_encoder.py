@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from data_prep.digits import grid_of
 from megavictor.config import Config, load_config
+from megavictor.data.manifest import VISION_ENCODER_FILE
 
-ENCODER_FILE = "vision_encoder.safetensors"
 EMPTY = 10  # the class of an empty cell, after the digits 0-9
 BATCH = 64
 LR = 2e-3
@@ -97,7 +97,7 @@ def pretrain_vision_encoder(data: Path, config: Path, steps: int, seed: int = 0)
     record = {"config": config.name, "vision": cfg.to_dict()["vision"], "steps": steps, "seed": seed,
               "val_digit_token_accuracy": round(float(hits.float().mean()), 4)}
     save_file({f"vision.{name}": p.detach().contiguous() for name, p in tower.named_parameters()},
-              str(data / ENCODER_FILE))
+              str(data / VISION_ENCODER_FILE))
     (data / "vision_encoder.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
 
@@ -105,11 +105,12 @@ def pretrain_vision_encoder(data: Path, config: Path, steps: int, seed: int = 0)
 def ensure_vision_encoder(out: Path, config: Path, steps: int, seed: int) -> None:
     """Pretrain the demo's vision tower unless `out` already holds one from the same config, steps and seed."""
     record_path = out / "vision_encoder.json"
-    if (out / ENCODER_FILE).is_file() and record_path.is_file():
+    if (out / VISION_ENCODER_FILE).is_file() and record_path.is_file():
         record = json.loads(record_path.read_text())
         wanted = {"vision": load_config(config, []).to_dict()["vision"], "steps": steps, "seed": seed}
         if all(record.get(k) == v for k, v in wanted.items()):
             return
     print(f"pretraining the vision tower of {config} ({steps} steps) ...", flush=True)
     record = pretrain_vision_encoder(out, config, steps, seed)
-    print(f"wrote {out / ENCODER_FILE}: held-out digit accuracy per patch token {record['val_digit_token_accuracy']}")
+    print(f"wrote {out / VISION_ENCODER_FILE}: held-out digit accuracy per patch token "
+          f"{record['val_digit_token_accuracy']}")

@@ -39,11 +39,15 @@ from submitit.helpers import Checkpointable
 from launch import rendezvous
 from megavictor.config import Config
 
-DEFAULT_ENTRY = "megavictor.trainer:run"
+DEFAULT_ENTRY = "megavictor.training.job:run"
+RENAMED_ENTRIES = {"megavictor.trainer:run": DEFAULT_ENTRY}  # the training job's modules moved into one package
 
 
 def resolve_entry(entry: str) -> tuple[Callable[[Config], Any], Callable[[], None]]:
-    """`module:function` -> (run, the module's request_stop)."""
+    """`module:function` -> (run, the module's request_stop); an old spelling of the default entry still works."""
+    if entry in RENAMED_ENTRIES:
+        print(f"megavictor launch: --entry {entry} is deprecated; use {RENAMED_ENTRIES[entry]}", file=sys.stderr)
+        entry = RENAMED_ENTRIES[entry]
     module_name, _, function = entry.partition(":")
     if not module_name or not function:
         raise ValueError(f"entry {entry!r} must look like package.module:function")
@@ -62,12 +66,12 @@ class TrainJob(Checkpointable):
         self.network_interface = network_interface
 
     def __call__(self) -> Any:
-        """The entry point's summary (megavictor.trainer.Summary); exits without one when stopped and requeued."""
+        """The entry point's summary (megavictor.training.job.Summary); exits without one when stopped and requeued."""
         job_env = submitit.JobEnvironment()
         # torch.distributed's environment (launch/rendezvous.py). Every task keeps all of its node's GPUs visible:
         # the trainer selects cuda:LOCAL_RANK itself.
         print(rendezvous.header(job_env, rendezvous.setup(job_env, self.network_interface)), flush=True)
-        if self.gpus:  # the trainer stops with one line if this task sees no GPU (megavictor.cuda_expected)
+        if self.gpus:  # the trainer stops with one line if this task sees no GPU (megavictor.training.cuda_expected)
             os.environ["MEGAVICTOR_EXPECT_CUDA"] = "1"
         else:  # CPU tasks: hide any GPU so the trainer picks gloo
             import torch

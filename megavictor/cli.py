@@ -8,17 +8,21 @@ import sys
 
 from megavictor.errors import UserError
 
-# verb -> (module, help). Modules are imported only when their verb runs, so `megavictor plan` stays light.
+# verb -> (module, help). Modules are imported only when their verb runs, so `megavictor split` stays light.
 VERBS: dict[str, tuple[str, str]] = {
     "demo": ("megavictor.demo", "prepare the digits data, train stage 1 + 2 on CPU, print test accuracy"),
-    "train": ("megavictor.trainer", "train (single process, or under torchrun / SLURM for tp x pp x dp)"),
+    "train": ("megavictor.training.job", "train (single process, or under torchrun / SLURM for tp x pp x dp)"),
     "eval": ("megavictor.vqa", "greedy VQA answers from a checkpoint, exact-match accuracy as JSON"),
-    "convert": ("megavictor.hf.cli", "HF checkpoints <-> megavictor checkpoints (from-hf, to-hf)"),
+    "convert": ("megavictor.commands.convert", "HF checkpoints <-> megavictor checkpoints (from-hf, to-hf)"),
     "launch": ("launch.cli", "submit a training run to SLURM (or --cluster local) via submitit"),
-    "plan": ("megavictor.pipeline_split", "pipeline stage split and predicted per-stage cost (even vs balanced)"),
+    "split": ("megavictor.commands.split", "pipeline stage split and predicted per-stage cost (even vs balanced)"),
     "prep": ("data_prep.cli", "turn image-text data into WebDataset shards"),
     "bench": ("megavictor.bench", "benchmarks (loader, ...) printing a JSON line last"),
 }
+
+
+# Old verb names, kept working: old -> new.
+RENAMED_VERBS = {"plan": "split"}  # "plan" is the drop plan in code and docs; the verb splits the pipeline
 
 
 def usage() -> str:
@@ -33,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0
     verb, rest = argv[0], argv[1:]
+    if verb in RENAMED_VERBS:
+        print(f"megavictor: `megavictor {verb}` is deprecated; use `megavictor {RENAMED_VERBS[verb]}`", file=sys.stderr)
+        verb = RENAMED_VERBS[verb]
     if verb not in VERBS:
         print(f"megavictor: unknown verb {verb!r}\n\n{usage()}", file=sys.stderr)
         return 2

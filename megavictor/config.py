@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from megavictor.errors import UserError
+from megavictor.errors import UserError, notice
 
 
 class ConfigError(UserError, ValueError):
@@ -46,7 +46,7 @@ class VictorMask(enum.StrEnum):
 
 class PipelineSplit(enum.StrEnum):
     EVEN = "even"
-    BALANCED = "balanced"  # per-stage layer counts from the cost model (megavictor.pipeline_split)
+    BALANCED = "balanced"  # per-stage layer counts from the cost model (megavictor.model.pipeline_split)
 
 
 class PromptFormat(enum.StrEnum):
@@ -219,7 +219,7 @@ class DataConfig:
     # process). null: 4 on CUDA (batches pinned for asynchronous copies), 0 on the CPU.
     num_workers: int | None = None
     prefetch: int = 2  # micro-batches each worker decodes ahead
-    shuffle_buffer: int | None = None  # deprecated: the packing plan shuffles the whole split every epoch
+    shuffle_buffer: int | None = None  # deprecated: the row order shuffles the whole split every epoch
     pack_buffer: int = 64
     seed: int = 1234
     image_aspect_ratio: ImageAspectRatio = ImageAspectRatio.PAD
@@ -242,7 +242,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     seed: int = 1234
-    stage: int = 2  # the LLaVA training stage (not a pipeline stage): 1 trains projector + registers, 2 also the LLM
+    llava_stage: int = 2  # LLaVA's training stage: 1 trains projector + registers, 2 also the LLM (was `train.stage`)
     init_from: str | None = None
     save_interval: int = 0
     keep_last: int = 2
@@ -259,8 +259,8 @@ class TrainConfig:
     fp8_amax_history_len: int = 1024
     fp8_amax_compute_algo: Fp8AmaxAlgo = Fp8AmaxAlgo.MAX
     fp8_margin: int = 0
-    # null: chosen at start-up (`megavictor.cuda_expected.resolve_attention_backend`): te (THD, fused attention) on
-    # CUDA with Transformer Engine installed, else local.
+    # null: chosen at start-up (`megavictor.training.cuda_expected.resolve_attention_backend`): te (THD, fused
+    # attention) on CUDA with Transformer Engine installed, else local.
     attention_backend: AttentionBackend | None = None
     recompute: Recompute | None = None  # megatron engine
     recompute_method: RecomputeMethod = RecomputeMethod.UNIFORM  # with recompute=full
@@ -363,10 +363,28 @@ def _apply(section: Any, values: dict[str, Any], prefix: str) -> None:
         setattr(section, name, _check_type(key, value, hints[name]))
 
 
+# Renamed keys, old spelling -> new: the old one still works, with a one-line notice. "stage" alone means a pipeline
+# stage everywhere else.
+RENAMED_KEYS = {("train", "stage"): ("train", "llava_stage")}
+
+
+def _renamed(data: dict[str, Any]) -> dict[str, Any]:
+    """`data` with renamed keys under their new names (each old one named in a notice; both given: an error)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for (section, old), (_, new) in RENAMED_KEYS.items():
+        values = out.get(section)
+        if isinstance(values, dict) and old in values:
+            if new in values:
+                raise ConfigError(f"{section}.{old} is the old name of {section}.{new}: give only {section}.{new}")
+            values[new] = values.pop(old)
+            notice(f"{section}.{old} is deprecated: it is now {section}.{new}")
+    return out
+
+
 def config_from_dict(data: dict[str, Any]) -> Config:
     cfg = Config()
     sections = {f.name for f in dataclasses.fields(Config)}
-    for name, values in (data or {}).items():
+    for name, values in _renamed(data or {}).items():
         if name not in sections:
             raise ConfigError(f"unknown key {name} (known sections: {', '.join(sorted(sections))})")
         _apply(getattr(cfg, name), values, name)
@@ -414,7 +432,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     validate(cfg)
     if cfg.data.shuffle_buffer is not None:
         print(f"megavictor: warning: data.shuffle_buffer={cfg.data.shuffle_buffer} is deprecated and ignored: the "
-              "packing plan shuffles the whole split every epoch (data.seed); remove the key", file=sys.stderr)
+              "row order shuffles the whole split every epoch (data.seed); remove the key", file=sys.stderr)
     return cfg
 
 
@@ -524,7 +542,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _require(d.seq_length > image_slots,
              f"data.seq_length={d.seq_length} must exceed one image's slots "
              f"({v.num_visual_tokens} visual + {vi.registers_per_image} registers)")
-    _require(t.stage in (1, 2), f"train.stage={t.stage} must be 1 or 2 (the LLaVA training stage)")
+    _require(t.llava_stage in (1, 2), f"train.llava_stage={t.llava_stage} must be 1 or 2 (the LLaVA training stage)")
     _require(t.fp8 is None or d.seq_length % 16 == 0,
              f"data.seq_length={d.seq_length} must be a multiple of 16 with train.fp8 (FP8 GEMM alignment)")
     _require(t.fp8 is None or t.attention_backend in (None, "te"),

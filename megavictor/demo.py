@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from megavictor.config import load_config
+from megavictor.data.manifest import MANIFEST_NAME, VISION_ENCODER_FILE
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -20,11 +21,13 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 def ensure_digits(path: Path) -> None:
     """Prepare the digits shards and the pretrained vision tower if either is missing (prep resumes); index digits
     data prepared before the length index existed (the demo's own data: a few seconds)."""
-    from data_prep.cli import main as prep
-    from data_prep.vision_encoder import ENCODER_FILE
+    from megavictor.cli import main as megavictor
     from megavictor.data.index import INDEX_NAME
 
-    if (path / "manifest.json").is_file() and (path / ENCODER_FILE).is_file():
+    def prep(argv: list[str]) -> int:  # the `prep` verb: data_prep sits above megavictor, which never imports it
+        return megavictor(["prep", *argv])
+
+    if (path / MANIFEST_NAME).is_file() and (path / VISION_ENCODER_FILE).is_file():
         if not (path / INDEX_NAME).is_file() and prep(["index", "--data", str(path)]) != 0:
             raise SystemExit(f"megavictor demo: indexing the digits data in {path} failed")
         return
@@ -32,21 +35,20 @@ def ensure_digits(path: Path) -> None:
         raise SystemExit(f"megavictor demo: preparing the digits data in {path} failed")
 
 
-def train_stages(run_dir: Path, data: Path, overrides: list[str], recipe: str = "demo") -> None:
+def train_llava_stages(run_dir: Path, data: Path, overrides: list[str], recipe: str = "demo") -> None:
     """LLaVA stage 1 then stage 2 of `configs/<recipe>_stage{1,2}.yaml` in RUN_DIR/stage{1,2} (each resumes, or is
     skipped if already complete)."""
-    from data_prep.vision_encoder import ENCODER_FILE
-    from megavictor import trainer
+    from megavictor.training import job
 
     ensure_digits(data)
     for llava_stage in (1, 2):
         stage_overrides = [f"data.path={data}", f"train.run_dir={run_dir / f'stage{llava_stage}'}"]
         if llava_stage == 1:  # the pretrained ViT; stage 2 takes everything from stage 1's checkpoint
-            stage_overrides.append(f"vision.init_from={data / ENCODER_FILE}")
+            stage_overrides.append(f"vision.init_from={data / VISION_ENCODER_FILE}")
         else:
             stage_overrides.append(f"train.init_from={run_dir / 'stage1'}")
         cfg = load_config(CONFIGS / f"{recipe}_stage{llava_stage}.yaml", stage_overrides + list(overrides))
-        summary = trainer.run(cfg)
+        summary = job.run(cfg)
         fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731  (None: the stage was already complete)
         print(f"stage {llava_stage}: {summary.final_step} steps, loss {fmt(summary.final_loss)}, "
               f"val loss {fmt(summary.val_loss)}")
@@ -70,7 +72,7 @@ def evaluate_run(run_dir: Path, data: Path, out_dir: Path | None = None, overrid
 
 def train_and_evaluate(run_dir: Path, data: Path, overrides: list[str], recipe: str = "demo") -> dict:
     """Stage 1, stage 2, then test-split accuracy (also written to RUN_DIR/eval.json)."""
-    train_stages(run_dir, data, overrides, recipe)
+    train_llava_stages(run_dir, data, overrides, recipe)
     return evaluate_run(run_dir, data)
 
 

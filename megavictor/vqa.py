@@ -5,7 +5,7 @@ model answers greedily (until eos or `--max-new-tokens`) and the answer must mat
 (case and surrounding space ignored). `chance` is the accuracy of always giving the most common answer to each
 question text of the split, the floor a model that ignores the image can reach.
 
-Decoding uses a KV cache (`megavictor.model.kv_cache`, on the plain-PyTorch twin of the model); `--no-kv-cache`
+Decoding uses a KV cache (`megavictor.kv_cache`, on the plain-PyTorch twin of the model); `--no-kv-cache`
 re-runs the whole prefix through the megatron model at every token instead, which gives the same answers.
 Overrides after the arguments change the checkpoint's config for inference, e.g. `peer.fastv_layer=1` to apply
 FastV training-free to a baseline checkpoint.
@@ -29,11 +29,12 @@ from typing import Any
 import torch
 
 from megavictor.config import Config, PipelineSplit, with_overrides
+from megavictor.data.collate import Sample, collate_rows, expand_sample
 from megavictor.data.images import load_image
 from megavictor.data.manifest import load_manifest
 from megavictor.data.reader import ShardReader
 from megavictor.data.tokenizer import IMAGE_TOKEN, ChatTokenizer, load_tokenizer, render
-from megavictor.model.batch import Sample, VictorBatch, collate_rows, expand_sample
+from megavictor.model.batch import VictorBatch
 from megavictor.model.drop_plan import DropPlan, build_drop_plan, uses_packed_attention
 
 
@@ -212,7 +213,7 @@ def checkpoint_generator(checkpoint_path: str | Path, data_path: str | Path, kv_
     if not kv_cache:
         logits_fn, cfg = megatron_logits_fn(checkpoint_path, data_path, overrides)
         return partial(greedy_generate, logits_fn, cfg), cfg
-    from megavictor.model.kv_cache import greedy_generate_cached
+    from megavictor.kv_cache import greedy_generate_cached
     from megavictor.model.reference import ReferenceVLM
 
     cfg, full = _inference_state(checkpoint_path, data_path, overrides)

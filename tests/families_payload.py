@@ -22,9 +22,9 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megavictor.checkpoint import megatron as megatron_checkpoint
 from megavictor.checkpoint import read_config, resolve
 from megavictor.checkpoint.hf_source import read_source
+from megavictor.checkpoint.initial_weights import InitialWeights, WeightOrigin
 from megavictor.distributed import init_from_config
 from megavictor.engines.megatron import build_model
-from megavictor.initial_weights import InitialWeights, WeightSource
 from megavictor.model.batch import VictorBatch
 from megavictor.model.drop_plan import build_drop_plan
 
@@ -57,7 +57,7 @@ def main(argv: list[str]) -> int:
         cfg = copy.deepcopy(read_config(checkpoint))
         cfg.parallel.tp, cfg.parallel.pp = 2, 2
         dims = init_from_config(cfg)
-        model = build_model(cfg, dims, InitialWeights(WeightSource.INIT_FROM, checkpoint=checkpoint)).eval()
+        model = build_model(cfg, dims, InitialWeights(WeightOrigin.INIT_FROM, checkpoint=checkpoint)).eval()
         logits = logits_at_tp2_pp2(model, torch.load(job["batch"], weights_only=False))
         if logits is not None and dims.tp_rank == 0:
             torch.save(logits, job["logits"])

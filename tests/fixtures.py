@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from megavictor.config import Config, load_config
-from megavictor.model.batch import IMAGE_PLACEHOLDER, Sample, VictorBatch, collate_rows, expand_sample
+from megavictor.data.collate import IMAGE_PLACEHOLDER, Sample, collate_rows, expand_sample
+from megavictor.model.batch import VictorBatch
 
 SEQ_LENGTH = 128
 

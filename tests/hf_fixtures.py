@@ -13,8 +13,8 @@ from PIL import Image
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
 from data_prep.tokenizer import build_word_tokenizer
+from megavictor.data.collate import IMAGE_PLACEHOLDER, Sample
 from megavictor.hf.convert import clip_name, read_safetensors
-from megavictor.model.batch import IMAGE_PLACEHOLDER, Sample
 
 CLIP_LAYERS = 3  # the import keeps 2 (LLaVA reads the penultimate layer)
 WORDS = "USER ASSISTANT : ? . what digit is this it a seven three and which one bigger hello there the left"

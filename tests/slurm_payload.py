@@ -1,5 +1,5 @@
 """A tiny but real distributed payload with the trainer's contract (`run(cfg) -> summary`, `request_stop()`), so the
-launcher's submit / preempt / requeue / resume path runs for real in seconds (megavictor.trainer needs minutes).
+launcher's submit / preempt / requeue / resume path runs for real in seconds (megavictor.training.job needs minutes).
 
 Each step all-reduces (gloo) a value that depends on rank and step and adds it to a running total; the total after
 `train.max_steps` steps is therefore fixed whatever the interruptions. Stop requests are all-reduced at every step
@@ -27,7 +27,7 @@ _stop_requested = False
 
 @dataclass
 class Summary:
-    """Like megavictor.trainer.Summary: `stopped_by_signal` is what the job reads."""
+    """Like megavictor.training.job.Summary: `stopped_by_signal` is what the job reads."""
 
     rank: int
     world: int

@@ -118,7 +118,7 @@ def test_flop_bound_of_llava15_7b_matches_the_paper() -> None:
     """The counter behind every benchmark's `flop_bound`, on LLaVA-1.5-7B at 64 text tokens: the paper's analytic
     bound is 5.1x for the LLM and 4.4x with the ViT."""
     from megavictor.config import load_config
-    from megavictor.metrics import decoder_flops, vision_flops
+    from megavictor.model.flops import decoder_flops, vision_flops
 
     recipe = Path(__file__).resolve().parents[1] / "configs" / "llava15_7b.yaml"
     base = load_config(recipe, ["victor.enabled=false"])

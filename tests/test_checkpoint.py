@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from megavictor.checkpoint.commit import LATEST, MARKERS, CheckpointError, commit_atomically, latest_checkpoint, \
-    resolve
+from megavictor.checkpoint.commit import (LATEST, MARKERS, CheckpointError, commit_atomically, latest_checkpoint,
+                                          resolve)
 from megavictor.config import Engine
 
 

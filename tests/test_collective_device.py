@@ -89,9 +89,9 @@ class ChosenDeviceMode(TorchFunctionMode):
 def _loop_collectives() -> dict[str, Any]:
     from megatron.core import parallel_state
 
-    from megavictor import training
     from megavictor.distributed import collective_device, current_dims
-    from megavictor.stop_request import request_stop
+    from megavictor.training import loop as training
+    from megavictor.training.stop_request import request_stop
 
     dist.init_process_group(f"{CHOSEN}:gloo")
     parallel_state.initialize_model_parallel()

@@ -53,7 +53,7 @@ def test_invalid_setting_names_its_key(overrides: list[str], key: str) -> None:
 
 @pytest.mark.parametrize("overrides,key", INVALID[:6], ids=[k for _, k in INVALID[:6]])
 def test_cli_prints_one_line_error(overrides: list[str], key: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "megavictor", "plan", "--config", LLAVA, *overrides],
+    proc = subprocess.run([sys.executable, "-m", "megavictor", "split", "--config", LLAVA, *overrides],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -125,3 +125,11 @@ def test_deepspeed_flash_attention_with_fp32_is_refused_in_one_line(tmp_path: Pa
         "megavictor train: error: train.attention_backend=flash with train.precision=fp32 and train.engine=deepspeed: "
         "flash-attn has no fp32 kernels; set train.precision=bf16, or train.attention_backend=local (SDPA)"], \
         proc.stderr
+
+
+def test_renamed_key_keeps_its_old_spelling(capsys: pytest.CaptureFixture) -> None:
+    """`train.stage` (LLaVA's training stage) is now `train.llava_stage`; the old key still works, with a notice."""
+    assert load_config(None, ["train.stage=1"]).train.llava_stage == 1
+    assert "train.stage is deprecated: it is now train.llava_stage" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="give only train.llava_stage"):
+        load_config(None, ["train.stage=1", "train.llava_stage=2"])

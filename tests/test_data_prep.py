@@ -141,9 +141,9 @@ def test_digits_prep_pretrains_the_demo_vision_tower(digits_data: Path) -> None:
     """OUT/vision_encoder.safetensors holds exactly the demo config's ViT (what `vision.init_from` reads), and
     the short pretraining already beats guessing the most common patch class by a wide margin."""
     from data_prep.cli import DEMO_STAGE1
+    from megavictor.checkpoint.initial_weights import vision_tower_state
     from megavictor.config import load_config
     from megavictor.config import ConfigError
-    from megavictor.initial_weights import vision_tower_state
     from megavictor.model.reference import full_shapes
 
     cfg = load_config(DEMO_STAGE1)

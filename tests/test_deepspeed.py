@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from megavictor.config import ConfigError, load_config
-from megavictor.model.batch import collate_rows, expand_sample
+from megavictor.data.collate import collate_rows, expand_sample
 from megavictor.model.reference import ReferenceVLM
 from tests.fixtures import packed_batches, samples, tiny_config
 from tests.hf_fixtures import assert_keeps_source_tensors
@@ -38,11 +38,11 @@ def deepspeed_cmd(world: int, data: Path, run_dir: Path, *overrides: str) -> lis
 
 def hf_twin(cfg, attention: str = "sdpa"):
     """ReferenceVLM with the layout-independent initial weights, and the engine's HF model built from them."""
+    from megavictor.checkpoint.initial_weights import InitialWeights, WeightOrigin, fresh_state
     from megavictor.engines.deepspeed import build_model
-    from megavictor.initial_weights import InitialWeights, WeightSource, fresh_state
 
     reference = ReferenceVLM(cfg)
-    state = fresh_state(cfg, InitialWeights(WeightSource.FRESH))
+    state = fresh_state(cfg, InitialWeights(WeightOrigin.FRESH))
     for name, param in reference.named_parameters():
         assert torch.equal(param, state[name]), name  # the engine starts where megatron's VictorVLM does
     cfg.train.attention_backend = "flash" if attention == "flash_attention_2" else "local"
@@ -161,16 +161,16 @@ def test_bf16_config_asks_for_fp32_gradient_accumulation_and_reduction() -> None
 
 BF16_PROBE = """
 import json, sys
+from megavictor.checkpoint.initial_weights import InitialWeights, WeightOrigin
 from megavictor.distributed import init_distributed
 from megavictor.engines.deepspeed import DeepSpeedEngine
-from megavictor.initial_weights import InitialWeights, WeightSource
 from tests.fixtures import packed_batches, tiny_config
 
 out = {}
 for stage in (2, 3):
     cfg = tiny_config(["train.engine=deepspeed", "train.precision=bf16", f"train.zero_stage={stage}",
                        "data.micro_batch_size=1", "train.global_batch_size=2", f"train.run_dir={sys.argv[1]}/{stage}"])
-    engine = DeepSpeedEngine(cfg, init_distributed(1, 1, cfg.train.seed), InitialWeights(WeightSource.FRESH))
+    engine = DeepSpeedEngine(cfg, init_distributed(1, 1, cfg.train.seed), InitialWeights(WeightOrigin.FRESH))
     batches = packed_batches(cfg)  # two micro-batches: one accumulation
     step = engine.train_step(batches, sum(b.num_loss_tokens() for b in batches))
     out[stage] = {"params": str(next(engine.engine.module.parameters()).dtype),
@@ -231,7 +231,7 @@ def assert_matches_megatron(run_dir: Path, megatron_dp2: Path) -> None:
 
 def test_zero2_losses_match_megatron_dp2(megatron_dp2: Path, digits_data: Path, tmp_path: Path) -> None:
     from megavictor.checkpoint import load_full_state
-    from megavictor.hf.cli import main as convert
+    from megavictor.commands.convert import main as convert
     from megavictor.hf.convert import full_state_of, read_safetensors
 
     summary = run(deepspeed_cmd(2, digits_data, tmp_path, "train.zero_stage=2", *STEPS))
@@ -276,7 +276,7 @@ def test_from_hf_initialises_a_zero3_run(sources: dict[str, Path], digits_data: 
     """HF Llama + CLIP -> `convert from-hf` (a megatron checkpoint) -> `train.init_from` of a ZeRO-3 run (frozen
     ViT, nothing trained) -> `convert to-hf`: every source tensor comes back bit for bit."""
     from megavictor.checkpoint import engine_of, read_config, resolve
-    from megavictor.hf.cli import main as convert
+    from megavictor.commands.convert import main as convert
     from megavictor.hf.convert import read_safetensors
 
     imported = tmp_path / "imported"

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megavictor.model.batch import IGNORE_INDEX, KIND_VISUAL, collate_rows, expand_sample
-from megavictor.hf.victor_drop import keep_index
+from megavictor.data.collate import collate_rows, expand_sample
+from megavictor.hf_model.victor_drop import keep_index
+from megavictor.model.batch import IGNORE_INDEX, KIND_VISUAL
 from megavictor.model.drop_plan import build_drop_plan
 from megavictor.model.reference import ReferenceVLM
 from tests.fixtures import packed_batches, samples, tiny_config
@@ -103,7 +104,7 @@ def test_one_gather_convention_for_megatron_and_hf() -> None:
     fewer survivors is filled on the left with its own last dropped visual slots. The megatron/reference plan and
     the exported HF model both keep exactly these slots."""
     from megavictor.hf.convert import victor_hf_config
-    from megavictor.hf.modeling_victor_llava import VictorLlavaForConditionalGeneration
+    from megavictor.hf_model.modeling_victor_llava import VictorLlavaForConditionalGeneration
     from megavictor.model.batch import KIND_REGISTER
 
     visual = torch.tensor([[0, 1, 1, 1, 0, 0, 0, 0],

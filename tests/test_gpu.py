@@ -52,12 +52,12 @@ def test_te_model_matches_local_model(fp8: str | None, mask: str) -> None:
     With the causal Victor mask the TE model attends through THD packed sequences (no [S, S] mask; rows flattened,
     fillers and padding outside every sequence), with text_blind through the explicit mask; the local model always
     through the mask. Batches of one and of two rows (the second with fillers)."""
-    from megavictor.model.batch import collate_rows, expand_sample
+    from megavictor.data.collate import collate_rows, expand_sample
     from tests.fixtures import samples
 
     from megavictor.distributed import init_from_config
-    from megavictor.model.sharding import shard_into
     from megavictor.model.reference import ReferenceVLM
+    from megavictor.model.sharding import shard_into
     from megavictor.model.vlm import VictorVLM
 
     overrides = ["model.hidden_size=128", "model.num_attention_heads=4", "model.ffn_hidden_size=256"]

@@ -43,11 +43,11 @@ def imageless_last_micro_batches(config: str, overrides: list[str], dp: int, ste
     cfg = load_config(config, overrides)
     data = SplitData(cfg, cfg.data.train_split, ParallelDims(world=1, rank=0, tp=1, pp=1, dp=1, tp_rank=0, pp_rank=0,
                                                              dp_rank=0), shuffle=True, epochs=None)
-    rows, per_rank = data.plan.rows(), cfg.train.global_batch_size // dp
+    rows, per_rank = data.order.rows(), cfg.train.global_batch_size // dp
     count = 0
     for _ in range(steps):
         step = [next(rows) for _ in range(cfg.train.global_batch_size)]
-        count += sum(data.plan.row_images(step[(r + 1) * per_rank - 1]) == 0 for r in range(dp))
+        count += sum(data.order.row_images(step[(r + 1) * per_rank - 1]) == 0 for r in range(dp))
     return count
 
 

@@ -16,8 +16,8 @@ import torch
 import yaml
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from megavictor.data.collate import Sample, collate_rows, expand_sample
 from megavictor.hf.convert import read_safetensors
-from megavictor.model.batch import Sample, collate_rows, expand_sample
 from megavictor.model.drop_plan import build_drop_plan
 from tests.hf_fixtures import PROMPTS, assert_keeps_source_tensors, generate, generated_tokens, image, to_sample
 from tests.runs import STAGE2, megavictor, run, train_cmd

@@ -30,6 +30,7 @@ from megavictor.checkpoint import resolve
 from megavictor.checkpoint.hf_source import files_sha256, tokenizer_files
 from megavictor.cli import main as megavictor_main
 from megavictor.config import LLAVA_V1_SYSTEM_PROMPT
+from megavictor.data.collate import IMAGE_PLACEHOLDER, Sample, collate_rows, expand_sample
 from megavictor.data.tokenizer import render
 from megavictor.hf.convert import (
     complete_state,
@@ -40,7 +41,7 @@ from megavictor.hf.convert import (
     source_of,
     to_hf,
 )
-from megavictor.model.batch import IMAGE_PLACEHOLDER, KIND_REGISTER, KIND_VISUAL, Sample, collate_rows, expand_sample
+from megavictor.model.batch import KIND_REGISTER, KIND_VISUAL
 from megavictor.model.reference import ReferenceVLM
 from megavictor.vqa import Question, hf_prompt
 from tests import hf_clean_venvs

@@ -29,9 +29,10 @@ from transformers import (
 from megavictor.checkpoint import load_full_state
 from megavictor.checkpoint.hf_source import read_source
 from megavictor.cli import main as megavictor_main
+from megavictor.data.collate import IMAGE_PLACEHOLDER, Sample, collate_rows, expand_sample
 from megavictor.distributed import free_port
 from megavictor.hf.convert import current_llava_name, read_safetensors, to_hf
-from megavictor.model.batch import IMAGE_PLACEHOLDER, KIND_VISUAL, Sample, collate_rows, expand_sample
+from megavictor.model.batch import KIND_VISUAL
 from tests.hf_fixtures import randomise
 from tests.runs import ROOT
 

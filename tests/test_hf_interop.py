@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
 
 from megavictor.config import Config
+from megavictor.data.collate import IMAGE_PLACEHOLDER, Sample, collate_rows, expand_sample
 from megavictor.data.images import load_image
 from megavictor.data.tokenizer import ChatTokenizer, render
 from megavictor.hf.convert import (
@@ -24,15 +25,7 @@ from megavictor.hf.convert import (
     read_safetensors,
     to_hf,
 )
-from megavictor.model.batch import (
-    IMAGE_PLACEHOLDER,
-    KIND_REGISTER,
-    KIND_TEXT,
-    KIND_VISUAL,
-    Sample,
-    collate_rows,
-    expand_sample,
-)
+from megavictor.model.batch import KIND_REGISTER, KIND_TEXT, KIND_VISUAL
 from megavictor.model.reference import ReferenceVLM
 from tests.hf_fixtures import (
     CLIP_LAYERS,
@@ -149,7 +142,7 @@ def test_baseline_matches_stock_llava(sources: dict[str, Path], tmp_path: Path) 
 # --------------------------------------------------------------------------- the exported Victor model
 
 
-def test_processor_matches_the_training_layout(victor: dict) -> None:
+def test_processor_matches_the_training_slots(victor: dict) -> None:
     """Same slots (text ids, V visual then R register slots per image) and pixels as megavictor's data pipeline."""
     cfg, processor = victor["cfg"], victor["processor"]
     tokenizer = processor.tokenizer

@@ -42,7 +42,7 @@ OUTSIDE_PER_STEP = Counter({("tolist", "megavictor/engines/megatron.py"): 1,
 
 
 def micro_batches(cfg):  # noqa: ANN001, ANN201
-    from megavictor.model.batch import collate_rows, expand_sample
+    from megavictor.data.collate import collate_rows, expand_sample
 
     s = samples()
     v, r = cfg.vision.num_visual_tokens, cfg.victor.registers_per_image
@@ -53,9 +53,9 @@ def micro_batches(cfg):  # noqa: ANN001, ANN201
 
 def count_rank(run_dir: str, inject_item: bool) -> dict[str, dict[str, list]]:
     """Per path: the syncs inside the schedule and outside it, in the second of two steps."""
+    from megavictor.checkpoint.initial_weights import choose_initial_weights
     from megavictor.distributed import init_from_config
     from megavictor.engines import megatron as engine_module
-    from megavictor.initial_weights import choose_initial_weights
     from tests.host_syncs import HostSyncCounter
 
     counter = HostSyncCounter()

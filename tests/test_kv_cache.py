@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megavictor.model.batch import IMAGE_PLACEHOLDER, Sample
-from megavictor.model.kv_cache import greedy_generate_cached
+from megavictor.data.collate import IMAGE_PLACEHOLDER, Sample
+from megavictor.kv_cache import greedy_generate_cached
 from megavictor.model.reference import ReferenceVLM
 from megavictor.vqa import greedy_generate
 from tests.fixtures import tiny_config

@@ -21,9 +21,9 @@ import submitit
 import yaml
 
 from launch.cli import main
+from tests.runs import STAGE2, assert_close, losses, run, train_cmd, train_overrides, wait_for_metrics
 from tests.slurm_cluster import PARTITION, Paths, sacct_state
 from tests.slurm_payload import expected_total
-from tests.runs import STAGE2, assert_close, losses, run, train_cmd, train_overrides, wait_for_metrics
 
 pytestmark = pytest.mark.xdist_group("slurm")  # one cluster: its jobs run one after another
 

@@ -60,7 +60,7 @@ def test_mix_is_a_complete_indexed_data_set(mix_data: Path) -> None:
     counts = {split: sum(s.samples for s in manifest.split_shards(split)) for split in SPLITS}
     assert counts == SPLITS
     assert sorted(p.name for p in mix_data.glob("*.tar")) == sorted(s.name for s in manifest.shards)
-    assert not list(mix_data.glob(".stage-*"))
+    assert not list(mix_data.glob(".staging-*"))
     # The LLaVA JSON the shards came from stays beside them (what `prep llava` read).
     for split, size in SPLITS.items():
         assert len(json.loads((mix_data / "llava" / f"{split}.json").read_text())) == size

@@ -59,9 +59,9 @@ def test_gradient_reduction_overlaps_backward() -> None:
 def imageless_steps_rank(overrides: list[str]) -> list[float]:
     """dp2 steps under every overlap, in small buckets, where one whole step (both ranks) holds no image: its image-
     path parameters get zero gradients and their buckets are reduced and all-gathered like every other."""
+    from megavictor.data.collate import collate_rows, expand_sample
     from megavictor.distributed import init_from_config
     from megavictor.engines.megatron import build_model, forward_backward, wrap_for_training
-    from megavictor.model.batch import collate_rows, expand_sample
 
     cfg = tiny_config(["parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true",
                        "train.distributed_optimizer=true", "parallel.ddp_bucket_size=5000",
@@ -81,7 +81,7 @@ def imageless_steps_rank(overrides: list[str]) -> list[float]:
     return losses
 
 
-@pytest.mark.parametrize("overrides", [["train.stage=1"], ["train.stage=2", "vision.freeze=false"]],
+@pytest.mark.parametrize("overrides", [["train.llava_stage=1"], ["train.llava_stage=2", "vision.freeze=false"]],
                          ids=["stage1", "stage2-vision-trained"])
 def test_steps_without_images_under_overlapped_reduction_and_gather(overrides: list[str]) -> None:
     for losses in run_ranks(2, imageless_steps_rank, overrides):

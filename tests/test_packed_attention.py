@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megavictor.model.batch import IGNORE_INDEX, KIND_VISUAL, VictorBatch, collate_rows, expand_sample
+from megavictor.data.collate import collate_rows, expand_sample
+from megavictor.model.batch import IGNORE_INDEX, KIND_VISUAL, VictorBatch
 from megavictor.model.drop_plan import DropPlan, PackedView, SequenceView, build_drop_plan
 from tests.fixtures import samples, tiny_config
 
@@ -121,8 +122,8 @@ def test_megatron_thd_rope_rotates_by_the_local_angles() -> None:
         assert torch.equal(ours, rotated) and not counter.events, counter.events
 
 
-def test_packed_layout_drops_the_same_slots() -> None:
-    """The decoder's packed layout ([B*S, 1, H], rows one after the other) drops exactly the local layout's slots."""
+def test_packed_dimension_order_drops_the_same_slots() -> None:
+    """The decoder's packed order ([B*S, 1, H], rows one after the other) drops exactly the local order's slots."""
     cfg = tiny_config()
     batch = _batch(cfg, ROWS["rows of 2 and 1 images (fillers lead row 0)"])
     local, packed = build_drop_plan(batch, cfg), build_drop_plan(batch, cfg, packed=True)

@@ -21,13 +21,13 @@ def parity_rank(overrides_per_case: list[list[str]]) -> list[dict]:
     from megatron.core import parallel_state
 
     from megavictor.distributed import init_from_config
+    from megavictor.engines.megatron import bucketed_short_length, forward_backward
     from megavictor.model.batch import KIND_VISUAL
     from megavictor.model.peers import removed_visual, shortened_from
-    from megavictor.engines.megatron import bucketed_short_length, forward_backward
+    from megavictor.model.pipeline_split import layers_per_stage
     from megavictor.model.reference import ReferenceVLM
     from megavictor.model.sharding import first_layer, full_name, shard, shard_into
     from megavictor.model.vlm import VictorVLM
-    from megavictor.pipeline_split import layers_per_stage
 
     results = []
     for overrides in overrides_per_case:
@@ -54,7 +54,7 @@ def parity_rank(overrides_per_case: list[list[str]]) -> list[dict]:
         if cfg.parallel.sequence_parallel:
             # What finalize_model_grads does for the DDP-wrapped model (the training runs test that path): sum the
             # gradients of weights that each tensor-parallel rank saw only a slice of the sequence through.
-            assert sp_norms or cfg.train.stage == 1, "no parameter is marked sequence_parallel"
+            assert sp_norms or cfg.train.llava_stage == 1, "no parameter is marked sequence_parallel"
             for param in sp_norms:
                 torch.distributed.all_reduce(param.grad, group=parallel_state.get_tensor_model_parallel_group())
         ref_loss = sum(reference(b).sum() for b in batches)
@@ -118,14 +118,14 @@ FULL = ["train.recompute=full"]
 
 @pytest.mark.parametrize("layout,world,cases", [
     pytest.param(["parallel.tp=2"], 2, [["victor.drop_layer=3"], ["victor.enabled=false"],
-                                        ["victor.mask=text_blind"], ["train.stage=1"],
+                                        ["victor.mask=text_blind"], ["train.llava_stage=1"],
                                         ["model.num_query_groups=2"], ["train.recompute=selective"],
                                         ["victor.enabled=false", "peer.fastv_layer=2"],
                                         ["victor.num_registers=4", "victor.drop_layer=0", "peer.avg_pool_to=4"]],
                  id="tp2"),
     # With the even split [2, 2]: k=1 inside stage 0, k=2 at the boundary, k=3 inside stage 1.
     pytest.param(SP, 2, [["victor.drop_layer=3"], ["victor.enabled=false"], ["victor.mask=text_blind"],
-                         ["train.stage=1"], ["victor.drop_layer=1", *FULL]], id="tp2-sp"),
+                         ["train.llava_stage=1"], ["victor.drop_layer=1", *FULL]], id="tp2-sp"),
     # Static pipeline shapes: both micro-batches drop to the bucket 112 (they need 80 and 112 slots).
     pytest.param(["parallel.pp=2"], 2, VICTOR_K + [["victor.drop_layer=2", "parallel.pipeline_length_buckets=[96,112]"],
                                                    ["victor.drop_layer=1", "parallel.pipeline_length_buckets=[120]"]],

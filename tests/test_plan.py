@@ -1,4 +1,5 @@
-"""`megavictor plan`: per-stage layer counts and costs for even and balanced splits."""
+"""`megavictor split` (formerly `megavictor plan`, still accepted): per-stage layer counts and costs for even and
+balanced splits."""
 
 from __future__ import annotations
 
@@ -8,16 +9,20 @@ import sys
 from pathlib import Path
 
 from megavictor.config import load_config
-from megavictor.pipeline_split import balanced_split, even_split, stage_costs
+from megavictor.model.pipeline_split import balanced_split, even_split, stage_costs
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAVA = str(ROOT / "configs" / "llava15_7b.yaml")
 
 
-def test_plan_cli_llava_7b_pp4() -> None:
-    proc = subprocess.run([sys.executable, "-m", "megavictor", "plan", "--config", LLAVA, "--pp", "4"],
+def split_cli(verb: str) -> tuple[dict, str]:
+    proc = subprocess.run([sys.executable, "-m", "megavictor", verb, "--config", LLAVA, "--pp", "4"],
                           capture_output=True, text=True, cwd=ROOT, check=True)
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+
+def test_split_cli_llava_7b_pp4() -> None:
+    report, _ = split_cli("split")
     even, balanced = report["even"], report["balanced"]
     assert even["layers"] == [8, 8, 8, 8]
     assert sum(balanced["layers"]) == 32 and len(balanced["layers"]) == 4
@@ -26,6 +31,12 @@ def test_plan_cli_llava_7b_pp4() -> None:
     assert balanced["layers"][0] < 8
     assert report["speedup"] == round(max(even["stage_cost"]) / max(balanced["stage_cost"]), 4)
     assert report["speedup"] > 1.5
+
+
+def test_the_old_verb_name_still_works_and_says_so() -> None:
+    report, stderr = split_cli("plan")
+    assert report == split_cli("split")[0]
+    assert "`megavictor plan` is deprecated; use `megavictor split`" in stderr
 
 
 def test_balanced_is_optimal_among_all_splits() -> None:

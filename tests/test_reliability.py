@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from megavictor.checkpoint.commit import LATEST, MANIFEST, PRE_ANOMALY, checkpoint_problem, commit_atomically, \
-    resume_candidates, write_manifest
+from megavictor.checkpoint.commit import (LATEST, MANIFEST, PRE_ANOMALY, checkpoint_problem, commit_atomically,
+                                          resume_candidates, write_manifest)
+from megavictor.checkpoint.initial_weights import WeightOrigin, choose_initial_weights
 from megavictor.config import load_config
-from megavictor.initial_weights import WeightSource, choose_initial_weights
 from tests.runs import ROOT, STAGE2, losses, run, train_cmd
 
 STEPS = 4
@@ -158,7 +158,7 @@ def test_a_damaged_latest_is_named_and_the_previous_checkpoint_chosen(reference:
     name, damage = CORRUPTIONS[corruption]
     damage(step(checkpoints, STEPS) / name)
     weights = choose_initial_weights(tiny_config(digits_data, tmp_path / "run"))
-    assert weights.source == WeightSource.RESUME and weights.checkpoint == step(checkpoints, STEPS - 1)
+    assert weights.origin == WeightOrigin.RESUME and weights.checkpoint == step(checkpoints, STEPS - 1)
     assert weights.rejected == (step(checkpoints, STEPS),)
     assert str(step(checkpoints, STEPS) / name) in capfd.readouterr().err
 
@@ -230,7 +230,7 @@ def test_a_busy_run_dir_is_refused_and_a_killed_trainer_leaves_no_process(digits
     left; the lock it left behind is taken over, with a message, by the next run."""
     import psutil
 
-    from megavictor.run_lock import acquire
+    from megavictor.training.run_lock import acquire
 
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(tiny_cmd(digits_data, run_dir, "train.max_steps=100000"), cwd=ROOT,

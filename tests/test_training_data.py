@@ -19,6 +19,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from megavictor.config import load_config
+from megavictor.data.collate import IMAGE_PLACEHOLDER
 from megavictor.data.images import CLIP_MEAN, CLIP_STD, PAD_COLOR, load_image
 from megavictor.data.index import load_index, loss_tokens, slots, truncate
 from megavictor.data.manifest import DataError, load_manifest
@@ -26,7 +27,7 @@ from megavictor.data.packing import MAX_WAIT_ROWS, Packer, PackItem
 from megavictor.data.tokenizer import ChatTokenizer, load_tokenizer
 from megavictor.data.training_data import RowDecoder, TrainData, validation_batches
 from megavictor.distributed import ParallelDims
-from megavictor.model.batch import IGNORE_INDEX, IMAGE_PLACEHOLDER, KIND_TEXT, VictorBatch
+from megavictor.model.batch import IGNORE_INDEX, KIND_TEXT, VictorBatch
 
 STAGE2 = Path(__file__).resolve().parents[1] / "configs" / "demo_stage2.yaml"
 
@@ -142,9 +143,9 @@ def test_long_samples_truncated_while_an_answer_survives_else_skipped_counted_on
     counts = data.counts
     assert counts["truncated"] > 100 and counts["skipped_too_long"] > 100 and "truncated" in caplog.text
     split = data.data.index
-    for i in data.data.plan.truncated[:50]:
+    for i in data.data.order.truncated[:50]:
         assert loss_tokens(truncate(split.shape("v1", i), 84, 72), 8) > 0
-    for i in data.data.plan.skipped["too_long"][:50]:
+    for i in data.data.order.skipped["too_long"][:50]:
         assert loss_tokens(truncate(split.shape("v1", i), 84, 72), 8) == 0
     many = steps(data, 40)  # more than one epoch: the counts are per sample of the split, not per epoch
     assert data.counts == counts

@@ -32,9 +32,9 @@ from pathlib import Path
 
 from megavictor.benchmarks.common import median, print_table
 from megavictor.config import Config, load_config
-from megavictor.demo import CONFIGS, evaluate_run, train_stages
+from megavictor.demo import CONFIGS, evaluate_run, train_llava_stages
 from megavictor.errors import UserError
-from megavictor.metrics import decoder_flops, vision_flops
+from megavictor.model.flops import decoder_flops, vision_flops
 from megavictor.model.peers import removed_visual
 
 WARMUP_STEPS = 5  # stage-2 steps left out of the tokens/s median (first-step allocation, caches)
@@ -109,7 +109,7 @@ def run_variant(variant: Variant, run_dir: Path, data: Path, recipe: str, seeds:
         out = run_dir / variant.name / f"seed{seed}"
         trained = run_dir / variant.trained_as / f"seed{seed}" if variant.trained_as else out
         if variant.trained_as is None:
-            train_stages(out, data, seeded, recipe)
+            train_llava_stages(out, data, seeded, recipe)
         result = evaluate_run(trained, data, out, list(variant.inference), eval_limit)
         per_seed.append({"seed": seed, "accuracy": result["accuracy"], "chance": result["chance"],
                          "tokens_per_s": stage2_tokens_per_s(trained), "eval_s": result["eval_s"]})

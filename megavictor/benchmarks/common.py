@@ -14,9 +14,9 @@ from typing import TypeVar
 import torch
 
 from megavictor.config import Config, load_config
+from megavictor.data.collate import IMAGE_PLACEHOLDER, Sample, collate_rows, expand_sample
+from megavictor.model.batch import KIND_TEXT, KIND_VISUAL, VictorBatch
 from megavictor.model.drop_plan import FP8_ALIGNMENT
-from megavictor.model.batch import IMAGE_PLACEHOLDER, KIND_TEXT, KIND_VISUAL, Sample, VictorBatch, collate_rows, \
-    expand_sample
 
 # LLaVA-1.5-7B's token counts at CPU width: 32 decoder layers, 576 visual tokens (a small frozen ViT with 24 x 24
 # patches of a 96 px image instead of CLIP ViT-L/336's 24 x 24 patches of 14 px), R=8 registers, drop at k=3.
@@ -26,7 +26,7 @@ CPU_LLAVA15 = [
     "vision.image_size=96", "vision.patch_size=4", "vision.num_layers=2", "vision.hidden_size=32",
     "vision.ffn_hidden_size=128", "vision.num_attention_heads=2", "vision.freeze=true",
     "victor.enabled=true", "victor.num_registers=8", "victor.drop_layer=3",
-    "data.seq_length=1024", "data.text_length=64", "train.stage=2", "train.lr=1e-4", "log.wandb=false",
+    "data.seq_length=1024", "data.text_length=64", "train.llava_stage=2", "train.lr=1e-4", "log.wandb=false",
 ]
 
 

@@ -1,8 +1,8 @@
 """`megavictor bench infer`: HF serving throughput, Victor LLaVA vs the plain LLaVA baseline (the paper's setting:
 batch 16, 64-token prompts after one image each, 2 and 128 generated tokens).
 
-Both models are transformers models: the Victor one is `megavictor/hf/modeling_victor_llava.py` (its KV cache holds
-only registers + text from layer k on), the baseline the stock `LlavaForConditionalGeneration`. Without `--hf` they
+Both models are transformers models: the Victor one is `megavictor/hf_model/modeling_victor_llava.py` (its KV cache
+holds only registers + text from layer k on), the baseline the stock `LlavaForConditionalGeneration`. Without `--hf` they
 are exported by `megavictor.hf.convert.to_hf` from a random-weight `ReferenceVLM` of LLaVA-1.5-7B's token shape at
 CPU width (32 layers, 576 visual tokens, R=8, k=3). With `--hf DIR` (a Victor export), the baseline is the same
 weights loaded as a stock LLaVA (the registers unused).
@@ -11,7 +11,7 @@ Serving is greedy decoding with the KV cache, timed in two parts: the prefill (o
 included, logits of the last slot only) and the decode steps (one forward per new token). The 2-token setting is
 the prefill plus one decode step, the 128-token setting the prefill plus 127; Victor and the baseline alternate
 per repeat and the medians are reported. `flop_bound` is baseline / Victor FLOPs of the 2-token setting
-(`megavictor.metrics.generate_flops`), `ratio_to_bound` = `speedup` / `flop_bound`.
+(`megavictor.model.flops.generate_flops`), `ratio_to_bound` = `speedup` / `flop_bound`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 
 from megavictor.benchmarks.common import CPU_LLAVA15, add_threads_option, bench_config, median, print_table, variant
 from megavictor.config import Config
-from megavictor.metrics import generate_flops
+from megavictor.model.flops import generate_flops
 
 
 def export_pair(cfg: Config, out: Path, seed: int = 0) -> dict[str, Path]:

@@ -5,7 +5,7 @@ splits' stage of the model (megatron `VictorVLM` + DDP + AdamW, as the training 
 between them, each step megatron's 1F1B pipeline schedule (`megavictor.engines.megatron.forward_backward`) over several
 micro-batches; medians over repeats. The default shape puts the drop layer k in stage 0 of the even split:
 8 layers of hidden 256, k=2, 576 visual tokens + 8 registers + 64 text tokens per sample. `predicted_speedup` is
-`megavictor.pipeline_split`'s cost model for the same config (slowest even stage / slowest balanced stage).
+`megavictor.model.pipeline_split`'s cost model for the same config (slowest even stage / slowest balanced stage).
 
 `--length-buckets 72,128` adds a third variant, the balanced split with `parallel.pipeline_length_buckets`: static
 pipeline shapes (no shape exchange before each send) at the cost of the filler slots the rounding adds
@@ -22,10 +22,10 @@ import time
 import traceback
 import warnings
 
+from megavictor.benchmarks.common import bench_config, data_tokens, image_text_batches, median, print_table, variant
 from megavictor.config import config_from_dict, validate
 from megavictor.model.drop_plan import short_length
-from megavictor.benchmarks.common import bench_config, data_tokens, image_text_batches, median, print_table, variant
-from megavictor.pipeline_split import split_report
+from megavictor.model.pipeline_split import split_report
 
 # Hidden 256: at hidden 64 the short layers (72 slots) cost ~2.5x their FLOPs in per-op overhead on CPU, which the
 # FLOP cost model does not see (measured: balanced [1, 7] gave 1.18x by per-stage busy time against 1.78x predicted).

@@ -16,7 +16,7 @@ Each row holds one sample and no padding, except under `train.fp8`, where both v
 length after the drop) are padded up to multiples of 16 for the FP8 GEMMs (`common.bench_seq_length`); the padding
 is counted in the FLOPs, not in tokens/s.
 
-`flop_bound` is baseline FLOPs / Victor FLOPs of exactly the batches run (`megavictor.metrics.batch_train_flops`:
+`flop_bound` is baseline FLOPs / Victor FLOPs of exactly the batches run (`megavictor.model.flops.batch_train_flops`:
 layers < k on visual + registers + text, layers >= k on registers + text, quadratic attention, the frozen ViT
 forward only), and `ratio_to_bound` = measured speedup / flop_bound.
 """
@@ -28,11 +28,12 @@ import json
 import multiprocessing as mp
 import warnings
 
-from megavictor.benchmarks.common import add_threads_option, bench_config, data_tokens, image_text_batches, median, \
-    measured_memory_mb, peak_memory_kind, print_table, reset_peak_memory, timed, variant
+from megavictor.benchmarks.common import (add_threads_option, bench_config, data_tokens, image_text_batches, median,
+                                          measured_memory_mb, peak_memory_kind, print_table, reset_peak_memory, timed,
+                                          variant)
 from megavictor.config import Config
-from megavictor.metrics import batch_train_flops
 from megavictor.model.drop_plan import short_length
+from megavictor.model.flops import batch_train_flops
 
 MEMORY_METHODS = {
     "host_rss": "VmHWM (peak RSS) of a fresh worker process per variant, imports + model included",
@@ -49,9 +50,9 @@ def _worker(conn, cfg_dict: dict, rows: int, micro_batches: int, threads: int) -
     if threads:
         torch.set_num_threads(threads)
     from megavictor.config import config_from_dict
-    from megavictor.cuda_expected import resolve_attention_backend
     from megavictor.distributed import init_distributed, shutdown
     from megavictor.engines.megatron import build_model, forward_backward, wrap_for_training
+    from megavictor.training.cuda_expected import resolve_attention_backend
 
     try:
         cfg = config_from_dict(cfg_dict)

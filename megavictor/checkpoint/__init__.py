@@ -1,6 +1,6 @@
 """Checkpoints of both training engines, and the offline reading and writing of full weights.
 
-- `commit`: the directory layout (`step_XXXXXX/`, `latest`), atomic commit, rotation, finding a checkpoint.
+- `commit`: the directory structure (`step_XXXXXX/`, `latest`), atomic commit, rotation, finding a checkpoint.
 - `megatron`: megatron `dist_checkpointing` save/load (collective) and its offline readers.
 - `deepspeed`: the DeepSpeed engine's marker and offline readers (ZeRO shards merged in-process).
 - `full_state`: config + full weights of either format, for `convert`, `eval` and `train.init_from`.

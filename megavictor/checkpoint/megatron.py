@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ import torch
 from megavictor.checkpoint.commit import MARKERS, CheckpointError, commit_atomically
 from megavictor.checkpoint.hf_source import HFSource
 from megavictor.checkpoint.rng import rng_state, set_rng_state
+from megavictor.checkpoint.state import Restored
 from megavictor.compat import prepare_distributed_optimizer_load
 from megavictor.config import Config, Engine
 from megavictor.model.sharding import full_name
@@ -55,27 +59,50 @@ def _rng_object(data: Any) -> Any:
          parallel_state.get_data_parallel_rank()), replica_id=0)
 
 
-def save(checkpoints_dir: str | Path, step: int, model: torch.nn.Module, optimizer: Any = None,
-         scheduler: Any = None, extra: dict[str, Any] | None = None, cfg: Config | None = None,
-         keep_last: int = 0, source: HFSource | None = None) -> Path:
-    """Write `step_XXXXXX` atomically (temp dir, rename, then `latest`), keeping the newest `keep_last`, with
-    `source` (tokenizer, HF source config) recorded inside."""
+def write(directory: Path, step: int, model: torch.nn.Module, optimizer: Any = None, scheduler: Any = None,
+          extra: dict[str, Any] | None = None, cfg: Config | None = None) -> None:
+    """Fill `directory` (collective): model and optimizer sharded, the common state (step, layout, config, extra,
+    lr schedule) by rank 0."""
     from megatron.core import dist_checkpointing
 
     start_checkpoint_writer_queue()
+    model_sd = model.sharded_state_dict()
+    state: dict[str, Any] = {"model": model_sd, "step": step, "layout": parallel_sizes(),
+                             "rng": _rng_object(rng_state()),
+                             "config": cfg.to_dict() if cfg is not None else None, "extra": extra or {}}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_FORMAT)
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    dist_checkpointing.save(state, str(directory))
 
-    def write(tmp: Path) -> None:
-        model_sd = model.sharded_state_dict()
-        state: dict[str, Any] = {"model": model_sd, "step": step, "layout": parallel_sizes(),
-                                 "rng": _rng_object(rng_state()),
-                                 "config": cfg.to_dict() if cfg is not None else None, "extra": extra or {}}
-        if optimizer is not None:
-            state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_FORMAT)
-        if scheduler is not None:
-            state["scheduler"] = scheduler.state_dict()
-        dist_checkpointing.save(state, str(tmp))
 
-    return commit_atomically(checkpoints_dir, step, write, keep_last, attach=source.write if source else None)
+def save(checkpoints_dir: str | Path, step: int, model: torch.nn.Module, cfg: Config | None = None,
+         source: HFSource | None = None) -> Path:
+    """Weights alone as `step_XXXXXX`, committed atomically, with `source` (tokenizer, HF source config) recorded
+    inside: what `convert from-hf` writes (training runs save through `checkpoint.manager`)."""
+    return commit_atomically(checkpoints_dir, step, lambda tmp: write(tmp, step, model, cfg=cfg),
+                             attach=source.write if source else None)
+
+
+@dataclass
+class MegatronTrainingState:
+    """The megatron engine's state as the checkpoint manager writes and reads it. `gathered` is the engine's
+    context in which every parameter is in place (overlapped parameter all-gather finished, hooks off)."""
+
+    model: torch.nn.Module
+    optimizer: Any
+    scheduler: Any
+    cfg: Config
+    gathered: Callable[[], AbstractContextManager] = nullcontext
+
+    def write(self, directory: Path, step: int, extra: dict[str, Any]) -> None:
+        with self.gathered():
+            write(directory, step, self.model, self.optimizer, self.scheduler, extra, self.cfg)
+
+    def read(self, directory: Path) -> Restored:
+        common = load(directory, self.model, self.optimizer, self.scheduler)
+        return Restored(step=int(common["step"]), extra=common.get("extra", {}))
 
 
 def read_common(path: str | Path) -> dict[str, Any]:

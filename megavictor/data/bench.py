@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from megavictor.config import load_config
-from megavictor.data.plan import PackingPlan
+from megavictor.data.row_order import RowOrder
 from megavictor.data.training_data import TrainData
 from megavictor.distributed import ParallelDims
 from megavictor.model.batch import KIND_PAD
@@ -41,8 +41,8 @@ def main(argv: list[str]) -> int:
                                     f"data.num_workers={args.workers}", "train.init_from=null"])
     dims = ParallelDims(world=args.dp, rank=0, tp=1, pp=1, dp=args.dp, tp_rank=0, pp_rank=0, dp_rank=0)
     data = TrainData(cfg, dims)
-    plan = data.data.plan
-    epoch = [row for row in PackingPlan(data.data.index, replace(plan.spec, epochs=1)).rows() if row]
+    plan = data.data.order
+    epoch = [row for row in RowOrder(data.data.index, replace(plan.spec, epochs=1)).rows() if row]
     steps = args.steps or max(1, len(epoch) // data.rows_per_step)
     real = sum(plan.row_slots(r) for r in epoch)
     start = time.perf_counter()

@@ -4,7 +4,7 @@ Packing needs each sample's slot count, which depends only on its text tokens an
 stores, per split and per prompt format, each sample's *shape* as a run-length code of its token sequence:
 a positive n is n untrained text tokens, a negative -n is n trained (answer) text tokens, 0 is one image. From
 that code and the model's slots per image follow the sample's slots, its loss tokens, and what a truncation to
-`seq_length` keeps (`slots`, `truncate`, `loss_tokens`), so the global packing plan and the loss normaliser are
+`seq_length` keeps (`slots`, `truncate`, `loss_tokens`), so the global row order and the loss normaliser are
 computed by every rank from the index alone. The index also stores where each sample lies in its shard (byte
 span of its tar members), so a rank reads only the samples of its own rows.
 
@@ -20,8 +20,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import tarfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from megavictor.data.manifest import DataError, Manifest, ShardEntry, load_manifest
+from megavictor.data.reader import read_span, sample_spans
 
 INDEX_NAME = "index.npz"
 INDEX_VERSION = 1
@@ -109,38 +108,6 @@ def _system_fingerprint(system: str) -> str:
     return hashlib.sha256(system.encode()).hexdigest()[:16]
 
 
-def sample_spans(path: Path) -> Iterator[tuple[str, int, int]]:
-    """(key, start, end) per sample of a tar shard, in order: [start, end) is the byte span of its members
-    (headers included), read back by `read_span`."""
-    with tarfile.open(path, "r:") as tar:
-        key, start, end = None, 0, 0
-        for member in tar:
-            if not member.isfile():
-                continue
-            name = member.name.rsplit("/", 1)[-1]
-            member_key = name.split(".", 1)[0]
-            if member_key != key:
-                if key is not None:
-                    yield key, start, end
-                key, start = member_key, member.offset
-            end = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-        if key is not None:
-            yield key, start, end
-
-
-def read_span(data: bytes) -> dict[str, Any]:
-    """The raw sample ({"__key__", suffix: bytes}) of one sample's tar byte span."""
-    sample: dict[str, Any] = {}
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, suffix = member.name.rsplit("/", 1)[-1].split(".", 1)
-            sample["__key__"] = key
-            sample[suffix] = tar.extractfile(member).read()  # type: ignore[union-attr]
-    return sample
-
-
 @dataclass
 class SplitIndex:
     """One split of the index: where each sample lies, and its shape code per prompt format."""
@@ -184,8 +151,8 @@ def index_command(root: str | Path, tokenizer: str | Path | None, system: str) -
 
 def build_index(root: str | Path, tokenizer: str | Path | None = None, system: str = "") -> Path:
     """Tokenise every sample of every split (json members only, no image decoding) and write `index.npz`."""
+    from megavictor.data.collate import IMAGE_PLACEHOLDER
     from megavictor.data.tokenizer import PROMPT_FORMATS, ChatTokenizer, TemplateError, load_tokenizer
-    from megavictor.model.batch import IMAGE_PLACEHOLDER
 
     root = Path(root)
     manifest = load_manifest(root)

@@ -20,6 +20,8 @@ from typing import Any
 from megavictor.errors import UserError
 
 MANIFEST_NAME = "manifest.json"
+# The ViT `megavictor prep digits` pretrains for the demo, beside the shards (`vision.init_from`).
+VISION_ENCODER_FILE = "vision_encoder.safetensors"
 FORMAT = "megavictor-shards/1"
 
 

@@ -15,8 +15,8 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from megavictor.config import PromptFormat
+from megavictor.data.collate import IMAGE_PLACEHOLDER, Sample
 from megavictor.data.manifest import DataError
-from megavictor.model.batch import IMAGE_PLACEHOLDER, Sample
 
 IMAGE_TOKEN = "<image>"
 PROMPT_FORMATS = tuple(f.value for f in PromptFormat)

@@ -1,9 +1,9 @@
-"""Per-rank training data: each rank decodes only the samples of its own rows of the global packing plan.
+"""Per-rank training data: each rank decodes only the samples of its own rows of the global row order.
 
-Every rank computes the same plan (`plan.py`) from the length index. A step consumes `global_batch_size` rows;
+Every rank computes the same row order (`row_order.py`) from the length index. A step consumes `global_batch_size` rows;
 data-parallel rank r trains on micro-batches [r * per_rank, (r + 1) * per_rank) of them and decodes only those
 samples. What the loss and the metrics need of the whole global batch (its loss tokens: the loss normaliser; its
-real tokens, samples and FLOPs) comes from the plan, so no rank materialises the global batch.
+real tokens, samples and FLOPs) comes from the row order, so no rank materialises the global batch.
 
 As in Megatron-LM, tensor-parallel rank 0 loads and broadcasts to its tensor-parallel peers, and only the pipeline
 stages that use data read it: the first stage decodes text and images, the last stage only the text (its labels),
@@ -12,7 +12,7 @@ index. Decoding runs in `data.num_workers` worker processes (by default 4 on CUD
 `data.prefetch` micro-batches ahead, so that the next micro-batches decode while the current ones compute; on CUDA
 the loader pins them for asynchronous copies to the GPU.
 
-The position in the data is the number of plan rows consumed: the same number on every rank, independent of the
+The position in the data is the number of rows consumed: the same number on every rank, independent of the
 layout, saved in the checkpoint's common state (which every rank reads) and restored exactly under any tp/pp/dp.
 """
 
@@ -33,16 +33,16 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 from megavictor.config import Config, ConfigError
+from megavictor.data.collate import IMAGE_PLACEHOLDER, Sample, collate_rows, expand_sample, truncate_sample
 from megavictor.data.images import load_image
-from megavictor.data.index import SplitIndex, load_index, read_span, runs_of, truncate
-from megavictor.data.manifest import DataError, load_manifest
-from megavictor.data.plan import PackingPlan, PlanSpec, Row
+from megavictor.data.index import SplitIndex, load_index, runs_of, truncate
+from megavictor.data.manifest import DataError, ShardEntry, load_manifest
+from megavictor.data.row_order import RowOrder, RowOrderSpec, Row
+from megavictor.data.reader import ShardReader
 from megavictor.data.tokenizer import ChatTokenizer, TemplateError, load_tokenizer
 from megavictor.distributed import ParallelDims
-from megavictor.engines.base import micro_batches_per_rank
-from megavictor.metrics import rows_train_flops
-from megavictor.model.batch import IMAGE_PLACEHOLDER, Sample, VictorBatch, collate_rows, expand_sample, \
-    truncate_sample
+from megavictor.model.batch import VictorBatch
+from megavictor.model.flops import rows_train_flops
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 2
@@ -77,11 +77,11 @@ class StepBatches:
 
 @dataclass(frozen=True)
 class DecodeSettings:
-    """What a (worker) process needs to turn plan rows into a micro-batch."""
+    """What a (worker) process needs to turn rows of the order into a micro-batch."""
 
     root: str
     split: str
-    shards: tuple[str, ...]
+    shards: tuple[ShardEntry, ...]
     tokenizer: str
     prompt_format: str
     system: str
@@ -100,7 +100,7 @@ class RowDecoder(Dataset):
     def __init__(self, settings: DecodeSettings, index: SplitIndex) -> None:
         self.settings, self.index = settings, index
         self._chat: ChatTokenizer | None = None
-        self._files: dict[int, Any] = {}
+        self._reader: ShardReader | None = None  # opened in the (worker) process that reads
 
     def __getitem__(self, rows: tuple[Row, ...]) -> VictorBatch:  # type: ignore[override]
         s = self.settings
@@ -120,13 +120,13 @@ class RowDecoder(Dataset):
         return 0 if self.settings.reads == Reads.NOTHING else self.chat.pad_id
 
     def sample(self, i: int) -> Sample:
-        """Sample i as this stage needs it, truncated to seq_length as the plan decided."""
+        """Sample i as this stage needs it, truncated to seq_length as the row order decided."""
         s = self.settings
         code = truncate(self.index.shape(s.prompt_format, i), s.seq_length, s.visual_tokens + s.registers)
         if s.reads == Reads.NOTHING:
             return _shape_sample(code)
         raw = self._raw(i)
-        path = Path(s.root) / s.shards[int(self.index.shard[i])]
+        path = Path(s.root) / s.shards[int(self.index.shard[i])].name
         try:
             record = json.loads(raw["json"])
             if s.reads == Reads.ALL:
@@ -144,12 +144,9 @@ class RowDecoder(Dataset):
         return sample
 
     def _raw(self, i: int) -> dict[str, Any]:
-        shard = int(self.index.shard[i])
-        if shard not in self._files:
-            self._files[shard] = open(Path(self.settings.root) / self.settings.shards[shard], "rb")  # noqa: SIM115
-        f = self._files[shard]
-        f.seek(int(self.index.start[i]))
-        return read_span(f.read(int(self.index.end[i] - self.index.start[i])))
+        if self._reader is None:
+            self._reader = ShardReader(self.settings.root, self.settings.shards)
+        return self._reader.at(int(self.index.shard[i]), int(self.index.start[i]), int(self.index.end[i]))
 
 
 def _shape_sample(code: list[int]) -> Sample:
@@ -167,7 +164,7 @@ def _shape_sample(code: list[int]) -> Sample:
 
 
 class SplitData:
-    """One split's index, plan and decoding settings, as this rank sees them."""
+    """One split's index, row order and decoding settings, as this rank sees them."""
 
     def __init__(self, cfg: Config, split: str, dims: ParallelDims, shuffle: bool, epochs: int | None) -> None:
         d, v = cfg.data, cfg.vision
@@ -180,18 +177,18 @@ class SplitData:
         index = load_index(d.path, d.tokenizer, d.prompt_format.value, d.system_prompt)
         self.index = index.split(split)
         self.cfg, self.dims = cfg, dims
-        spec = PlanSpec(prompt_format=d.prompt_format.value, seq_length=d.seq_length,
+        spec = RowOrderSpec(prompt_format=d.prompt_format.value, seq_length=d.seq_length,
                         micro_batch_size=d.micro_batch_size,
                         image_slots=v.num_visual_tokens + cfg.victor.registers_per_image,
                         registers=cfg.victor.registers_per_image, pack_buffer=d.pack_buffer, seed=d.seed,
                         min_image_side=d.min_image_side, max_image_pixels=d.max_image_pixels, shuffle=shuffle,
                         epochs=epochs)
         try:
-            self.plan = PackingPlan(self.index, spec)
+            self.order = RowOrder(self.index, spec)
         except ValueError as exc:
             raise DataError(f"data.path={d.path} split {split!r}: {exc}") from None
         self.settings = DecodeSettings(
-            root=str(d.path), split=split, shards=tuple(s.name for s in manifest.split_shards(split)),
+            root=str(d.path), split=split, shards=tuple(manifest.split_shards(split)),
             tokenizer=str(tokenizer), prompt_format=d.prompt_format.value, system=d.system_prompt,
             seq_length=d.seq_length, visual_tokens=v.num_visual_tokens, registers=cfg.victor.registers_per_image,
             image_size=v.image_size, aspect=d.image_aspect_ratio.value, reads=stage_reads(dims))
@@ -245,6 +242,11 @@ def broadcast_batch(batch: VictorBatch | None, rows: int, seq_length: int) -> Vi
     return VictorBatch(**out)
 
 
+def micro_batches_per_rank(cfg: Config, dp: int) -> int:
+    """Micro-batches each data-parallel rank runs per optimizer step."""
+    return cfg.train.global_batch_size // dp // cfg.data.micro_batch_size
+
+
 def decoding_workers(cfg: Config) -> int:
     """`data.num_workers`, or for null what a GPU job wants: 4 processes decoding ahead of the step, so that image
     decoding never holds up the GPU (Megatron-LM's data loaders use workers too); on the CPU, where the workers would
@@ -259,7 +261,7 @@ def _identity(item: Any) -> Any:
 
 
 class TrainData:
-    """The training split's micro-batches for this rank, step by step, from the global plan."""
+    """The training split's micro-batches for this rank, step by step, from the global row order."""
 
     def __init__(self, cfg: Config, dims: ParallelDims) -> None:
         self.cfg, self.dims = cfg, dims
@@ -267,35 +269,35 @@ class TrainData:
         self.data.check_vocab()
         self.per_rank = micro_batches_per_rank(cfg, dims.dp)
         self.rows_per_step = self.per_rank * dims.dp * cfg.data.micro_batch_size
-        self.consumed = 0  # plan rows of the steps handed out
+        self.consumed = 0  # rows of the steps handed out
         self._batches: Iterator[VictorBatch | None] | None = None
         self._steps: deque[dict[str, Any]] = deque()
-        counts, examples = self.data.plan.counts(), self.data.plan.examples()
+        counts, examples = self.data.order.counts(), self.data.order.examples()
         if any(counts.values()) and dims.rank == 0:
             log.warning("split %s: %s (first record ids: %s)", cfg.data.train_split, counts, examples)
 
     @property
     def counts(self) -> dict[str, int]:
         """Samples of the training split truncated or skipped at load time, by kind, each counted once."""
-        return self.data.plan.counts()
+        return self.data.order.counts()
 
     def _jobs(self) -> Iterator[tuple[Row, ...]]:
         """This rank's micro-batches (as rows), step after step; records each step's global figures."""
-        plan, mbs, cfg = self.data.plan, self.cfg.data.micro_batch_size, self.cfg
-        rows = islice(plan.rows(), self.consumed, None)
+        order, mbs, cfg = self.data.order, self.cfg.data.micro_batch_size, self.cfg
+        rows = islice(order.rows(), self.consumed, None)
         first = self.dims.dp_rank * self.per_rank * mbs
         while True:
             step = list(islice(rows, self.rows_per_step))
             mine = step[first:first + self.per_rank * mbs]
-            images = [plan.row_images(r) for r in step]
+            images = [order.row_images(r) for r in step]
             self._steps.append({
-                "loss_tokens": sum(plan.row_loss_tokens(r) for r in step),
-                "real_tokens": sum(plan.row_slots(r) - n * cfg.victor.registers_per_image
+                "loss_tokens": sum(order.row_loss_tokens(r) for r in step),
+                "real_tokens": sum(order.row_slots(r) - n * cfg.victor.registers_per_image
                                    for r, n in zip(step, images)),
                 "samples": sum(len(r) for r in step),
                 "flops": rows_train_flops(cfg, cfg.data.seq_length, [n * cfg.vision.num_visual_tokens for n in images],
                                           sum(images)),
-                "images": sum(plan.row_images(r) for r in mine) if self.data.settings.reads == Reads.ALL else 0})
+                "images": sum(order.row_images(r) for r in mine) if self.data.settings.reads == Reads.ALL else 0})
             for m in range(self.per_rank):
                 yield tuple(mine[m * mbs:(m + 1) * mbs])
 
@@ -317,15 +319,17 @@ class TrainData:
         return StepBatches(mine=mine, **self._steps.popleft())
 
     def state_dict(self) -> dict[str, Any]:
-        """The same on every rank and for every layout: rows consumed, and the plan they index."""
-        return {"version": STATE_VERSION, "plan": self.data.plan.spec.fingerprint(), "rows": self.consumed}
+        """The same on every rank and for every layout: rows consumed, and the row order they index."""
+        return {"version": STATE_VERSION, "order": self.data.order.spec.fingerprint(), "rows": self.consumed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly after `state`'s rows; refuses a state of another plan (data settings changed)."""
-        fingerprint = self.data.plan.spec.fingerprint()
-        if state.get("version") != STATE_VERSION or state.get("plan") != fingerprint:
-            raise DataError(f"the checkpoint's data position (loader state version {state.get('version')}, plan "
-                            f"{state.get('plan')}) is not for this data order (version {STATE_VERSION}, plan "
+        """Continue exactly after `state`'s rows; refuses a state of another row order (data settings changed).
+        Checkpoints written before the rename name the order's fingerprint "plan"."""
+        fingerprint = self.data.order.spec.fingerprint()
+        saved = state.get("order", state.get("plan"))
+        if state.get("version") != STATE_VERSION or saved != fingerprint:
+            raise DataError(f"the checkpoint's data position (loader state version {state.get('version')}, order "
+                            f"{saved}) is not for this data order (version {STATE_VERSION}, order "
                             f"{fingerprint}): the data.* order settings or the model's slots per image changed, or "
                             "it was saved by an older megavictor; resume with the saved settings")
         self.consumed = int(state["rows"])
@@ -337,6 +341,6 @@ def validation_batches(cfg: Config, dims: ParallelDims) -> tuple[list[VictorBatc
     order, unshuffled), decoded by this rank only; and how many there are over all ranks."""
     data = SplitData(cfg, cfg.data.val_split, dims, shuffle=False, epochs=1)
     mbs = cfg.data.micro_batch_size
-    rows = list(islice(data.plan.rows(), cfg.train.eval_batches * mbs))
+    rows = list(islice(data.order.rows(), cfg.train.eval_batches * mbs))
     micro = [tuple(rows[i:i + mbs]) for i in range(0, len(rows), mbs)]
     return [data.receive(data.decoder[m] if data.loads else None) for m in micro[dims.dp_rank::dims.dp]], len(micro)

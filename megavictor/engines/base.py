@@ -1,19 +1,22 @@
-"""What a training engine is to the training loop: build, step, forward-only loss, save, load.
+"""What a training engine is to the training loop: build, step, forward-only loss, and its state for checkpoints.
 
 An engine owns the model, the optimizer and the lr schedule of one rank; the loop owns the data, the step count,
-metrics and stop requests. Both engines minimise the same loss: the sum of token losses over the global batch
-divided by its number of loss tokens (megatron's `calculate_per_token_loss`), so loss curves depend neither on the
-engine nor on tp/pp/dp or on how the global batch is split into micro-batches.
+metrics and stop requests; the checkpoint manager (`megavictor.checkpoint.manager`) owns the checkpoint directory
+and writes and reads the engine's `training_state`.
+
+Both engines minimise the same loss: the sum of token losses over the global batch divided by its number of loss
+tokens (megatron's `calculate_per_token_loss`), so loss curves depend neither on the engine nor on tp/pp/dp or on
+how the global batch is split into micro-batches.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megavictor.checkpoint.state import TrainingState
 from megavictor.config import Config
 from megavictor.model.batch import VictorBatch
 
@@ -29,14 +32,6 @@ class StepResult:
     skipped: bool = False  # the update was not applied: a loss or gradient on some rank was not finite
 
 
-@dataclass
-class Restored:
-    """What an engine's `load` hands back to the loop: the step reached and the loop's own saved state."""
-
-    step: int
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
 class TrainingEngine(Protocol):
     def train_step(self, micro_batches: list[VictorBatch], global_loss_tokens: int) -> StepResult:
         """Forward/backward over this rank's micro-batches and one optimizer step, for the loss
@@ -48,11 +43,9 @@ class TrainingEngine(Protocol):
         """(sum of token losses, loss tokens) over this rank's micro-batches, in eval mode, without gradients.
         Collective over data-parallel ranks for some engines: every rank passes the same number of micro-batches."""
 
-    def save(self, step: int, extra: dict[str, Any]) -> Path:
-        """Checkpoint model, optimizer, lr schedule, RNG and `extra` (the loop's state) as `step`, atomically."""
-
-    def load(self, path: Path) -> Restored:
-        """Restore everything `save` wrote, into this engine as built (any layout the format allows)."""
+    @property
+    def training_state(self) -> TrainingState:
+        """Model, optimizer, lr schedule and RNG in this engine's checkpoint format, for the checkpoint manager."""
 
 
 def build_scheduler(cfg: Config, optimizer: Any) -> OptimizerParamScheduler:
@@ -64,7 +57,3 @@ def build_scheduler(cfg: Config, optimizer: Any) -> OptimizerParamScheduler:
         optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=t.warmup_steps,
         lr_decay_steps=max(t.max_steps, t.warmup_steps + 1), lr_decay_style="cosine", start_wd=t.weight_decay,
         end_wd=t.weight_decay, wd_incr_steps=max(t.max_steps, 1), wd_incr_style="constant")
-
-
-def micro_batches_per_rank(cfg: Config, dp: int) -> int:
-    return cfg.train.global_batch_size // dp // cfg.data.micro_batch_size

@@ -4,8 +4,8 @@ The model is `VictorLlavaForConditionalGeneration`, the very module `megavictor 
 loader's packed rows (`cu_seqlens`: SDPA with a block-diagonal mask, or flash-attn varlen on GPU). Everything around
 it is shared with the megatron engine: the training loop, the same data stream, global batch and per-token loss,
 AdamW with megatron's weight-decay groups, megatron's warmup + cosine schedule, the same stage freezing, the initial
-weights (`megavictor.initial_weights`), the checkpoint directory layout (`megavictor.checkpoint`). Parallelism is
-data parallel only (tp = pp = 1); DeepSpeed shards optimizer state (ZeRO-1), gradients (ZeRO-2) and parameters
+weights (`megavictor.checkpoint.initial_weights`), the checkpoint manager (`megavictor.checkpoint`). Parallelism
+is data parallel only (tp = pp = 1); DeepSpeed shards optimizer state (ZeRO-1), gradients (ZeRO-2) and parameters
 (ZeRO-3) over the ranks.
 
 Top to bottom: `build_model` (HF config and weights from a full state, freezing, attention implementation,
@@ -17,24 +17,20 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from megavictor.checkpoint import deepspeed as deepspeed_checkpoint
-from megavictor.checkpoint.commit import CheckpointError, commit_atomically
-from megavictor.checkpoint.hf_source import training_source
-from megavictor.checkpoint.rng import rng_state, set_rng_state
+from megavictor.checkpoint.initial_weights import InitialWeights, WeightOrigin, fresh_state
 from megavictor.compat import import_deepspeed
 from megavictor.config import AttentionBackend, Config, Precision
+from megavictor.data.training_data import micro_batches_per_rank
 from megavictor.distributed import ParallelDims, any_rank
-from megavictor.engines.base import Restored, StepResult, build_scheduler, micro_batches_per_rank
+from megavictor.engines.base import StepResult, build_scheduler
 from megavictor.errors import notice
 from megavictor.hf.convert import hf_named_parameters, hf_reference_names, hf_state, victor_hf_config
-from megavictor.hf.modeling_victor_llava import VictorLlavaForConditionalGeneration
-from megavictor.initial_weights import InitialWeights, WeightSource, checkpoints_dir, fresh_state
+from megavictor.hf_model.modeling_victor_llava import VictorLlavaForConditionalGeneration
 from megavictor.model.batch import KIND_REGISTER, KIND_VISUAL, VictorBatch
 from megavictor.model.recipe import is_trainable
 from megavictor.model.reference import full_shapes
@@ -135,9 +131,9 @@ class DeepSpeedEngine:
         self.cfg, self.dims = cfg, dims
         if dims.world == 1:  # a plain process; torchrun and `megavictor launch` set it
             os.environ.setdefault("LOCAL_RANK", "0")
-        if weights.source == WeightSource.RESUME:
-            check_resumable(weights.checkpoint, cfg, dims.world)
-            full = fresh_state(cfg, InitialWeights(WeightSource.FRESH))  # overwritten by `load`
+        if weights.origin == WeightOrigin.RESUME:
+            deepspeed_checkpoint.check_resumable(weights.checkpoint, cfg, dims.world)
+            full = fresh_state(cfg, InitialWeights(WeightOrigin.FRESH))  # overwritten by `load`
         else:
             full = fresh_state(cfg, weights)
         model = build_model(cfg, full)
@@ -148,7 +144,8 @@ class DeepSpeedEngine:
                                                                  config=deepspeed_config(cfg, dims.dp))
         self.hf_config = model.config
         self.scheduler = build_scheduler(cfg, self.optimizer)  # sets lr and weight decay of DeepSpeed's groups
-        self.source = training_source(cfg, weights.checkpoint)
+        self.training_state = deepspeed_checkpoint.DeepSpeedTrainingState(self.engine, self.scheduler, cfg,
+                                                                            dims.world)
 
     def train_step(self, micro_batches: list[VictorBatch], global_loss_tokens: int) -> StepResult:
         self.scheduler.step(1)  # the lr of step n (1-based), used by the optimizer step at the last micro-batch
@@ -183,37 +180,3 @@ class DeepSpeedEngine:
                 loss_tokens += batch.num_loss_tokens()
         self.engine.train()
         return loss_sum, loss_tokens
-
-    def save(self, step: int, extra: dict[str, Any]) -> Path:
-        """DeepSpeed's own checkpoint (every rank its ZeRO shards) in `step_XXXXXX.tmp`, then our marker with the
-        config and step; the loop's state and the lr schedule travel in DeepSpeed's client state."""
-        state = {"step": step, "extra": extra, "scheduler": self.scheduler.state_dict()}
-
-        def write(tmp: Path) -> None:
-            self.engine.save_checkpoint(str(tmp.parent), tag=tmp.name, client_state=state, save_latest=False)
-            torch.save(rng_state(), deepspeed_checkpoint.rng_file(tmp, dist.get_rank()))
-            dist.barrier()
-            if dist.get_rank() == 0:
-                deepspeed_checkpoint.write_marker(tmp, step, self.cfg.train.zero_stage, self.dims.world, self.cfg)
-
-        return commit_atomically(checkpoints_dir(self.cfg), step, write, self.cfg.train.keep_last,
-                                 attach=self.source.write)
-
-    def load(self, path: Path) -> Restored:
-        """Continue exactly from `path`: weights, optimizer, scheduler, RNG; the step and the loop's state."""
-        loaded, client = self.engine.load_checkpoint(str(path.parent), tag=path.name,
-                                                     load_optimizer_states=True, load_lr_scheduler_states=False)
-        if loaded is None:
-            raise CheckpointError(f"DeepSpeed could not load {path}")
-        self.scheduler.load_state_dict(client["scheduler"])
-        set_rng_state(torch.load(deepspeed_checkpoint.rng_file(path, dist.get_rank()), weights_only=False))
-        return Restored(step=int(client["step"]), extra=client["extra"])
-
-
-def check_resumable(latest: Path, cfg: Config, world: int) -> None:
-    """A DeepSpeed checkpoint of the same ZeRO stage and world size (its shards are per rank)."""
-    saved = deepspeed_checkpoint.read_marker(latest)
-    if (saved["zero_stage"], saved["world_size"]) != (cfg.train.zero_stage, world):
-        raise CheckpointError(f"train.zero_stage={cfg.train.zero_stage} on {world} ranks: {latest} was written with "
-                              f"ZeRO-{saved['zero_stage']} on {saved['world_size']} ranks; resume with those, or "
-                              f"start a new run with train.init_from={latest}")

@@ -21,7 +21,6 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,22 +34,20 @@ from megatron.core.utils import get_attr_wrapped_model
 
 from megavictor.checkpoint import megatron as megatron_checkpoint
 from megavictor.checkpoint.commit import engine_of
-from megavictor.checkpoint.hf_source import training_source
+from megavictor.checkpoint.initial_weights import InitialWeights, WeightOrigin, init_from_state, vision_tower_state
 from megavictor.config import Config, ConfigError, Engine, Precision
 from megavictor.distributed import ParallelDims
-from megavictor.engines.base import Restored, StepResult, build_scheduler
-from megavictor.initial_weights import InitialWeights, WeightSource, checkpoints_dir, init_from_state, \
-    vision_tower_state
+from megavictor.engines.base import StepResult, build_scheduler
 from megavictor.model.batch import VictorBatch
 from megavictor.model.drop_plan import build_drop_plan, short_length
+from megavictor.model.pipeline_split import layers_per_stage
 from megavictor.model.sharding import full_name, full_shape, shard_into
 from megavictor.model.vlm import VictorVLM
-from megavictor.pipeline_split import layers_per_stage
 
 
 def apply_initial_weights(model: VictorVLM, cfg: Config, weights: InitialWeights, dims: ParallelDims) -> None:
     """Copy `train.init_from`'s or `vision.init_from`'s weights into this stage's shards (before any optimizer)."""
-    if weights.source == WeightSource.INIT_FROM:
+    if weights.origin == WeightOrigin.INIT_FROM:
         if engine_of(weights.checkpoint) == Engine.MEGATRON:  # reshards on load, reading only this rank's shards
             megatron_checkpoint.load_model_weights(weights.checkpoint, model)
         else:
@@ -184,7 +181,8 @@ class MegatronEngine:
         self.model = build_model(cfg, dims, weights)
         self.ddp, self.optimizer = wrap_for_training(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer)
-        self.source = training_source(cfg, weights.checkpoint)
+        self.training_state = megatron_checkpoint.MegatronTrainingState(
+            self.model, self.optimizer, self.scheduler, cfg, gathered=self._parameters_gathered)
 
     def train_step(self, micro_batches: list[VictorBatch], global_loss_tokens: int) -> StepResult:
         self.ddp.zero_grad_buffer()
@@ -241,13 +239,3 @@ class MegatronEngine:
             result = forward_backward(self.ddp, micro_batches, forward_only=True)
         self.ddp.train()
         return result
-
-    def save(self, step: int, extra: dict[str, Any]) -> Path:
-        with self._parameters_gathered():
-            return megatron_checkpoint.save(checkpoints_dir(self.cfg), step, self.model, self.optimizer,
-                                            self.scheduler, extra=extra, cfg=self.cfg,
-                                            keep_last=self.cfg.train.keep_last, source=self.source)
-
-    def load(self, path: Path) -> Restored:
-        common = megatron_checkpoint.load(path, self.model, self.optimizer, self.scheduler)
-        return Restored(step=int(common["step"]), extra=common.get("extra", {}))

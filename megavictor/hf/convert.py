@@ -41,6 +41,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from megavictor import hf_model
 from megavictor.config import (
     Config,
     ImageAspectRatio,
@@ -53,8 +54,8 @@ from megavictor.config import (
     load_config,
 )
 from megavictor.data.images import CLIP_MEAN, CLIP_STD
-from megavictor.hf.configuration_victor_llava import VictorLlavaConfig
-from megavictor.hf.processing_victor_llava import VictorLlavaProcessor
+from megavictor.hf_model.configuration_victor_llava import VictorLlavaConfig
+from megavictor.hf_model.processing_victor_llava import VictorLlavaProcessor
 from megavictor.model.reference import check_full_state, full_shapes
 
 Tensor = torch.Tensor
@@ -157,10 +158,10 @@ def _llava_params(m: ModelConfig, v: VisionConfig, registers: bool) -> list[_Par
     return params + ([_copy("registers", "model.registers")] if registers else [])
 
 
-def _gather(params: list[_Param], tensors: dict[str, Tensor], source: str) -> dict[str, Tensor]:
+def _gather(params: list[_Param], tensors: dict[str, Tensor], origin: str) -> dict[str, Tensor]:
     missing = [name for p in params for name in p.hf if name not in tensors]
     if missing:
-        raise KeyError(f"{source} lacks {len(missing)} tensors, e.g. {missing[:3]}")
+        raise KeyError(f"{origin} lacks {len(missing)} tensors, e.g. {missing[:3]}")
     return {p.ref: p.join([tensors[name] for name in p.hf]) for p in params}
 
 
@@ -339,7 +340,7 @@ def clip_name(name: str) -> str:
 
 
 def current_llava_name(name: str) -> str:
-    """A tensor name of any llava-hf checkpoint (old layouts, or transformers 5's CLIP without `vision_model.`) in
+    """A tensor name of any llava-hf checkpoint (old names, or transformers 5's CLIP without `vision_model.`) in
     the naming megavictor reads and writes, which every transformers 4.5x and 5.x loads."""
     for pattern, replacement in LEGACY_LLAVA_NAMES.items():
         name, n = re.subn(pattern, replacement, name)
@@ -477,11 +478,11 @@ def hf_state(cfg: Config, full_state: dict[str, Tensor], vision_tail: dict[str, 
     return tensors
 
 
-def full_state_of(cfg: Config, tensors: dict[str, Tensor], source: str = "HF state") -> dict[str, Tensor]:
+def full_state_of(cfg: Config, tensors: dict[str, Tensor], origin: str = "HF state") -> dict[str, Tensor]:
     """Inverse of `hf_state`: megavictor's full state from (Victor) LLaVA tensors in transformers' names, as any
     transformers 4.5x/5.x model or checkpoint names them (`current_llava_name`)."""
     tensors = {current_llava_name(name): t for name, t in tensors.items()}
-    return _gather(_llava_params(cfg.model, cfg.vision, _has_registers(cfg)), tensors, source)
+    return _gather(_llava_params(cfg.model, cfg.vision, _has_registers(cfg)), tensors, origin)
 
 
 def hf_named_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -615,6 +616,6 @@ def to_hf(cfg: Config, full_state: dict[str, Tensor], out_dir: str | Path, token
         processor.save_pretrained(out)
     if vi.enabled:
         for name in REMOTE_CODE:
-            shutil.copy(Path(__file__).with_name(name), out / name)
+            shutil.copy(Path(hf_model.__file__).with_name(name), out / name)
     _readable_by_4_and_5(out)
     return out

@@ -6,7 +6,7 @@ receiving activations' metadata, and the megatron model, its reference twin and 
 FastV (`peer.fastv_layer`) is the one exception: which visual slots survive depends on layer K-1's attention, so
 its plan leaves the short side open (`ranking`) until the model calls `DropPlan.rank` with those probabilities. Layers
 < k see the `long` view (all slots); layers >= k the `short` view (registers, text, padding), gathered with the
-convention shared with the exported HF model (`megavictor.hf.victor_drop.keep_index`: survivors right-aligned,
+convention shared with the exported HF model (`megavictor.hf_model.victor_drop.keep_index`: survivors right-aligned,
 fillers on the left). Every view carries its complete attention inputs: the mask, the original (pre-drop)
 positions and their RoPE angles, the packed-sample segments, and the labels of the slots it holds.
 
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from megavictor.config import AttentionBackend, Config, ModelConfig, RopeScaling, VictorMask
-from megavictor.hf.victor_drop import keep_index
+from megavictor.hf_model.victor_drop import keep_index
 from megavictor.model.batch import (IGNORE_INDEX, KIND_PAD, KIND_REGISTER, KIND_TEXT, KIND_VISUAL, VictorBatch,
                                     to_device)
 
@@ -69,7 +69,7 @@ class SequenceView:
     mask: torch.Tensor | None  # [B, 1, S, S] bool: block-diagonal causal over packed samples; None when packed
     segments: torch.Tensor  # [B, S] packed sample of each slot (fillers and row padding: segments of their own)
     position_ids: torch.Tensor  # [B, S] original (pre-drop) positions
-    rope: torch.Tensor  # [S, B, 1, head_dim] RoPE angles of `position_ids` (megatron's sequence-first layout)
+    rope: torch.Tensor  # [S, B, 1, head_dim] RoPE angles of `position_ids` (megatron's sequence-first order)
     labels: torch.Tensor  # [B, S]
     ghost: torch.Tensor  # [B, S] bool: row padding and fillers (no label, attended by no other slot)
     packed: PackedView | None = None  # set when the plan is built for THD attention
@@ -157,11 +157,11 @@ class DropPlan:
         return self.output_view.labels != IGNORE_INDEX
 
     def sequence_first(self, x: torch.Tensor) -> torch.Tensor:
-        """Batch-first [B, S, ...] -> the decoder's layout: [S, B, ...], or [B*S, 1, ...] when packed."""
+        """Batch-first [B, S, ...] -> the decoder's dimension order: [S, B, ...], or [B*S, 1, ...] when packed."""
         return x.reshape(1, -1, *x.shape[2:]).transpose(0, 1) if self.packed else x.transpose(0, 1)
 
     def batch_first(self, x: torch.Tensor) -> torch.Tensor:
-        """The decoder's layout -> batch-first [B, S, ...] (the inverse of `sequence_first`)."""
+        """The decoder's dimension order -> batch-first [B, S, ...] (the inverse of `sequence_first`)."""
         x = x.transpose(0, 1)
         return x.reshape(self.long.position_ids.shape[0], -1, *x.shape[2:]) if self.packed else x
 

@@ -13,7 +13,7 @@ def is_trainable(name: str, cfg: Config) -> bool:
         return not cfg.vision.freeze
     if name.startswith("projector.") or name == "registers":
         return True
-    return cfg.train.stage == 2
+    return cfg.train.llava_stage == 2
 
 
 def apply_freezing(model: nn.Module, cfg: Config) -> None:

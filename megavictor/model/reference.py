@@ -1,7 +1,7 @@
-"""A plain, single-process PyTorch twin of `VictorVLM`: same parameter names and layouts, no megatron.
+"""A plain, single-process PyTorch twin of `VictorVLM`: same parameter names and shapes, no megatron.
 
 Parameter names are those of the unsharded megatron model (`decoder.layers.{global index}...`), with megatron's
-fused layouts: `linear_qkv` rows grouped per query group as [q heads of the group, k, v], `linear_fc1` of the
+fused tensors: `linear_qkv` rows grouped per query group as [q heads of the group, k, v], `linear_fc1` of the
 SwiGLU MLP as [gate; up]. `megavictor.model.sharding` maps these to and from tensor/pipeline-parallel shards.
 Used to check the parallel model numerically, and as the base of the HF export and the DeepSpeed engine.
 """
@@ -34,7 +34,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class KVSlot:
-    """One decoder layer's KV cache for greedy decoding (`megavictor.model.kv_cache`): keys after RoPE and values,
+    """One decoder layer's KV cache for greedy decoding (`megavictor.kv_cache`): keys after RoPE and values,
     [B, cached slots, heads, head_dim], grown by each forward that is given the slot."""
 
     def __init__(self) -> None:
@@ -186,7 +186,7 @@ class ReferenceVLM(nn.Module):
 
     def hidden_states(self, batch: VictorBatch, plan: DropPlan, cache: list[KVSlot] | None = None) -> torch.Tensor:
         """Final-norm hidden states [B, S', H] of the slots that reach the loss; with `cache` (one empty slot per
-        decoder layer), each layer also keeps its keys and values (the prefill of `megavictor.model.kv_cache`)."""
+        decoder layer), each layer also keeps its keys and values (the prefill of `megavictor.kv_cache`)."""
         x = self.embedding.word_embeddings(batch.tokens)
         visual = self.projector(self.vision(batch.images)) if batch.images.shape[0] else None
         x = scatter_image_slots(x, plan.image_slots, visual, image_slot_fill(self.cfg, visual, self.registers))

@@ -66,10 +66,10 @@ def shard_into(model: torch.nn.Module, full: dict[str, torch.Tensor], tp_rank: i
     with `prefix` must be covered."""
     params = {name: p for name, p in model.named_parameters() if name.startswith(prefix)}
     for name, param in params.items():
-        source = full.get(full_name(name, layer_offset))
-        if source is None:
+        whole = full.get(full_name(name, layer_offset))
+        if whole is None:
             raise KeyError(f"no full parameter for {name} (as {full_name(name, layer_offset)})")
-        piece = shard(full_name(name, layer_offset), source, tp_rank, tp)
+        piece = shard(full_name(name, layer_offset), whole, tp_rank, tp)
         if piece.shape != param.shape:
             raise ValueError(f"{name}: full-model shard has shape {tuple(piece.shape)}, model has {tuple(param.shape)}")
         with torch.no_grad():

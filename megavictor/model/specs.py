@@ -26,9 +26,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megavictor.compat import SequenceParallelTorchNorm
-from megavictor.cuda_expected import softmax_kernels_available
-from megavictor.config import AttentionBackend, Config, ConfigError, Precision, Recompute, RecomputeMethod, \
-    VisionActivation
+from megavictor.config import (AttentionBackend, Config, ConfigError, Precision, Recompute, RecomputeMethod,
+                               VisionActivation)
 from megavictor.model.drop_plan import DropPlan, SequenceView, uses_packed_attention
 from megavictor.model.peers import run_layer
 
@@ -38,6 +37,14 @@ def _apex_grad_accum_fusion() -> bool:
     from megatron.core.tensor_parallel import layers
 
     return layers._grad_accum_fusion_available
+
+
+def softmax_kernels_available() -> bool:
+    """The fused softmax kernels megatron's local attention imports for `masked_softmax_fusion` (APEX or Megatron-LM's
+    fused_kernels build them: `scaled_masked_softmax_cuda` for our explicit masks, `scaled_softmax_cuda` for the
+    ViT's unmasked attention). Without them megatron would fail at the first attention of 17-4096 keys."""
+    return all(importlib.util.find_spec(name) is not None
+               for name in ("scaled_masked_softmax_cuda", "scaled_softmax_cuda"))
 
 
 def fusions(cfg: Config, te_layers: bool) -> dict[str, bool]:
@@ -257,12 +264,12 @@ def _common(cfg: Config, te_layers: bool = True) -> dict:
                 use_cpu_initialization=not torch.cuda.is_available(), **fusions(cfg, te_layers))
 
 
-def pipeline_layout(layers_per_stage: list[int]) -> list[list[str]]:
+def stage_modules(layers_per_stage: list[int]) -> list[list[str]]:
     """megatron's `pipeline_model_parallel_layout` for an arbitrary per-stage decoder layer split."""
-    layout = [["decoder"] * n for n in layers_per_stage]
-    layout[0].insert(0, "embedding")
-    layout[-1].append("loss")
-    return layout
+    stages = [["decoder"] * n for n in layers_per_stage]
+    stages[0].insert(0, "embedding")
+    stages[-1].append("loss")
+    return stages
 
 
 def language_config(cfg: Config, layers_per_stage: list[int]) -> TransformerConfig:
@@ -275,7 +282,7 @@ def language_config(cfg: Config, layers_per_stage: list[int]) -> TransformerConf
         attention_dropout=0.0,
         init_method_std=m.init_method_std,
         tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp,
-        pipeline_model_parallel_layout=pipeline_layout(layers_per_stage) if p.pp > 1 else None,
+        pipeline_model_parallel_layout=stage_modules(layers_per_stage) if p.pp > 1 else None,
         sequence_parallel=p.sequence_parallel,
         # Stages after the drop receive shorter sequences, and how much shorter depends on the images packed
         # into each micro-batch: shapes are exchanged per send, unless pipeline length buckets make them static

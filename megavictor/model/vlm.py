@@ -87,7 +87,7 @@ class VictorVLM(MegatronModule):
         self.decoder.set_input_tensor(input_tensor)
 
     def embed(self, batch: VictorBatch, plan: DropPlan) -> torch.Tensor:
-        """First stage: word embeddings with image and register slots filled in, in the decoder's layout ([S, B, H],
+        """First stage: word embeddings with image and register slots filled in, in the decoder's dimension order ([S, B, H],
         or [B*S, 1, H] packed), this rank's slice of the sequence under sequence parallelism. The ViT and the
         projector run on whole images on every tensor-parallel rank (no sequence parallelism of their own)."""
         words = self.embedding(input_ids=batch.tokens, position_ids=None)  # [S, B, H]

@@ -1,10 +1,10 @@
-"""One global packing plan, computed from the length index alike by every rank: which samples form each row.
+"""One global row order, computed from the length index alike by every rank: which samples form each row.
 
-The plan depends only on the index and the order-defining settings (seed, sequence length, slots per image, packing
+The order depends only on the index and the order-defining settings (seed, sequence length, slots per image, packing
 buffer), never on tp/pp/dp or the number of workers. Each epoch is a seeded permutation of the split; samples flow
 through the streaming first-fit-decreasing packer (`packing.py`) into rows of `seq_length` slots, and consecutive
 rows form the micro-batches and global batches. A position in the data is therefore one number, the rows consumed,
-which restores exactly under any layout. Every rank derives from the plan the rows it must decode (its own
+which restores exactly under any layout. Every rank derives from the order the rows it must decode (its own
 micro-batches) and the global batch's loss tokens (the loss normaliser) without decoding the rest.
 
 Samples longer than `seq_length` are truncated from the end when at least one answer token survives, and skipped
@@ -29,7 +29,7 @@ Row = tuple[int, ...]  # sample indices of the split, in packing order; () is an
 
 
 @dataclass(frozen=True)
-class PlanSpec:
+class RowOrderSpec:
     """Everything that fixes the row sequence besides the index."""
 
     prompt_format: str
@@ -70,10 +70,10 @@ def whole_sample_costs(split: SplitIndex, prompt_format: str, image_slots: int, 
             per_sample(np.where(trained, -flat, 0) - lost), per_sample(image))
 
 
-class PackingPlan:
+class RowOrder:
     """The row stream of one split; cheap to recompute from the start (no decoding), so resuming is a skip."""
 
-    def __init__(self, split: SplitIndex, spec: PlanSpec) -> None:
+    def __init__(self, split: SplitIndex, spec: RowOrderSpec) -> None:
         self.spec = spec
         self.slots, self.loss, self.images = whole_sample_costs(split, spec.prompt_format, spec.image_slots,
                                                                 spec.registers)
@@ -105,7 +105,7 @@ class PackingPlan:
         return order[self.usable[order]].tolist()
 
     def rows(self) -> Iterator[Row]:
-        """The global row sequence from the start; finite plans end with a whole micro-batch (padding rows)."""
+        """The global row sequence from the start; finite orders end with a whole micro-batch (padding rows)."""
         spec = self.spec
         packer = Packer(spec.seq_length, spec.pack_buffer)
         emitted = 0

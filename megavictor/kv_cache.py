@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from megavictor.config import Config, VictorMask
-from megavictor.model.batch import KIND_VISUAL, Sample, collate_rows, expand_sample
+from megavictor.data.collate import Sample, collate_rows, expand_sample
+from megavictor.model.batch import KIND_VISUAL
 from megavictor.model.drop_plan import DropPlan, build_drop_plan, rope_angles
 from megavictor.model.reference import KVSlot, ReferenceVLM
 

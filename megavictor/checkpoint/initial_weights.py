@@ -32,7 +32,7 @@ from megavictor.model.reference import full_shapes, shape_problems
 from megavictor.model.weight_init import initial_value
 
 
-class WeightSource(enum.StrEnum):
+class WeightOrigin(enum.StrEnum):
     RESUME = "resume"
     INIT_FROM = "init_from"
     FRESH = "fresh"
@@ -40,7 +40,7 @@ class WeightSource(enum.StrEnum):
 
 @dataclass(frozen=True)
 class InitialWeights:
-    source: WeightSource
+    origin: WeightOrigin
     checkpoint: Path | None = None  # RESUME: the run's latest checkpoint; INIT_FROM: the resolved checkpoint
     vision_tower: Path | None = None  # FRESH: `vision.init_from`, if given
     rejected: tuple[Path, ...] = ()  # RESUME: newer checkpoints that failed verification or loading
@@ -65,12 +65,12 @@ def choose_initial_weights(cfg: Config, exclude: tuple[Path, ...] = ()) -> Initi
             raise CheckpointError(f"train.init_from: {exc}") from None
         if engine_of(path) == Engine.MEGATRON:  # its metadata holds every shape: check now, before any model
             _check_fits(cfg, path, read_shapes(path))
-        return InitialWeights(WeightSource.INIT_FROM, checkpoint=path)
+        return InitialWeights(WeightOrigin.INIT_FROM, checkpoint=path)
     tower = cfg.vision.init_from
     if tower and not Path(tower).is_file():
         raise ConfigError(f"vision.init_from={tower} does not exist; for the demo, `megavictor prep digits` writes "
                           "vision_encoder.safetensors into the data folder")
-    return InitialWeights(WeightSource.FRESH, vision_tower=Path(tower) if tower else None)
+    return InitialWeights(WeightOrigin.FRESH, vision_tower=Path(tower) if tower else None)
 
 
 def _resume(cfg: Config, root: Path, candidates: list[Path], excluded: list[Path]) -> InitialWeights:
@@ -97,7 +97,7 @@ def _resumable(cfg: Config, path: Path, rejected: tuple[Path, ...]) -> InitialWe
                               f"train.init_from={path}")
     if engine_of(path) == Engine.MEGATRON:
         _check_fits(cfg, path, read_shapes(path), key="train.run_dir")
-    return InitialWeights(WeightSource.RESUME, checkpoint=path, rejected=rejected)
+    return InitialWeights(WeightOrigin.RESUME, checkpoint=path, rejected=rejected)
 
 
 def _check_fits(cfg: Config, path: Path, shapes: dict[str, tuple[int, ...]], key: str = "train.init_from") -> None:
@@ -135,7 +135,7 @@ def vision_tower_state(path: Path, expected: dict[str, tuple[int, ...]]) -> dict
 
 def fresh_state(cfg: Config, weights: InitialWeights) -> dict[str, torch.Tensor]:
     """The full initial weights of a run that does not resume (DeepSpeed engine: built whole on every rank)."""
-    if weights.source == WeightSource.INIT_FROM:
+    if weights.origin == WeightOrigin.INIT_FROM:
         return init_from_state(cfg, weights.checkpoint)
     m, shapes = cfg.model, full_shapes(cfg)
     state = {name: initial_value(name, tuple(shape), m.init_method_std, m.num_layers, cfg.train.seed)

@@ -1,4 +1,4 @@
-"""Pipeline stage split and its cost model; `megavictor plan` prints both splits side by side.
+"""Pipeline stage split and its cost model (`megavictor split` prints both splits side by side).
 
 With Victor, layers < k process visual + register + text slots and layers >= k only register + text slots, so
 with k=3 of 32 layers and 576 visual tokens an even split leaves the first stage several times slower than the
@@ -10,29 +10,10 @@ others. `balanced` picks contiguous per-stage layer counts that minimise the slo
 
 from __future__ import annotations
 
-import argparse
-import json
 from dataclasses import dataclass
 
-from megavictor.config import Config, PipelineSplit, load_config
-
-TRAIN_FACTOR = 3.0  # forward + backward ~ 3 forwards
-
-
-def transformer_layer_flops(seq: int, hidden: int, ffn: int, heads: int, groups: int, gated: bool,
-                            context: int | None = None) -> float:
-    """Forward FLOPs of one transformer layer on `seq` tokens (GEMMs + attention scores and weighted sum).
-
-    `context` is the number of keys each query attends over (default `seq`, full-square attention as the dense
-    masks compute it); decoding with a KV cache passes the cache length.
-    """
-    context = seq if context is None else context
-    kv = hidden * groups // heads
-    qkv_proj = 2 * seq * hidden * (hidden + 2 * kv) + 2 * seq * hidden * hidden
-    mlp = 2 * seq * hidden * ffn * (3 if gated else 2)
-    attention = 2 * 2 * seq * context * hidden
-    return float(qkv_proj + mlp + attention)
-
+from megavictor.config import Config, PipelineSplit
+from megavictor.model.flops import TRAIN_FACTOR, transformer_layer_flops
 
 @dataclass
 class SampleShape:
@@ -150,24 +131,3 @@ def split_report(cfg: Config) -> dict:
         report[name] = {"layers": layers, "stage_cost": [round(c / mean, 4) for c in stage_costs(cfg, layers)]}
     report["speedup"] = round(max(report["even"]["stage_cost"]) / max(report["balanced"]["stage_cost"]), 4)
     return report
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="megavictor plan", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--pp", type=int, help="pipeline stages (overrides parallel.pp)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. victor.drop_layer=5")
-    args = parser.parse_args(argv)
-    overrides = list(args.overrides) + ([f"parallel.pp={args.pp}"] if args.pp else [])
-    cfg = load_config(args.config, overrides)
-    report = split_report(cfg)
-    shape = sample_shape(cfg)
-    print(f"{cfg.model.num_layers} layers on {cfg.parallel.pp} stages; per sample {shape.visual} visual + "
-          f"{shape.registers} registers + {shape.text} text slots; victor "
-          f"{'on, drop at layer ' + str(cfg.victor.drop_layer) if cfg.victor.enabled else 'off'}")
-    print("stage cost is relative to the mean stage cost of the even split")
-    for name in ("even", "balanced"):
-        print(f"{name:>9}: layers {report[name]['layers']}  stage cost {report[name]['stage_cost']}")
-    print(f"predicted speedup of balanced over even: {report['speedup']:.2f}x")
-    print(json.dumps(report))
-    return 0

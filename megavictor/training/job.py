@@ -1,9 +1,9 @@
 """`megavictor train`: the training job's entry point (CLI, signal handling, checks before anything is built); the
-loop is `megavictor.training`, imported only once the config and the data set have passed their checks, so that a
-user error costs seconds, not megatron's import.
+loop is `megavictor.training.loop`, imported only once the config and the data set have passed their checks, so
+that a user error costs seconds, not megatron's import.
 
-One process per rank: torchrun, SLURM via `megavictor launch` (whose default entry is `megavictor.trainer:run`, with
-this module's `request_stop`), or a plain single process.
+One process per rank: torchrun, SLURM via `megavictor launch` (whose default entry is
+`megavictor.training.job:run`, with this module's `request_stop`), or a plain single process.
 """
 
 from __future__ import annotations
@@ -17,21 +17,22 @@ import threading
 from typing import TYPE_CHECKING
 
 from megavictor.config import Config, load_config
-from megavictor.cuda_expected import require_cuda_if_expected, resolve_attention_backend
 from megavictor.data.preflight import check_data_set
 from megavictor.process_lifetime import tie_forked_helpers
-from megavictor.run_lock import acquire
-from megavictor.stop_request import clear_stop_request, request_stop
+from megavictor.training.cuda_expected import require_cuda_if_expected, resolve_attention_backend
+from megavictor.training.run_lock import acquire
+from megavictor.training.stop_request import clear_stop_request, request_stop
 
 if TYPE_CHECKING:
-    from megavictor.training import Summary
+    from megavictor.training.loop import Summary
 
 __all__ = ["main", "request_stop", "run"]
 
 
 def run(cfg: Config, install_signal_handlers: bool = True) -> Summary:
     """Train `cfg` in this process (one rank); SIGTERM and SIGUSR2 save a checkpoint at the next step boundary.
-    Rank 0 holds the run directory's lock (`megavictor.run_lock`) throughout; helper processes die with this one."""
+    Rank 0 holds the run directory's lock (`megavictor.training.run_lock`) throughout; helper processes die with
+    this one."""
     if install_signal_handlers and threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGUSR2):
             signal.signal(sig, request_stop)
@@ -41,7 +42,7 @@ def run(cfg: Config, install_signal_handlers: bool = True) -> Summary:
         require_cuda_if_expected(cfg)  # before gloo and the CPU compatibility layer could stand in for NCCL
         resolve_attention_backend(cfg)
         check_data_set(cfg)
-        from megavictor.training import train
+        from megavictor.training.loop import train
 
         return train(cfg)
     finally:

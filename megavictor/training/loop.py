@@ -1,11 +1,14 @@
 """The training loop, read top to bottom in `train`: it composes an engine (megatron or DeepSpeed) with the data.
 
-Each optimizer step takes one global batch of `train.global_batch_size` packed rows of the global packing plan
+Each optimizer step takes one global batch of `train.global_batch_size` packed rows of the global row order
 (`megavictor.data.training_data`); data-parallel rank r decodes and trains on its share of the micro-batches.
-The loss is the per-token mean over the whole global batch, so the loss curve depends neither on the engine nor on tp/pp/dp or on the micro-batch split.
+The loss is the per-token mean over the whole global batch, so the loss curve depends neither on the engine nor on
+tp/pp/dp or on the micro-batch split. Checkpoints go through one `CheckpointManager`: one load, one save call per
+step (it decides whether the step is due).
 
-Stop requests (SIGTERM / SIGUSR2, or `megavictor.stop_request.request_stop()`) are honoured at the next step boundary: the job saves a
-checkpoint and returns a summary with `stopped_by_signal`; a restart resumes exactly from it.
+Stop requests (SIGTERM / SIGUSR2, or `megavictor.training.stop_request.request_stop()`) are honoured at the next step
+boundary: the job saves a checkpoint and returns a summary with `stopped_by_signal`; a restart resumes exactly from
+it.
 """
 
 from __future__ import annotations
@@ -22,18 +25,17 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megavictor.checkpoint import step_dir_name
-from megavictor.checkpoint.commit import adopt_fallback, describe_failure, first_failure, latest_checkpoint, \
-    protect, reraise_interrupts
+from megavictor.checkpoint.initial_weights import InitialWeights, choose_initial_weights
+from megavictor.checkpoint.manager import CheckpointManager
 from megavictor.config import Config, Engine
+from megavictor.data.collate import collate_rows
 from megavictor.data.training_data import TrainData, validation_batches
 from megavictor.distributed import ParallelDims, any_rank, collective_device, init_from_config
-from megavictor.engines.base import Restored, TrainingEngine
+from megavictor.engines.base import TrainingEngine
 from megavictor.errors import UserError, notice
-from megavictor.initial_weights import InitialWeights, WeightSource, checkpoints_dir, choose_initial_weights
-from megavictor.metrics import MetricsLogger, peak_flops
-from megavictor.model.batch import VictorBatch, collate_rows
-from megavictor.stop_request import stop_pending
+from megavictor.model.batch import VictorBatch
+from megavictor.training.metrics import MetricsLogger, peak_flops
+from megavictor.training.stop_request import stop_pending
 
 @dataclass
 class Summary:
@@ -63,13 +65,16 @@ def train(cfg: Config) -> Summary:
     dims = init_from_config(cfg)
     data = TrainData(cfg, dims)  # opens the data set: its errors come before the model's build
     engine = build_engine(cfg, dims, weights)
-    step, saved = 0, None
-    nonfinite = NonFiniteSteps(t.max_nonfinite_steps, checkpoints_dir(cfg))
-    if weights.source == WeightSource.RESUME:
-        saved, restored = resume(cfg, engine, weights)
-        step = restored.step
+    checkpoints = CheckpointManager(cfg, weights)
+    restored = checkpoints.load(engine.training_state)
+    step = restored.step
+    nonfinite = NonFiniteSteps(t.max_nonfinite_steps, skipped=restored.extra.get("skipped_steps", 0))
+    if "loader" in restored.extra:
         data.load_state_dict(restored.extra["loader"])
-        nonfinite.skipped = restored.extra.get("skipped_steps", 0)
+
+    def loop_state() -> dict[str, Any]:
+        return {"loader": data.state_dict(), "skipped_steps": nonfinite.skipped}
+
     reports = dims.is_last_stage and dims.tp_rank == 0 and dims.dp_rank == 0  # the rank holding the global loss
     metrics = MetricsLogger(cfg, Path(t.run_dir), reports, t.max_steps, step)
     if dist.get_rank() == 0:
@@ -78,49 +83,26 @@ def train(cfg: Config) -> Summary:
 
     data_counts = {f"data_{kind}": n for kind, n in data.counts.items()}  # per sample of the split, counted once
     last_loss, stopped = None, False
-    while step < t.max_steps:
-        if stop_requested():
-            stopped = True
-            break
-        step += 1
-        record = {"step": step, **train_step(engine, data, dims), **data_counts}
-        nonfinite.count(step, record.pop("update_skipped"))
-        record["skipped_steps"] = nonfinite.skipped
-        last_loss = record["loss"]
-        if t.eval_interval and step % t.eval_interval == 0:
-            record["val_loss"] = validation_loss(cfg, engine, dims)
-        metrics.log(record)
-        if nonfinite.streak >= t.max_nonfinite_steps:
-            metrics.close()
-            raise nonfinite.diverged(step)
-        if t.save_interval and step % t.save_interval == 0 and not nonfinite.streak:
-            saved = engine.save(step, {"loader": data.state_dict(), "skipped_steps": nonfinite.skipped})
-    if saved is None or saved.name != step_dir_name(step):
-        saved = engine.save(step, {"loader": data.state_dict(), "skipped_steps": nonfinite.skipped})
-    metrics.close()
+    with metrics:
+        while step < t.max_steps:
+            if stop_requested():
+                stopped = True
+                break
+            step += 1
+            record = {"step": step, **train_step(engine, data, dims), **data_counts}
+            if nonfinite.count(step, record.pop("update_skipped")) == 1:
+                checkpoints.guard_newest()  # the newest checkpoint before the anomaly survives rotation
+            record["skipped_steps"] = nonfinite.skipped
+            last_loss = record["loss"]
+            if t.eval_interval and step % t.eval_interval == 0:
+                record["val_loss"] = validation_loss(cfg, engine, dims)
+            metrics.log(record)
+            if nonfinite.streak >= t.max_nonfinite_steps:
+                raise nonfinite.diverged(step, checkpoints.newest())
+            checkpoints.save(step, engine.training_state, loop_state(), anomaly=nonfinite.streak > 0)
+        checkpoints.save(step, engine.training_state, loop_state(), last_step=True)
     val_loss = None if stopped else validation_loss(cfg, engine, dims)
-    return Summary(step, last_loss, val_loss, stopped, str(saved))
-
-
-def resume(cfg: Config, engine: TrainingEngine, weights: InitialWeights) -> tuple[Path, Restored]:
-    """Load the verified checkpoint `weights` names; one that fails to load on any rank is reported in one line and
-    the next verified one tried (each load replaces all state, so a failed attempt leaves nothing behind). Having
-    fallen back, rank 0 sets the newer damaged checkpoints aside, points `latest` at the one used and protects it."""
-    while True:
-        try:
-            restored, error = engine.load(weights.checkpoint), None
-        except BaseException as exc:  # any failure to read it: named below, then the next checkpoint
-            reraise_interrupts(exc)
-            restored, error = None, describe_failure(exc)
-        error = first_failure(error)
-        if error is None:
-            break
-        notice(f"cannot resume from {weights.checkpoint}: it does not load ({error})")
-        weights = choose_initial_weights(cfg, exclude=(*weights.rejected, weights.checkpoint))
-    if weights.rejected and dist.get_rank() == 0:
-        adopt_fallback(weights.checkpoint.parent, weights.checkpoint, weights.rejected)
-    dist.barrier()
-    return weights.checkpoint, restored
+    return Summary(step, last_loss, val_loss, stopped, str(checkpoints.saved))
 
 
 def train_step(engine: TrainingEngine, data: TrainData, dims: ParallelDims) -> dict[str, Any]:
@@ -143,31 +125,24 @@ class TrainingDiverged(UserError):
 @dataclass
 class NonFiniteSteps:
     """The steps whose update was skipped (loss or gradient norm not finite, `StepResult.skipped`): their count
-    (metrics' `skipped_steps`, kept in checkpoints) and the current streak, which stops the run at `limit`.
-
-    At the first step of a streak rank 0 marks the newest checkpoint, saved before it, as `pre_anomaly`: rotation
-    never deletes it, so that a diverging run cannot prune its last good checkpoint away."""
+    (metrics' `skipped_steps`, kept in checkpoints) and the current streak, which stops the run at `limit`."""
 
     limit: int
-    checkpoints: Path
     skipped: int = 0
     streak: int = 0
 
-    def count(self, step: int, skipped: bool) -> None:
+    def count(self, step: int, skipped: bool) -> int:
+        """Count `step`; the streak it ends (0) or extends."""
         if not skipped:
             self.streak = 0
-            return
+            return 0
         self.skipped += 1
         self.streak += 1
         notice(f"step {step}: the loss or gradient norm is not finite; update skipped ({self.streak} in a row, "
                f"train.max_nonfinite_steps={self.limit})")
-        if self.streak == 1 and dist.get_rank() == 0:
-            good = latest_checkpoint(self.checkpoints)
-            if good is not None:
-                protect(self.checkpoints, good)
+        return self.streak
 
-    def diverged(self, step: int) -> TrainingDiverged:
-        good = latest_checkpoint(self.checkpoints)
+    def diverged(self, step: int, good: Path | None) -> TrainingDiverged:
         kept = f"the last good checkpoint is {good}" if good is not None else "no checkpoint was saved before it"
         return TrainingDiverged(f"stopped at step {step}: {self.streak} consecutive steps with a non-finite loss or "
                                 f"gradient norm (train.max_nonfinite_steps={self.limit}), none applied or saved; "

@@ -45,20 +45,14 @@ def require_cuda_if_expected(cfg: Config) -> None:
                           "or run without GPUs (no --gpus-per-node, train.attention_backend=local, train.fp8=null)")
 
 
-def softmax_kernels_available() -> bool:
-    """The fused softmax kernels megatron's local attention imports for `masked_softmax_fusion` (APEX or Megatron-LM's
-    fused_kernels build them: `scaled_masked_softmax_cuda` for our explicit masks, `scaled_softmax_cuda` for the
-    ViT's unmasked attention). Without them megatron would fail at the first attention of 17-4096 keys."""
-    return all(importlib.util.find_spec(name) is not None
-               for name in ("scaled_masked_softmax_cuda", "scaled_softmax_cuda"))
-
-
 def resolve_attention_backend(cfg: Config) -> None:
     """Fill in `train.attention_backend: null` for this machine, as the training job starts (each rank, so that a
     login node without GPUs decides nothing for the GPU nodes): Transformer Engine's THD attention (fused
     FlashAttention / cuDNN kernels, no [S, S] mask) on CUDA where Transformer Engine is installed, or with
     `train.fp8`, which needs it; megatron's local layers otherwise, and for the deepspeed engine (SDPA) and FastV
     (which reads attention probabilities). On CUDA without Transformer Engine it says so in one line."""
+    from megavictor.model.specs import softmax_kernels_available  # megatron: imported once the checks have passed
+
     t, gpu = cfg.train, torch.cuda.is_available()
     if t.attention_backend is None:
         t.attention_backend = _best_attention_backend(cfg, gpu)

@@ -1,0 +1,26 @@
+"""What a training engine hands the checkpoint manager: its state, as an object that writes itself into a directory
+and reads itself back, in the engine's format (`checkpoint.megatron`, `checkpoint.deepspeed`). The manager owns the
+directories (temporary name, manifest, atomic rename, `latest`, rotation); the state only fills one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+
+@dataclass
+class Restored:
+    """What a state read back hands the training loop: the step reached and the loop's own saved state."""
+
+    step: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class TrainingState(Protocol):
+    def write(self, directory: Path, step: int, extra: dict[str, Any]) -> None:
+        """Write model, optimizer, lr schedule, RNG and `extra` (the loop's state) as `step` into `directory`
+        (collective: every rank calls it with the same directory)."""
+
+    def read(self, directory: Path) -> Restored:
+        """Restore everything `write` wrote, into the engine as built (any layout the format allows)."""

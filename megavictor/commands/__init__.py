@@ -1,0 +1,1 @@
+"""The `megavictor` verbs that sit on top of the library and have no package of their own: `split`, `convert`."""
