@@ -4,8 +4,8 @@ import os
 
 from setuptools import find_packages, setup
 
-# GPU install inside an NGC PyTorch container (README "GPU install"): MEGAVICTOR_KEEP_TORCH=1 asks only for a torch
-# megatron-core 0.16 accepts, so pip keeps the container's CUDA build (which its Transformer Engine and Apex are
+# GPU install inside an NGC PyTorch container (docs/gpu.md, "GPU install"): MEGAVICTOR_KEEP_TORCH=1 asks only for a
+# torch megatron-core 0.16 accepts, so pip keeps the container's CUDA build (which its Transformer Engine and Apex are
 # compiled against; the container's PIP_CONSTRAINT pins it too), and admits the containers' Python 3.12. Unset, the
 # requirements stay exactly those of the CPU machines.
 KEEP_TORCH = os.environ.get("MEGAVICTOR_KEEP_TORCH", "") not in ("", "0")

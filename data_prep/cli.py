@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from data_prep.shards import PrepError  # after parsing, so --help does not import webdataset/torch
-    from megavictor.data.manifest import DataError
+    from megavictor.errors import UserError
 
     try:
         if args.kind == "llava":
@@ -100,9 +100,9 @@ def main(argv: list[str] | None = None) -> int:
             prep_digits(args.out, maxcount=args.maxcount, seed=args.seed, restart=args.restart, grid=args.grid)
             if args.vision_steps > 0:
                 ensure_vision_encoder(args.out, args.vision_config, args.vision_steps, args.seed)
-    except (PrepError, DataError) as exc:
+    except (PrepError, UserError) as exc:
         print(f"megavictor prep {args.kind}: error: {exc}", file=sys.stderr)
-        return 1
+        return 2  # a user error: one line, as every megavictor verb
     except KeyboardInterrupt:
         print(f"megavictor prep {args.kind}: interrupted; run the same command again to resume "
               f"(or pass --restart)", file=sys.stderr)

@@ -177,6 +177,8 @@ def prep_llava(json_path: Path, images_dir: Path, out: Path, split: str = "train
     """Check and shard the records; with `limits.tokenizer`, also write the length index (else say how to)."""
     if limits.max_slots is not None and limits.tokenizer is None:
         raise PrepError("--max-slots needs --tokenizer (slots are counted in your LLM's tokens)")
+    if limits.tokenizer is not None:
+        load_tokenizer(limits.tokenizer)  # a folder that is no tokenizer stops here, before any shard is written
     records = load_records(json_path)
     if not images_dir.is_dir():
         raise PrepError(f"--images {images_dir} is not a directory")

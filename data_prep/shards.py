@@ -18,7 +18,7 @@ from typing import Any
 
 import webdataset as wds
 
-from megavictor.data.manifest import MANIFEST_NAME, Manifest, ShardEntry, sha256_file
+from megavictor.data.manifest import MANIFEST_NAME, DataError, Manifest, ShardEntry, load_manifest, sha256_file
 
 PROGRESS_NAME = ".prep-progress.json"
 TAR_METADATA: dict[str, Any] = {"user": "megavictor", "group": "megavictor", "mtime": 0, "mode": 0o444}
@@ -163,12 +163,17 @@ class ShardSetWriter:
         names: list[str] = []
         manifest_path = self.out / MANIFEST_NAME
         if manifest_path.is_file():
-            names += [s["name"] for s in json.loads(manifest_path.read_text(encoding="utf-8"))["shards"]]
+            try:
+                names += [entry.name for entry in load_manifest(self.out).shards]
+            except DataError as exc:  # someone else's manifest.json: nothing of theirs is deleted
+                raise PrepError(f"--out {self.out} holds a manifest.json that is not a megavictor data set ({exc}); "
+                                "choose another --out") from None
             manifest_path.unlink()
         if progress is not None:
             names += [e["name"] for s in progress["splits"].values() for e in s["shards"]]
         for name in names:
-            (self.out / name).unlink(missing_ok=True)
+            if Path(name).name == name:  # only our own shard files, directly in --out
+                (self.out / name).unlink(missing_ok=True)
         (self.out / PROGRESS_NAME).unlink(missing_ok=True)
 
     def _remove_partial(self) -> None:

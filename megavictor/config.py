@@ -248,6 +248,9 @@ class TrainConfig:
     keep_last: int = 2
     # Consecutive steps with a non-finite loss or gradient norm (each skipped, not applied) before the run stops.
     max_nonfinite_steps: int = 3
+    # Resuming with a changed model, drop, data or lr schedule (`checkpoint.manager.GUARDED_KEYS`) stops with
+    # one line naming the changes; true goes on with the new values (the lr schedule then follows the config).
+    allow_config_change: bool = False
     eval_interval: int = 0  # steps between validation-loss evaluations (0: only at the end)
     eval_batches: int = 4  # micro-batches of the val split per evaluation
     precision: Precision = Precision.FP32

@@ -49,6 +49,9 @@ def train_llava_stages(run_dir: Path, data: Path, overrides: list[str], recipe: 
             stage_overrides.append(f"train.init_from={run_dir / 'stage1'}")
         cfg = load_config(CONFIGS / f"{recipe}_stage{llava_stage}.yaml", stage_overrides + list(overrides))
         summary = job.run(cfg)
+        if summary.stopped_by_signal:  # Ctrl-C or SIGTERM: saved; the same command resumes where it stopped
+            raise SystemExit(f"megavictor demo: stopped during LLaVA stage {llava_stage} at step {summary.final_step} "
+                             "(checkpoint saved); run the same command again to resume")
         fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731  (None: the stage was already complete)
         print(f"stage {llava_stage}: {summary.final_step} steps, loss {fmt(summary.final_loss)}, "
               f"val loss {fmt(summary.val_loss)}")

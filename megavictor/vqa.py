@@ -34,6 +34,7 @@ from megavictor.data.images import load_image
 from megavictor.data.manifest import load_manifest
 from megavictor.data.reader import ShardReader
 from megavictor.data.tokenizer import IMAGE_TOKEN, ChatTokenizer, load_tokenizer, render
+from megavictor.errors import UserError
 from megavictor.model.batch import VictorBatch
 from megavictor.model.drop_plan import DropPlan, build_drop_plan, uses_packed_attention
 
@@ -168,6 +169,31 @@ def hf_prompt(processor: Any, question: Question) -> str:
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
+def check_hf_export(model_dir: str | Path) -> None:
+    """`--hf` names a LLaVA export (stock or Victor) whose weight files are whole: one line otherwise, before
+    transformers (whose errors name neither the flag nor the fix) loads anything."""
+    from safetensors import SafetensorError, safe_open
+
+    from megavictor.hf.convert import hf_config_dict
+
+    config = hf_config_dict(model_dir, "--hf", ("model_type",))
+    if config["model_type"] not in ("llava", "victor_llava"):
+        raise UserError(f"--hf {model_dir} holds a {config['model_type']!r} model, not a LLaVA export; export one "
+                        "with `megavictor convert to-hf`")
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise UserError(f"--hf {model_dir} has no .safetensors weights")
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    f.get_slice(name)
+        except (OSError, SafetensorError) as exc:
+            raise UserError(f"--hf {file} cannot be read ({exc}); export the model again") from None
+    if len(files) > 1 and not (Path(model_dir) / "model.safetensors.index.json").is_file():
+        raise UserError(f"--hf {model_dir} has several .safetensors files but no model.safetensors.index.json")
+
+
 def hf_config(model_dir: str | Path, data_path: str | Path) -> Config:
     """What `load_questions` needs for an exported model: its tokenizer and image size (prompt format: v1)."""
     from transformers import AutoConfig
@@ -236,6 +262,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted config overrides for inference, e.g. peer.fastv_layer=1")
     args = parser.parse_args(argv)
     if args.hf:
+        check_hf_export(args.hf)
         cfg = hf_config(args.hf, args.data)
         split = {"test": cfg.data.test_split, "val": cfg.data.val_split}.get(args.split, args.split)
         questions, _ = load_questions(cfg, args.data, split, args.limit)

@@ -61,10 +61,11 @@ def assert_close(a: list[float], b: list[float], rel: float) -> None:
         assert abs(x - y) <= rel * abs(y), f"step {step}: {x} vs {y}"
 
 
-def sigterm_after(cmd: list[str], run_dir: Path, steps: int, total: int, ranks: bool = False) -> dict:
-    """Run `cmd` until `run_dir/metrics.jsonl` has `steps` steps, then SIGTERM it (with `ranks`, each of its child
-    processes instead, as SLURM signals every task); check it saved a checkpoint at a step boundary before `total`
-    and return its summary."""
+def sigterm_after(cmd: list[str], run_dir: Path, steps: int, total: int, ranks: bool = False,
+                  sig: signal.Signals = signal.SIGTERM) -> dict:
+    """Run `cmd` until `run_dir/metrics.jsonl` has `steps` steps, then SIGTERM it (or `sig`; with `ranks`, each of
+    its child processes instead, as SLURM signals every task); check it saved a checkpoint at a step boundary before
+    `total` and return its summary."""
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 300
@@ -72,7 +73,7 @@ def sigterm_after(cmd: list[str], run_dir: Path, steps: int, total: int, ranks: 
         assert proc.poll() is None and time.time() < deadline, f"training ended before step {steps}"
         time.sleep(0.05)
     for target in psutil.Process(proc.pid).children() if ranks else [proc]:
-        target.send_signal(signal.SIGTERM)
+        target.send_signal(sig)
     summary = json.loads(proc.communicate(timeout=300)[0].strip().splitlines()[-1])
     assert proc.returncode == 0 and summary["stopped_by_signal"] and steps <= summary["final_step"] < total
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{summary['final_step']:06d}"

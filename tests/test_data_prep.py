@@ -257,7 +257,7 @@ def test_llava_prep_skips_overlong_and_oversized_records_by_the_limits(llava_sou
 
 def test_llava_strict_fails_on_first_bad_record(llava_source: tuple[Path, Path], tmp_path: Path,
                                                 capsys: pytest.CaptureFixture) -> None:
-    assert _prep_llava(llava_source, tmp_path, "--strict", "--workers", "1") == 1
+    assert _prep_llava(llava_source, tmp_path, "--strict", "--workers", "1") == 2
     err = capsys.readouterr().err
     assert "'missing-img'" in err and "nope.jpg" in err and "not found" in err
     assert not list(tmp_path.iterdir())  # nothing left that could pass for a data set
@@ -294,7 +294,7 @@ def test_llava_interrupted_run_resumes_to_identical_shards(llava_source: tuple[P
     other = tmp_path / "other.json"
     other.write_text("[]")
     assert megavictor_main(["prep", "llava", "--json", str(other), "--images", str(llava_source[1]),
-                            "--out", str(out), "--maxcount", "3"]) == 1
+                            "--out", str(out), "--maxcount", "3"]) == 2
     assert "--restart" in capsys.readouterr().err
 
     assert _prep_llava(llava_source, out, "--workers", "1") == 0

@@ -28,7 +28,7 @@ needs_te = pytest.mark.skipif(not (HAS_CUDA and HAS_TE),
 needs_2_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="GPU tier: tp=2 / pp=2 need 2+ GPUs")
 
 # Per-step relative loss tolerance against the fp32 run from the same weights (bf16 rounding; fp8 GEMMs on top).
-# The CPU run of the same check (bf16 vs fp32, 8 steps) stays within 0.5%: README "GPU tier".
+# The CPU run of the same check (bf16 vs fp32, 8 steps) stays within 0.5%: docs/gpu.md "GPU tier".
 TOLERANCE = {"bf16": 0.03, "fp8": 0.06}
 VARIANTS = {"te-bf16": ["train.attention_backend=te", "train.precision=bf16"],
             "te-bf16-fp8": ["train.attention_backend=te", "train.precision=bf16", "train.fp8=hybrid"]}

@@ -133,9 +133,9 @@ def test_mix_prep_is_deterministic_and_refuses_foreign_folders(text_heavy_mix_da
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     capsys.readouterr()
-    assert prep_main(["mix", "--out", str(foreign)]) == 1
+    assert prep_main(["mix", "--out", str(foreign)]) == 2
     assert "megavictor prep mix: error:" in capsys.readouterr().err and (foreign / "notes.txt").is_file()
-    assert prep_main(["mix", "--out", str(tmp_path / "bad"), "--text-only-fraction", "1.5"]) == 1
+    assert prep_main(["mix", "--out", str(tmp_path / "bad"), "--text-only-fraction", "1.5"]) == 2
 
 
 def test_mix_is_read_by_the_training_data_path(mix_data: Path) -> None:
@@ -157,7 +157,7 @@ def test_mix_is_read_by_the_training_data_path(mix_data: Path) -> None:
 
 
 def test_bench_loader_reads_the_mix(mix_data: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from megavictor.data.bench import main as bench_main
+    from megavictor.benchmarks.loader import main as bench_main
 
     assert bench_main(["--data", str(mix_data), "--split", "train", "--steps", "2", "--global-batch-size", "8"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -29,13 +30,15 @@ from pathlib import Path
 import torch.distributed as dist
 
 from megavictor.config import Engine
-from megavictor.errors import UserError
+from megavictor.errors import UserError, notice
 
 LATEST = "latest"
 PRE_ANOMALY = "pre_anomaly"
 MANIFEST = "manifest.json"
 MARKERS = {Engine.MEGATRON: "metadata.json", Engine.DEEPSPEED: "megavictor_deepspeed.json"}
 ASIDE, BAD, TMP = ".old", ".bad", ".tmp"
+_STEP_NAME = re.compile(r"step_\d{6,}(\.old)?")
+_IGNORED_POINTERS: set[Path] = set()
 _HASH_CHUNK = 1 << 22
 
 
@@ -119,8 +122,20 @@ def engine_of(path: str | Path) -> Engine:
 
 
 def _pointer(checkpoints_dir: Path, name: str) -> str | None:
+    """The checkpoint the pointer file `name` names, or None without one. A pointer that names no `step_*`
+    directory (empty, `.`, a path, garbage) is ignored, saying so once: it must never turn the checkpoints
+    directory itself, or anything outside it, into a candidate that could be set aside or deleted."""
     pointer = checkpoints_dir / name
-    return pointer.read_text().strip() if pointer.is_file() else None
+    if not pointer.is_file():
+        return None
+    target = pointer.read_bytes().decode("utf-8", errors="replace").strip()
+    if not _STEP_NAME.fullmatch(target):
+        if pointer not in _IGNORED_POINTERS:
+            _IGNORED_POINTERS.add(pointer)
+            notice(f"{pointer} holds {target[:60]!r}, not the name of a step_* checkpoint: ignored (the newest "
+                   "complete checkpoint is used instead)")
+        return None
+    return target
 
 
 def _point(checkpoints_dir: Path, name: str, target: str) -> None:
@@ -178,6 +193,8 @@ def resume_candidates(checkpoints_dir: Path) -> list[Path]:
 
 def set_aside(path: Path) -> Path:
     """Rename a damaged checkpoint to `step_XXXXXX.bad` (kept for inspection, never read or counted again)."""
+    if not _STEP_NAME.fullmatch(path.name):
+        raise CheckpointError(f"refusing to set aside {path}: not a step_* checkpoint directory")
     bad = path.with_name(path.name.removesuffix(ASIDE) + BAD)
     shutil.rmtree(bad, ignore_errors=True)
     os.replace(path, bad)

@@ -15,18 +15,96 @@ directory. It owns:
 
 from __future__ import annotations
 
+import contextlib
+import math
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 
-from megavictor.checkpoint.commit import (adopt_fallback, commit_atomically, describe_failure, first_failure,
-                                          latest_checkpoint, protect, reraise_interrupts, step_dir_name)
+from megavictor.checkpoint.commit import (CheckpointError, adopt_fallback, commit_atomically, describe_failure,
+                                          engine_of, first_failure, latest_checkpoint, protect, reraise_interrupts,
+                                          step_dir_name)
 from megavictor.checkpoint.hf_source import training_source
-from megavictor.checkpoint.initial_weights import InitialWeights, WeightOrigin, checkpoints_dir, choose_initial_weights
+from megavictor.checkpoint.initial_weights import (InitialWeights, WeightOrigin, checkpoints_dir,
+                                                   choose_initial_weights)
 from megavictor.checkpoint.state import Restored, TrainingState
-from megavictor.config import Config
+from megavictor.config import Config, Engine
 from megavictor.errors import notice
+
+
+# Bytes a checkpoint holds per parameter: the weights and Adam's two moments in fp32 (bf16 runs add fp32 main
+# parameters but store bf16 weights: about the same). A lower bound: metadata, RNG and the loop's state come on top.
+CHECKPOINT_BYTES_PER_PARAMETER = 12
+
+
+def check_checkpoints_writable(cfg: Config) -> None:
+    """Before step 1: the checkpoints folder can be created and written, and its filesystem has room for one
+    checkpoint of this model (else a run would train until its first save and lose those steps). One line naming
+    the folder and what to do."""
+    from megavictor.model.reference import full_shapes
+
+    root = checkpoints_dir(cfg)
+    probe = root / f".write-probe-{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"0")
+    except OSError as exc:
+        raise CheckpointError(f"{root} is not writable ({exc.strerror or exc}): checkpoints could not be saved; "
+                              "fix its permissions or choose another train.run_dir") from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
+    params = sum(math.prod(shape) for shape in full_shapes(cfg).values())
+    needed, free = params * CHECKPOINT_BYTES_PER_PARAMETER, shutil.disk_usage(root).free
+    if free < needed:
+        raise CheckpointError(f"{root}: {free / 2**30:.2f} GiB free, a checkpoint of this model needs at least "
+                              f"{needed / 2**30:.2f} GiB ({params:,} parameters); free space or choose another "
+                              "train.run_dir")
+
+
+# What a resumed run may not change silently: the model and its drop, the data and the lr schedule. (Layouts,
+# precision, intervals and train.max_steps may change; the loader refuses a changed data order by itself.)
+GUARDED_SECTIONS = ("model", "vision", "victor", "peer")
+GUARDED_KEYS = ("data.path", "data.train_split", "data.tokenizer", "data.prompt_format", "data.system_prompt",
+                "data.seq_length", "train.llava_stage", "train.lr", "train.min_lr", "train.warmup_steps",
+                "train.weight_decay")
+SCHEDULE_KEYS = ("train.lr", "train.min_lr", "train.warmup_steps", "train.weight_decay")
+NOT_GUARDED = ("vision.init_from",)
+PATH_KEYS = ("data.path", "data.tokenizer")  # the tower a fresh run started from: irrelevant once the run has weights
+
+
+def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, current value) of every guarded setting that differs."""
+    keys = [f"{section}.{key}" for section in GUARDED_SECTIONS for key in now.get(section, {})]
+    changes = []
+    for dotted in keys + list(GUARDED_KEYS):
+        if dotted in NOT_GUARDED:
+            continue
+        section, key = dotted.split(".")
+        before, after = saved.get(section, {}).get(key), now[section][key]
+        if dotted in PATH_KEYS and before is not None and after is not None:
+            same = Path(before).resolve() == Path(after).resolve()  # relative now, absolute under launch
+        else:
+            same = before == after
+        if not same:
+            changes.append((dotted, before, after))
+    return changes
+
+
+def _saved_config(path: Path) -> dict[str, Any]:
+    """The config dict a checkpoint of this run was written with (old key spellings translated), without reading
+    its tensors."""
+    from megavictor.checkpoint import deepspeed, megatron
+    from megavictor.config import config_from_dict
+
+    if engine_of(path) == Engine.DEEPSPEED:
+        data = deepspeed.read_marker(path)["config"]
+    else:
+        data = megatron.read_common(path).get("config") or {}
+    return config_from_dict(data).to_dict()
 
 
 class CheckpointManager:
@@ -42,6 +120,7 @@ class CheckpointManager:
         weights = self.weights
         if weights.origin != WeightOrigin.RESUME:
             return Restored(step=0)
+        self._check_unchanged(weights.checkpoint, state)
         while True:
             try:
                 restored, error = state.read(weights.checkpoint), None
@@ -58,6 +137,25 @@ class CheckpointManager:
         dist.barrier()
         self.saved = weights.checkpoint
         return restored
+
+    def _check_unchanged(self, checkpoint: Path, state: TrainingState) -> None:
+        """A resume that changes the model, the drop, the data or the lr schedule stops with one line naming the
+        changes, unless `train.allow_config_change`; then the config's lr schedule replaces the checkpoint's."""
+        changes = config_changes(_saved_config(checkpoint), self.cfg.to_dict())
+        if not changes:
+            return
+        listed = ", ".join(f"{key} {before!r} -> {after!r}" for key, before, after in changes)
+        if not self.cfg.train.allow_config_change:
+            raise CheckpointError(f"resuming from {checkpoint} with changed settings: {listed}; resume with the saved "
+                                  "values, start a new train.run_dir (train.init_from= the checkpoint for its "
+                                  "weights), or pass train.allow_config_change=true to go on with the new ones")
+        notice(f"resuming from {checkpoint} with changed settings (train.allow_config_change=true): {listed}")
+        if any(key in SCHEDULE_KEYS for key, _, _ in changes):
+            # megatron's scheduler keeps the checkpoint's values unless told to override them (Megatron-LM's
+            # --override-opt_param-scheduler): the config's lr schedule applies from this step on.
+            state.scheduler.override_opt_param_scheduler = True
+            notice("the lr schedule now follows the config (train.lr, train.min_lr, train.warmup_steps, "
+                   "train.weight_decay), not the checkpoint's")
 
     def save(self, step: int, state: TrainingState, extra: dict[str, Any], last_step: bool = False,
              anomaly: bool = False) -> Path | None:

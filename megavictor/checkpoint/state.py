@@ -18,6 +18,8 @@ class Restored:
 
 
 class TrainingState(Protocol):
+    scheduler: Any  # megatron's OptimizerParamScheduler (both engines use it)
+
     def write(self, directory: Path, step: int, extra: dict[str, Any]) -> None:
         """Write model, optimizer, lr schedule, RNG and `extra` (the loop's state) as `step` into `directory`
         (collective: every rank calls it with the same directory)."""

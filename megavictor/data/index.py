@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -235,9 +236,13 @@ def load_index(root: str | Path, tokenizer: str | Path | None, prompt_format: st
     command = index_command(root, tokenizer, system if prompt_format == "v1" else "")
     if not path.is_file():
         raise DataError(f"{path} does not exist (data prepared before the length index): run `{command}`")
-    with np.load(path, allow_pickle=False) as data:
-        arrays = {name: data[name] for name in data.files}
-    meta = json.loads(str(arrays.pop("meta")))
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+        meta = json.loads(str(arrays.pop("meta")))
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+        raise DataError(f"{path} cannot be read ({type(exc).__name__}: {exc}): truncated or overwritten; run "
+                        f"`{command}`") from None
     stale = [what for what, ok in [
         ("version", meta.get("version") == INDEX_VERSION),
         ("shards", meta.get("shards") == _shards_fingerprint(manifest.shards)),

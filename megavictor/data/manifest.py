@@ -75,8 +75,16 @@ def load_manifest(root: str | Path) -> Manifest:
     if not path.is_file():
         raise DataError(f"{path} does not exist: {root} is not a prepared data set or its prep run did not finish "
                         f"(run `megavictor prep digits --out {root}` or `megavictor prep llava ... --out {root}`)")
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if data.get("format") != FORMAT:
-        raise DataError(f"{path}: format {data.get('format')!r} is not {FORMAT!r}; re-run megavictor prep")
-    data["shards"] = [ShardEntry(**s) for s in data["shards"]]
-    return Manifest(**data)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path} cannot be read ({exc}): truncated or overwritten; re-run megavictor prep") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise DataError(f"{path}: format {found!r} is not {FORMAT!r} (not a megavictor data set, or an older one); "
+                        "re-run megavictor prep")
+    try:
+        data["shards"] = [ShardEntry(**s) for s in data["shards"]]
+        return Manifest(**data)
+    except (KeyError, TypeError) as exc:
+        raise DataError(f"{path} is incomplete ({exc}); re-run megavictor prep") from None

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import tarfile
 from pathlib import Path
 
+import numpy as np
+
 from megavictor.config import Config
-from megavictor.data.index import load_index
+from megavictor.data.index import SplitIndex, load_index
 from megavictor.data.manifest import DataError, ShardEntry, load_manifest, sha256_file
+from megavictor.data.reader import ShardReader
 
 
 def check_shard(root: Path, entry: ShardEntry, verify_sha256: bool) -> None:
@@ -43,4 +48,23 @@ def check_data_set(cfg: Config) -> None:
         check_shard(Path(d.path), entry, d.verify_sha256)
     index = load_index(d.path, d.tokenizer, d.prompt_format.value, d.system_prompt)
     for split in (d.train_split, d.val_split):
-        index.split(split)
+        check_shard_contents(Path(d.path), manifest.split_shards(split), index.split(split))
+
+
+def check_shard_contents(root: Path, shards: list[ShardEntry], index: SplitIndex) -> None:
+    """Each shard holds, at the byte spans the index records, the samples the index names (first and last of the
+    shard, by record id): a shard replaced by, or swapped with, another of the same size passes the size check but
+    not this one. Reads two samples per shard."""
+    reader = ShardReader(root, shards)
+    for position, entry in enumerate(shards):
+        where = np.flatnonzero(index.shard == position)
+        for i in {int(where[0]), int(where[-1])} if where.size else ():
+            try:
+                raw = reader.at(position, int(index.start[i]), int(index.end[i]))
+                found = json.loads(raw["json"]).get("id")
+            except (OSError, KeyError, ValueError, tarfile.TarError):
+                found = None
+            if str(found) != str(index.ids[i]):
+                raise DataError(f"shard {root / entry.name} does not hold the samples {root}/index.npz expects there "
+                                f"(record {index.ids[i]!r}, found {found!r}): it was replaced or swapped with another "
+                                "shard; re-run megavictor prep (or `megavictor prep index` if the shards are right)")

@@ -75,7 +75,14 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     if not Path(path).is_dir():
         raise DataError(f"tokenizer dir {path} does not exist (pass data.tokenizer=<your LLM's tokenizer "
                                 "dir>, or prep a data set that stores one)")
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    try:
+        # No remote code: a Victor export's tokenizer_config names the processor's class (auto_map), for which
+        # transformers would otherwise ask "run the custom code? [y/N]" and wait 15 s; the tokenizer is a stock one.
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # no tokenizer files, unreadable or foreign ones
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{path} is not a Hugging Face tokenizer folder ({first}); pass the folder holding your "
+                        "LLM's tokenizer.json / tokenizer_config.json") from None
     if not tokenizer.is_fast:
         raise DataError(f"tokenizer at {path} is a slow tokenizer; the chat template needs a fast one "
                          "(offset mapping): save it with tokenizer.json")

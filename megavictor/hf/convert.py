@@ -54,6 +54,7 @@ from megavictor.config import (
     load_config,
 )
 from megavictor.data.images import CLIP_MEAN, CLIP_STD
+from megavictor.errors import UserError
 from megavictor.hf_model.configuration_victor_llava import VictorLlavaConfig
 from megavictor.hf_model.processing_victor_llava import VictorLlavaProcessor
 from megavictor.model.reference import check_full_state, full_shapes
@@ -158,10 +159,20 @@ def _llava_params(m: ModelConfig, v: VisionConfig, registers: bool) -> list[_Par
     return params + ([_copy("registers", "model.registers")] if registers else [])
 
 
-def _gather(params: list[_Param], tensors: dict[str, Tensor], origin: str) -> dict[str, Tensor]:
+def _gather(params: list[_Param], tensors: dict[str, Tensor], origin: str,
+            shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, Tensor]:
+    """megavictor's tensors from HF ones. With `shapes` (megavictor's full shapes under the config the HF config
+    gives), every HF tensor is checked against the shape its config needs, before anything is joined or written:
+    a pair split wrongly (gate/up rows 170 + 182 for 176 + 176) is named, in HF's names."""
     missing = [name for p in params for name in p.hf if name not in tensors]
     if missing:
-        raise KeyError(f"{origin} lacks {len(missing)} tensors, e.g. {missing[:3]}")
+        raise ConversionError(f"{origin} lacks {len(missing)} tensors its config needs, e.g. {missing[:3]}")
+    for p in params if shapes else ():
+        expected = p.split(torch.empty(shapes[p.ref], device="meta"))
+        for name, want in zip(p.hf, expected):
+            if tuple(tensors[name].shape) != tuple(want.shape):
+                raise ConversionError(f"{origin}: tensor {name} has shape {tuple(tensors[name].shape)}, but its "
+                                      f"config.json needs {tuple(want.shape)}")
     return {p.ref: p.join([tensors[name] for name in p.hf]) for p in params}
 
 
@@ -172,9 +183,40 @@ def _scatter(params: list[_Param], state: dict[str, Tensor]) -> dict[str, Tensor
 # --------------------------------------------------------------------------- HF configs <-> config sections
 
 
+class ConversionError(UserError, ValueError):
+    """HF files that megavictor cannot convert (or a config they do not fit); the message names the file, key or
+    tensor, in HF's names where the user gave HF files."""
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
-        raise ValueError(message)
+        raise ConversionError(message)
+
+
+# What every HF config of an LLM, and of a CLIP vision tower, must state (transformers would fill in defaults for
+# a missing one, and the weights would then not fit).
+LLM_CONFIG_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
+                   "vocab_size")
+VISION_CONFIG_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "image_size",
+                      "patch_size")
+
+
+def hf_config_dict(model_dir: str | Path, flag: str, required: tuple[str, ...], section: str | None = None) -> dict:
+    """`model_dir/config.json` (its `section` sub-dict, for a LLaVA's text/vision config), with every `required`
+    key present; one line naming `flag`, the file and the key otherwise."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise ConversionError(f"{flag} {model_dir}: no config.json there (not a Hugging Face model folder)")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConversionError(f"{flag} {path} cannot be read as JSON ({exc})") from None
+    config = config.get(section, {}) if section else config
+    missing = [key for key in required if key not in config]
+    if missing:
+        raise ConversionError(f"{flag} {path}{f' ({section})' if section else ''} has no {', '.join(missing)}; "
+                              "it is not a complete config of that model")
+    return config
 
 
 # The decoder families of transformers' LLaVA that megavictor's LLM implements: all RMSNorm + SwiGLU + RoPE, Qwen2
@@ -241,7 +283,8 @@ def read_safetensors(model_dir: str | Path) -> dict[str, Tensor]:
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
         else ["model.safetensors"]
     if not (root / files[0]).exists():
-        raise FileNotFoundError(f"{root} has no model.safetensors (or index); convert .bin checkpoints first")
+        raise ConversionError(f"{root} has no model.safetensors (or index); convert .bin checkpoints to safetensors "
+                              "first")
     tensors: dict[str, Tensor] = {}
     for name in files:
         tensors.update(load_file(root / name))
@@ -257,16 +300,36 @@ def from_hf(llm_dir: str | Path, vision_dir: str | Path) -> tuple[dict, dict[str
     The ViT keeps the layers up to LLaVA's feature layer (-2). Run `complete_state` once the config is final:
     the projector and registers are trained from scratch.
     """
+    hf_config_dict(llm_dir, "--llm", LLM_CONFIG_KEYS)
+    vision = hf_config_dict(vision_dir, "--vision", ("model_type",))
+    if vision["model_type"] not in ("clip", "clip_vision_model"):
+        raise ConversionError(f"--vision {vision_dir} holds a {vision['model_type']!r} model, not a CLIP vision "
+                              "tower (model_type clip or clip_vision_model)")
+    hf_config_dict(vision_dir, "--vision", VISION_CONFIG_KEYS, "vision_config" if vision["model_type"] == "clip"
+                   else None)
     tc = AutoConfig.from_pretrained(llm_dir)
     vc = CLIPVisionConfig.from_pretrained(vision_dir)
     sections = {"model": _model_section(tc), "vision": _vision_section(vc, LLAVA_FEATURE_LAYER)}
+    shapes = _full_shapes(sections)
     llm = read_safetensors(llm_dir)
-    if "lm_head.weight" not in llm:  # tied embeddings: megavictor's output layer is its own tensor
+    if "lm_head.weight" not in llm and "model.embed_tokens.weight" in llm:  # tied: our output layer is its own
         llm["lm_head.weight"] = llm["model.embed_tokens.weight"].clone()
-    state = _gather(_llm_params(ModelConfig(**sections["model"]), "model.", "lm_head.weight"), llm, str(llm_dir))
+    state = _gather(_llm_params(ModelConfig(**sections["model"]), "model.", "lm_head.weight"), llm, f"--llm {llm_dir}",
+                    shapes)
     state |= _gather(_vision_params(VisionConfig(**sections["vision"]), "vision_model."),
-                     {clip_name(n): t for n, t in read_safetensors(vision_dir).items()}, str(vision_dir))
+                     {clip_name(n): t for n, t in read_safetensors(vision_dir).items()}, f"--vision {vision_dir}",
+                     shapes)
     return sections, state
+
+
+def _full_shapes(sections: dict) -> dict[str, tuple[int, ...]]:
+    """megavictor's full tensor shapes under the config the HF config sections give."""
+    cfg = Config(model=ModelConfig(**sections["model"]), vision=VisionConfig(**sections["vision"]))
+    victor = sections.get("victor")
+    cfg.victor.enabled = bool(victor)
+    if victor:
+        cfg.victor.num_registers = victor["num_registers"]
+    return {name: tuple(shape) for name, shape in full_shapes(cfg).items()}
 
 
 def _vision_tail(tensors: dict[str, Tensor], prefix: str, used_layers: int) -> dict[str, Tensor]:
@@ -311,6 +374,8 @@ def from_hf_llava(llava_dir: str | Path) -> tuple[dict, dict[str, Tensor]]:
     A Victor export brings its registers and a `victor:` section; a stock LLaVA has none (`complete_state`
     initialises them).
     """
+    hf_config_dict(llava_dir, "--llava", ("model_type", "text_config", "vision_config"))
+    hf_config_dict(llava_dir, "--llava", LLM_CONFIG_KEYS, "text_config")
     config = _llava_config(llava_dir)
     _require(config.vision_feature_select_strategy == "default",
              "vision_feature_select_strategy must be 'default' (class token dropped)")
@@ -325,7 +390,7 @@ def from_hf_llava(llava_dir: str | Path) -> tuple[dict, dict[str, Tensor]]:
     tensors = {current_llava_name(name): t for name, t in read_safetensors(llava_dir).items()}
     params = _llava_params(ModelConfig(**sections["model"]), VisionConfig(**sections["vision"]),
                            victor and config.num_registers > 0)
-    return sections, _gather(params, tensors, str(llava_dir))
+    return sections, _gather(params, tensors, f"--llava {llava_dir}", _full_shapes(sections))
 
 
 # Older llava-hf checkpoints name tensors `language_model.model.*`: transformers' own renaming (4.5x's
@@ -363,7 +428,10 @@ def complete_state(cfg: Config, state: dict[str, Tensor], seed: int = 0) -> dict
         fresh = torch.zeros(shape) if name.endswith("bias") else \
             torch.randn(shape, generator=generator) * cfg.model.init_method_std
         out[name] = fresh.to(dtype)
-    check_full_state(cfg, out)
+    try:
+        check_full_state(cfg, out)
+    except ValueError as exc:  # the overrides or the recipe changed a size the HF weights fix
+        raise ConversionError(f"{exc}; drop the model.* / vision.* overrides that change sizes") from None
     return out
 
 
@@ -571,10 +639,10 @@ def to_hf(cfg: Config, full_state: dict[str, Tensor], out_dir: str | Path, token
     check_full_state(cfg, full_state)
     vi = cfg.victor
     if vi.enabled and vi.mask != VictorMask.CAUSAL:
-        raise NotImplementedError(f"victor.mask={vi.mask!r} has no HF implementation (only causal)")
+        raise ConversionError(f"victor.mask={vi.mask!r} has no HF implementation (only causal)")
     for key, value in (("peer.fastv_layer", cfg.peer.fastv_layer), ("peer.avg_pool_to", cfg.peer.avg_pool_to)):
         if value is not None:
-            raise NotImplementedError(f"{key}={value} has no HF implementation (megatron engine and eval only)")
+            raise ConversionError(f"{key}={value} has no HF implementation (megatron engine and eval only)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # Set up for `generate(**processor(...))` (init arguments, so they are saved): left padding for batches, and

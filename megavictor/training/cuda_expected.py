@@ -51,14 +51,18 @@ def resolve_attention_backend(cfg: Config) -> None:
     FlashAttention / cuDNN kernels, no [S, S] mask) on CUDA where Transformer Engine is installed, or with
     `train.fp8`, which needs it; megatron's local layers otherwise, and for the deepspeed engine (SDPA) and FastV
     (which reads attention probabilities). On CUDA without Transformer Engine it says so in one line."""
-    from megavictor.model.specs import softmax_kernels_available  # megatron: imported once the checks have passed
-
     t, gpu = cfg.train, torch.cuda.is_available()
     if t.attention_backend is None:
         t.attention_backend = _best_attention_backend(cfg, gpu)
-    if gpu and t.attention_backend == AttentionBackend.LOCAL and not softmax_kernels_available():
+    if gpu and t.attention_backend == AttentionBackend.LOCAL and not _softmax_kernels_available():
         notice("train.attention_backend=local: APEX's fused softmax kernels (scaled_masked_softmax_cuda) are not "
                "installed, so the local attention's softmax runs unfused (slower, more memory)")
+
+
+def _softmax_kernels_available() -> bool:
+    from megavictor.model.specs import softmax_kernels_available  # megatron: only on GPU nodes, which train anyway
+
+    return softmax_kernels_available()
 
 
 def _best_attention_backend(cfg: Config, gpu: bool) -> AttentionBackend:

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 import threading
 from typing import TYPE_CHECKING
 
@@ -21,7 +22,7 @@ from megavictor.data.preflight import check_data_set
 from megavictor.process_lifetime import tie_forked_helpers
 from megavictor.training.cuda_expected import require_cuda_if_expected, resolve_attention_backend
 from megavictor.training.run_lock import acquire
-from megavictor.training.stop_request import clear_stop_request, request_stop
+from megavictor.training.stop_request import clear_stop_request, interrupt, request_stop
 
 if TYPE_CHECKING:
     from megavictor.training.loop import Summary
@@ -30,18 +31,24 @@ __all__ = ["main", "request_stop", "run"]
 
 
 def run(cfg: Config, install_signal_handlers: bool = True) -> Summary:
-    """Train `cfg` in this process (one rank); SIGTERM and SIGUSR2 save a checkpoint at the next step boundary.
+    """Train `cfg` in this process (one rank); SIGTERM, SIGUSR2 and a first SIGINT (Ctrl-C) save a checkpoint at the
+    next step boundary, a second SIGINT stops at once.
     Rank 0 holds the run directory's lock (`megavictor.training.run_lock`) throughout; helper processes die with
     this one."""
     if install_signal_handlers and threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGUSR2):
             signal.signal(sig, request_stop)
+        signal.signal(signal.SIGINT, interrupt)
     tie_forked_helpers()
     lock = acquire(cfg.train.run_dir) if os.environ.get("RANK", "0") == "0" else None  # before anything slow
     try:
         require_cuda_if_expected(cfg)  # before gloo and the CPU compatibility layer could stand in for NCCL
         resolve_attention_backend(cfg)
         check_data_set(cfg)
+        if lock is not None:
+            from megavictor.checkpoint.manager import check_checkpoints_writable
+
+            check_checkpoints_writable(cfg)  # before step 1, not at the first save
         from megavictor.training.loop import train
 
         return train(cfg)
@@ -56,7 +63,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20 parallel.tp=2")
     args = parser.parse_args(argv)
-    summary = run(load_config(args.config, args.overrides))
+    try:
+        summary = run(load_config(args.config, args.overrides))
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped where it was, nothing saved since the last checkpoint
+        print("megavictor train: stopped by a second interrupt, without saving; the run resumes from its last "
+              "checkpoint", file=sys.stderr)
+        return 130
     from megatron.core import parallel_state
 
     if parallel_state.is_pipeline_last_stage() and parallel_state.get_data_parallel_rank() == 0 \

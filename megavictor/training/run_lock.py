@@ -32,6 +32,10 @@ class RunDirBusy(UserError):
     """Another job holds the run directory."""
 
 
+class RunDirUnwritable(UserError):
+    """The run directory (or its checkpoints folder) cannot be written, or has no room for a checkpoint."""
+
+
 def _holder() -> dict[str, Any]:
     return {"pid": os.getpid(), "host": socket.gethostname(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
             "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
@@ -96,7 +100,12 @@ def _read(path: Path) -> dict[str, Any] | None:
 def _create(path: Path, holder: dict[str, Any]) -> bool:
     """Put a complete lock file in place atomically; False if one exists."""
     tmp = path.with_name(f"{LOCK}.{holder['host']}.{holder['pid']}")
-    tmp.write_text(json.dumps(holder))
+    try:
+        tmp.write_text(json.dumps(holder))
+    except OSError as exc:  # a read-only or full filesystem: no stray half-written lock left behind
+        tmp.unlink(missing_ok=True)
+        raise RunDirUnwritable(f"train.run_dir={path.parent} is not writable ({exc.strerror or exc}); free space "
+                               "or choose another train.run_dir") from None
     try:
         os.link(tmp, path)
         return True
@@ -110,7 +119,11 @@ def acquire(run_dir: str | Path) -> RunLock:
     """Hold `run_dir`'s lock, taking over a stale one with a message; `RunDirBusy` (one line naming the holder) if
     a live job holds it."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunDirUnwritable(f"train.run_dir={run_dir} cannot be created ({exc.strerror or exc}); choose a "
+                               "writable folder") from None
     path, me = run_dir / LOCK, _holder()
     for _ in range(3):  # a takeover races at most with other takers; a live holder always wins
         if _create(path, me):

@@ -1,4 +1,5 @@
-"""A stop request (SIGTERM / SIGUSR2, or a call): the training loop checkpoints at the next step boundary and returns.
+"""A stop request (SIGTERM / SIGUSR2 / a first Ctrl-C, or a call): the training loop checkpoints at the next step
+boundary and returns. A second Ctrl-C stops at once, without saving (`interrupt`).
 
 Kept apart from the loop so that the job's entry point and launchers can install the handlers without importing
 torch or megatron.
@@ -9,7 +10,10 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from megavictor.errors import notice
+
 _stop = threading.Event()
+_interrupted = threading.Event()
 
 
 def request_stop(*_args: Any) -> None:
@@ -17,8 +21,20 @@ def request_stop(*_args: Any) -> None:
     _stop.set()
 
 
+def interrupt(*_args: Any) -> None:
+    """SIGINT (Ctrl-C): the first asks for a checkpoint at the next step boundary, as SIGTERM does; a second one
+    stops at once (KeyboardInterrupt), without saving."""
+    if _interrupted.is_set():
+        raise KeyboardInterrupt
+    _interrupted.set()
+    _stop.set()
+    notice("interrupted: saving a checkpoint at the next step boundary, then stopping (Ctrl-C again to stop at once "
+           "without saving)")
+
+
 def clear_stop_request() -> None:
     _stop.clear()
+    _interrupted.clear()
 
 
 def stop_pending() -> bool:
