@@ -21,6 +21,7 @@ import traceback
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from megavictor import compat
 
 aten = torch.ops.aten
+_ROOT = str(Path(__file__).resolve().parents[1]) + "/"  # where the checkout lies: paths are named relative to it
 
 _SYNCING = {
     aten._local_scalar_dense.default: "item/bool/int/float",
@@ -111,7 +113,7 @@ class HostSyncCounter:
                   if "/torch/" not in f.filename and f.filename not in (__file__, compat.__file__)]
         if frames and frames[-1].filename.endswith(HOST_ONLY_CALLERS):
             return
-        where = " < ".join(f"{f.filename.split('site-packages/')[-1].split('/work/main/')[-1]}:{f.lineno}"
+        where = " < ".join(f"{f.filename.split('site-packages/')[-1].removeprefix(_ROOT)}:{f.lineno}"
                            for f in reversed(frames[-3:])) or "?"
         self.events.append((name, where))
 

@@ -87,7 +87,7 @@ def test_ctrl_c_saves_and_resumes_exactly_a_second_one_stops_at_once(reference_r
     assert "Traceback" not in err and "stopped by a second interrupt, without saving" in err
 
 
-def test_convert_to_hf_never_overwrites_a_folder_unasked(reference_run, tmp_path: Path) -> None:
+def test_convert_to_hf_never_overwrites_a_folder_unasked(reference_run, digits_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "hf"
     out.mkdir()
     (out / "model.safetensors").write_bytes(b"the user's own model")
@@ -99,6 +99,10 @@ def test_convert_to_hf_never_overwrites_a_folder_unasked(reference_run, tmp_path
     assert rc == 0, err[-3000:]
     assert (out / "config.json").is_file() and (out / "model.safetensors").read_bytes() != b"the user's own model"
     assert not list(tmp_path.glob(".hf.*")), "the temporary or old folder was left behind"
+    # The export evaluates without transformers asking "run the custom code? [y/N]" (and waiting 15 s for it).
+    rc, out_text, err = megavictor_rc("eval", "--hf", out, "--data", digits_data, "--limit", "2")
+    assert rc == 0, err[-3000:]
+    assert "custom code" not in out_text + err and json.loads(out_text.strip().splitlines()[-1])["n"] == 2
 
 
 def test_resuming_with_a_changed_drop_or_data_or_lr_names_the_change(reference_run, digits_data: Path,
@@ -192,21 +196,22 @@ def test_convert_from_hf_names_the_hf_file_key_or_tensor_and_writes_nothing(sour
         one_error_line(err, needle)
 
 
-def test_a_shard_replaced_by_another_of_the_same_size_stops_before_step_1(digits_data: Path,
+def test_a_shard_swapped_with_another_of_the_same_size_stops_before_step_1(digits_data: Path,
                                                                          tmp_path: Path) -> None:
-    """A training shard overwritten by another shard's samples, padded with zero blocks to its size (a valid tar the
-    size check cannot tell apart): the run names the shard before step 1, not mid-training with a tar error."""
+    """Two training shards of the same size swapped (tar pads to 10 KiB records, so same-size shards are common):
+    the size check passes, and the run names the shard before step 1, not mid-training with a tar error."""
     data = tmp_path / "digits"
     shutil.copytree(digits_data, data)
     manifest = json.loads((data / "manifest.json").read_text())
-    small, big = sorted([s for s in manifest["shards"] if s["split"] == "vqa_train"][:2], key=lambda s: s["bytes"])
-    assert small["bytes"] < big["bytes"]
-    other = (data / small["name"]).read_bytes()
-    (data / big["name"]).write_bytes(other + bytes(big["bytes"] - len(other)))
+    train = [s for s in manifest["shards"] if s["split"] == "vqa_train"]
+    first, second = next((a, b) for a in train for b in train if a is not b and a["bytes"] == b["bytes"])
+    (data / first["name"]).rename(data / "swap.tar")
+    (data / second["name"]).rename(data / first["name"])
+    (data / "swap.tar").rename(data / second["name"])
     run_dir = tmp_path / "run"
     rc, _, err = megavictor_rc(*train_args(data, run_dir))
     assert rc == 2
-    one_error_line(err, f"shard {data / big['name']} does not hold the samples", "replaced or swapped")
+    one_error_line(err, "does not hold the samples", "replaced or swapped")
     assert not (run_dir / "metrics.jsonl").exists()
 
 
