@@ -17,7 +17,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "launch": ("launch.cli", "submit a training run to SLURM (or --cluster local) via submitit"),
     "split": ("megavictor.commands.split", "pipeline stage split and predicted per-stage cost (even vs balanced)"),
     "prep": ("data_prep.cli", "turn image-text data into WebDataset shards"),
-    "bench": ("megavictor.bench", "benchmarks (loader, ...) printing a JSON line last"),
+    "bench": ("megavictor.benchmarks.cli", "benchmarks (loader, ...) printing a JSON line last"),
 }
 
 

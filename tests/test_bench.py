@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from megavictor.bench import main
+from megavictor.benchmarks.cli import main
+from tests.test_interface import assert_pinned_json
 
 TINY = ["model.num_layers=4", "model.hidden_size=32", "model.ffn_hidden_size=64", "model.num_attention_heads=2",
         "vision.image_size=32", "vision.patch_size=8", "vision.hidden_size=16", "vision.ffn_hidden_size=32",
@@ -30,6 +31,7 @@ def positive(value) -> bool:
 def test_bench_train(capsys: pytest.CaptureFixture[str]) -> None:
     out = last_json(capsys, ["train", "--repeats", "1", "--warmup", "0", "--rows", "1", "--text-lengths", "8",
                              *TINY])
+    assert_pinned_json("train", out)
     fields = ("victor_step_s", "baseline_step_s", "speedup", "flop_bound", "ratio_to_bound", "victor_peak_mem_mb",
               "baseline_peak_mem_mb")
     assert set(out["by_text_length"]) == {"8"}
@@ -101,6 +103,7 @@ def test_bench_timer_synchronizes_cuda_around_the_clock(monkeypatch: pytest.Monk
 def test_bench_infer(capsys: pytest.CaptureFixture[str]) -> None:
     out = last_json(capsys, ["infer", "--batch", "2", "--prompt-tokens", "8", "--long-tokens", "4", "--repeats", "1",
                              "--long-repeats", "1", *TINY])
+    assert_pinned_json("infer", out)
     for field in ("speedup", "speedup_128", "prefill_speedup", "decode_speedup", "flop_bound", "ratio_to_bound"):
         assert positive(out[field]), field
     assert out["flop_bound"] > 1
@@ -108,6 +111,7 @@ def test_bench_infer(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_bench_pipeline(capsys: pytest.CaptureFixture[str]) -> None:
     out = last_json(capsys, ["pipeline", "--repeats", "1", "--warmup", "0", "--micro-batches", "2", *TINY])
+    assert_pinned_json("pipeline", out)
     for field in ("even_tokens_per_s", "balanced_tokens_per_s", "speedup", "predicted_speedup"):
         assert positive(out[field]), field
     assert sum(out["even_layers"]) == sum(out["balanced_layers"]) == 4
@@ -165,6 +169,7 @@ def test_bench_accuracy_sweep_over_seeds(capsys: pytest.CaptureFixture[str], dig
     out = last_json(capsys, ["accuracy", "--seeds", "2", "--run-dir", str(tmp_path), "--data", str(digits_data),
                              "--variants", "R8_k1,R0_k1,fastv_free_K1,avgpool_R4", "--eval-limit", "48",
                              "train.max_steps=2", "data.seq_length=128", "log.wandb=false", "model.num_layers=2"])
+    assert_pinned_json("accuracy", out)
     assert (out["seeds"], out["drop_layer"], out["num_layers"]) == ([1234, 1235], 1, 2)
     by_name = {r["name"]: r for r in out["results"]}
     assert list(by_name) == ["baseline", "R0_k1", "R8_k1", "fastv_free_K1", "avgpool_R4"]

@@ -332,7 +332,7 @@ def test_the_deprecated_shuffle_buffer_is_accepted_with_one_line(capsys: pytest.
 
 def test_bench_loader_reports_per_rank_decoding_and_packing(digits_data: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
-    from megavictor.bench import main as bench
+    from megavictor.benchmarks.cli import main as bench
 
     results = {}
     for dp in (1, 8):

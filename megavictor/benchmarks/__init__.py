@@ -1,1 +1,2 @@
-"""`megavictor bench <what>` benchmarks, one module each: train, infer, pipeline (`megavictor.bench.BENCHES`)."""
+"""`megavictor bench <what>` benchmarks, one module each: loader, train, infer, pipeline, accuracy (the verb's
+dispatcher: `megavictor.benchmarks.cli`)."""

@@ -175,7 +175,7 @@ def report(results: list[dict], recipe_cfg: Config, seeds: list[int], quick: boo
     return out
 
 
-def main(argv: list[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megavictor bench accuracy", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="baseline, R=8 and R=0 only")
     parser.add_argument("--seeds", type=int, help="seeds per variant (default: 2 with --quick, else 3)")
@@ -189,7 +189,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--plot", help="PNG path (default RUN_DIR/accuracy_vs_flops.png)")
     parser.add_argument("--replot", action="store_true", help="only redraw the plot from RUN_DIR/accuracy.json")
     parser.add_argument("overrides", nargs="*", help="dotted overrides for every variant, e.g. train.max_steps=50")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
     run_dir = Path(args.run_dir)
     plot_path = Path(args.plot) if args.plot else run_dir / "accuracy_vs_flops.png"
     recipe_cfg = load_config(CONFIGS / f"{args.recipe}_stage2.yaml", args.overrides)

@@ -28,6 +28,7 @@ import torch
 
 from megavictor.benchmarks.common import CPU_LLAVA15, add_threads_option, bench_config, median, print_table, variant
 from megavictor.config import Config
+from megavictor.errors import UserError
 from megavictor.model.flops import generate_flops
 
 
@@ -101,7 +102,7 @@ def serve(model: torch.nn.Module, inputs: dict[str, torch.Tensor], new_tokens: i
     return {"prefill": prefill, "first_decode": first, "decode": time.perf_counter() - start - prefill}
 
 
-def main(argv: list[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megavictor bench infer", description=__doc__.splitlines()[0])
     parser.add_argument("--hf", help="a Victor HF export (default: export random-weight models of the paper's shape)")
     parser.add_argument("--config", help="YAML recipe for the exported models (default: CPU-width LLaVA-1.5 shape)")
@@ -111,8 +112,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="repeats of the 2-token setting (median)")
     parser.add_argument("--long-repeats", type=int, default=1, help="repeats of the long setting (median)")
     add_threads_option(parser)
-    parser.add_argument("overrides", nargs="*", help="dotted overrides for the exported models")
-    args = parser.parse_args(argv)
+    parser.add_argument("overrides", nargs="*", help="dotted overrides for the exported models (not with --hf)")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if args.hf and args.overrides:  # the models are DIR's as exported: nothing for the overrides to change
+        raise UserError(f"infer --hf serves {args.hf} as exported; the overrides "
+                        f"({' '.join(args.overrides)}) only shape the random-weight exports made without --hf")
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")

@@ -108,7 +108,7 @@ def run_two_ranks(*args) -> dict[str, list[float]]:
     return results[0]
 
 
-def main(argv: list[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megavictor bench pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML recipe (default: 8 layers, k=2, 576 visual tokens, hidden 256)")
     parser.add_argument("--repeats", type=int, default=5)
@@ -119,7 +119,11 @@ def main(argv: list[str]) -> int:
                         help="comma-separated short lengths: also time the balanced split with these "
                              "parallel.pipeline_length_buckets (static pipeline shapes)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. victor.drop_layer=1")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
     cfg = variant(bench_config(args.config, ([] if args.config else DEFAULTS) + args.overrides + ["parallel.pp=2"]),
                   True)
     report = split_report(cfg)

@@ -166,7 +166,7 @@ def measure(cfg: Config, text_length: int, rows: int, micro_batches: int, repeat
     }
 
 
-def main(argv: list[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megavictor bench train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML recipe (default: LLaVA-1.5-7B token counts at CPU width)")
     parser.add_argument("--repeats", type=int, default=7, help="timed steps per variant (median reported)")
@@ -176,7 +176,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--micro-batches", type=int, default=1, help="micro-batches per step")
     add_threads_option(parser)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.hidden_size=64")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
     cfg = bench_config(args.config, args.overrides)
     lengths = [int(x) for x in args.text_lengths.split(",") if x]
 

@@ -1,11 +1,15 @@
-"""`megavictor bench loader --data DIR [--dp N]`: what one data-parallel rank's loader does per training step.
+"""`megavictor bench loader --data DIR [--dp N] [--seq-length N] [overrides]`: what one data-parallel rank's
+loader does per training step.
 
 Runs data-parallel rank 0 of `--dp N` (tp = pp = 1) through `--steps` steps of the training data (default: one
 epoch of the split) with the demo's stage-2 shape (`configs/demo_stage2.yaml`: 64 visual + 8 register slots per
-image, seq_length 512, micro-batch 2) and a global batch of `--global-batch-size` rows (default 64). It reports the
-samples the rank decodes per second, the images it decodes per step (falls as 1/dp: each rank decodes only its
-own rows) and the packing efficiency of the global plan (real slots over all slots of the rows). The last stdout
-line is one JSON object.
+image, seq_length 512, micro-batch 2; `--seq-length N` sets `data.seq_length`, and trailing `section.key=value`
+overrides apply on top of everything, as in `megavictor train`) and a global batch of `--global-batch-size` rows
+(default 64). It reports the samples the rank decodes per second, the images it decodes per step (falls as 1/dp:
+each rank decodes only its own rows) and, over one epoch of the global row order, `packing_efficiency` (real slots,
+text + visual + register, over all slots of the packed rows) and `unpacked_efficiency` (the same real slots over
+the slots of one sample per row padded to seq_length, megatron's fixed [micro_batch, seq_length] shape without
+packing). The last stdout line is one JSON object.
 """
 
 from __future__ import annotations
@@ -25,26 +29,36 @@ from megavictor.model.batch import KIND_PAD
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo_stage2.yaml"
 
 
-def main(argv: list[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megavictor bench loader", description=__doc__)
     parser.add_argument("--data", required=True, help="prepared data set folder (holds manifest.json, index.npz)")
     parser.add_argument("--dp", type=int, default=1, help="data-parallel size; rank 0 is measured (default 1)")
     parser.add_argument("--split", default="vqa_train")
     parser.add_argument("--config", default=str(DEMO_CONFIG), help="the shape (default: the demo's stage 2)")
+    parser.add_argument("--seq-length", type=int, default=None,
+                        help="slots per row (data.seq_length; default: the config's, 512 for the demo's stage 2)")
     parser.add_argument("--global-batch-size", type=int, default=64, help="rows per step (default 64)")
     parser.add_argument("--steps", type=int, default=None, help="steps to run (default: one epoch of the split)")
     parser.add_argument("--workers", type=int, default=0, help="decoding worker processes (data.num_workers)")
-    args = parser.parse_args(argv)
+    parser.add_argument("overrides", nargs="*", help="dotted overrides on top of the above, e.g. data.pack_buffer=8")
+    return parser
 
-    cfg = load_config(args.config, [f"data.path={args.data}", f"data.train_split={args.split}",
-                                    f"train.global_batch_size={args.global_batch_size}",
-                                    f"data.num_workers={args.workers}", "train.init_from=null"])
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    own = [f"data.path={args.data}", f"data.train_split={args.split}",
+           f"train.global_batch_size={args.global_batch_size}", f"data.num_workers={args.workers}",
+           "train.init_from=null"]
+    if args.seq_length is not None:
+        own.append(f"data.seq_length={args.seq_length}")
+    cfg = load_config(args.config, own + args.overrides)
     dims = ParallelDims(world=args.dp, rank=0, tp=1, pp=1, dp=args.dp, tp_rank=0, pp_rank=0, dp_rank=0)
     data = TrainData(cfg, dims)
     plan = data.data.order
     epoch = [row for row in RowOrder(data.data.index, replace(plan.spec, epochs=1)).rows() if row]
     steps = args.steps or max(1, len(epoch) // data.rows_per_step)
     real = sum(plan.row_slots(r) for r in epoch)
+    epoch_samples = sum(len(r) for r in epoch)
     start = time.perf_counter()
     samples = images = 0
     for _ in range(steps):
@@ -61,13 +75,14 @@ def main(argv: list[str]) -> int:
         "samples_per_s_per_rank": round(samples / seconds, 1),
         "images_decoded_per_rank_per_step": round(images / steps, 2),
         "packing_efficiency": round(real / (len(epoch) * cfg.data.seq_length), 4),
+        "unpacked_efficiency": round(real / (epoch_samples * cfg.data.seq_length), 4),
         **data.counts,
     }
     print(f"loader bench: {args.data} split {args.split}, dp {args.dp} (rank 0 measured), {steps} steps of "
           f"{data.rows_per_step} rows x {cfg.data.seq_length} slots, {result['visual_tokens']} visual + "
           f"{result['registers']} register slots/image")
     for name in ("samples_per_s_per_rank", "samples_per_rank_per_step", "images_decoded_per_rank_per_step",
-                 "packing_efficiency"):
+                 "packing_efficiency", "unpacked_efficiency"):
         print(f"  {name:<36} {result[name]}")
     print(json.dumps(result))
     return 0
