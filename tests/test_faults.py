@@ -133,7 +133,7 @@ def test_no_room_or_no_write_access_for_checkpoints_stops_before_step_1(digits_d
     huge = tmp_path / "huge"
     rc, _, err = megavictor_rc(*train_args(digits_data, huge, "model.vocab_size=16000000000"))
     assert rc == 2
-    one_error_line(err, "GiB free, a checkpoint of this model needs at least")
+    one_error_line(err, "MiB free, a checkpoint of this model needs at least")
     assert not (huge / "metrics.jsonl").exists() and not list(huge.glob("run.lock*"))
 
 

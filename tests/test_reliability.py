@@ -278,11 +278,17 @@ def small_disk(tmp_path: Path):
 
 def test_a_save_on_a_full_disk_fails_in_one_line_and_keeps_latest(reference: Path, digits_data: Path,
                                                                    small_disk) -> None:
-    """The reference run on a tmpfs with room for half a checkpoint more: resuming it to step 5, the save fails
-    with one line naming the path and the space; no partial directory; `latest` still step 4 and verified."""
-    used = sum(p.stat().st_size for p in reference.rglob("*") if p.is_file())
+    """The reference run on a tmpfs with room for the start-up check's lower bound of a checkpoint, but not for a
+    whole one: resuming it to step 5, the save fails with one line naming the path and the space; no partial
+    directory; `latest` still step 4 and verified. (A disk with less room stops before step 1: test_faults.py.)"""
+    from megavictor.checkpoint.manager import checkpoint_bytes
+
+    page = 4096  # tmpfs holds whole pages: every file and directory costs at least one
+    used = sum(-(-p.stat().st_size // page) * page if p.is_file() else page for p in reference.rglob("*"))
     one = sum(p.stat().st_size for p in step(reference / "checkpoints", STEPS).iterdir())
-    disk = small_disk(used + one // 2 + 2**20)
+    bound = checkpoint_bytes(tiny_config(digits_data, reference))
+    assert bound + 2**17 < one, "the lower bound leaves no room to fail the save after the check passes"
+    disk = small_disk(used + bound + 2**17)
     checkpoints = copy_run(reference, disk / "run")
     proc = train(tiny_cmd(digits_data, disk / "run", f"train.max_steps={STEPS + 1}"))
     assert proc.returncode == 2

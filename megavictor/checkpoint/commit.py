@@ -37,7 +37,7 @@ PRE_ANOMALY = "pre_anomaly"
 MANIFEST = "manifest.json"
 MARKERS = {Engine.MEGATRON: "metadata.json", Engine.DEEPSPEED: "megavictor_deepspeed.json"}
 ASIDE, BAD, TMP = ".old", ".bad", ".tmp"
-_STEP_NAME = re.compile(r"step_\d{6,}(\.old)?")
+_STEP_NAME = re.compile(r"step_\d{6,}(\.[a-z]+)?")  # a step_* directory (also .old, .tmp, .bad)
 _IGNORED_POINTERS: set[Path] = set()
 _HASH_CHUNK = 1 << 22
 

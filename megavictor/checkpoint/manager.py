@@ -35,17 +35,20 @@ from megavictor.config import Config, Engine
 from megavictor.errors import notice
 
 
-# Bytes a checkpoint holds per parameter: the weights and Adam's two moments in fp32 (bf16 runs add fp32 main
-# parameters but store bf16 weights: about the same). A lower bound: metadata, RNG and the loop's state come on top.
-CHECKPOINT_BYTES_PER_PARAMETER = 12
+def checkpoint_bytes(cfg: Config) -> int:
+    """A lower bound on one checkpoint of this run: every weight in fp32 (4 bytes) and, for the parameters that
+    train, Adam's two moments (8 bytes); metadata, RNG states and the loop's state come on top."""
+    from megavictor.model.recipe import is_trainable
+    from megavictor.model.reference import full_shapes
+
+    sizes = {name: math.prod(shape) for name, shape in full_shapes(cfg).items()}
+    return sum(4 * n + (8 * n if is_trainable(name, cfg) else 0) for name, n in sizes.items())
 
 
 def check_checkpoints_writable(cfg: Config) -> None:
     """Before step 1: the checkpoints folder can be created and written, and its filesystem has room for one
     checkpoint of this model (else a run would train until its first save and lose those steps). One line naming
     the folder and what to do."""
-    from megavictor.model.reference import full_shapes
-
     root = checkpoints_dir(cfg)
     probe = root / f".write-probe-{os.getpid()}"
     try:
@@ -57,12 +60,10 @@ def check_checkpoints_writable(cfg: Config) -> None:
     finally:
         with contextlib.suppress(OSError):
             probe.unlink(missing_ok=True)
-    params = sum(math.prod(shape) for shape in full_shapes(cfg).values())
-    needed, free = params * CHECKPOINT_BYTES_PER_PARAMETER, shutil.disk_usage(root).free
+    needed, free = checkpoint_bytes(cfg), shutil.disk_usage(root).free
     if free < needed:
-        raise CheckpointError(f"{root}: {free / 2**30:.2f} GiB free, a checkpoint of this model needs at least "
-                              f"{needed / 2**30:.2f} GiB ({params:,} parameters); free space or choose another "
-                              "train.run_dir")
+        raise CheckpointError(f"{root}: {free / 2**20:.1f} MiB free, a checkpoint of this model needs at least "
+                              f"{needed / 2**20:.1f} MiB; free space or choose another train.run_dir")
 
 
 # What a resumed run may not change silently: the model and its drop, the data and the lr schedule. (Layouts,
@@ -120,14 +121,21 @@ class CheckpointManager:
         weights = self.weights
         if weights.origin != WeightOrigin.RESUME:
             return Restored(step=0)
-        self._check_unchanged(weights.checkpoint, state)
         while True:
-            try:
-                restored, error = state.read(weights.checkpoint), None
-            except BaseException as exc:  # any failure to read it: named below, then the next checkpoint
+            try:  # the checkpoint's config, then its state: a failure to read either means the next checkpoint
+                saved, error = _saved_config(weights.checkpoint), None
+            except BaseException as exc:
                 reraise_interrupts(exc)
-                restored, error = None, describe_failure(exc)
+                saved, error = None, describe_failure(exc)
             error = first_failure(error)
+            if error is None:
+                self._check_unchanged(weights.checkpoint, saved, state)  # a user error: stops, no fallback
+                try:
+                    restored = state.read(weights.checkpoint)
+                except BaseException as exc:  # any failure to read it: named below, then the next checkpoint
+                    reraise_interrupts(exc)
+                    error = describe_failure(exc)
+                error = first_failure(error)
             if error is None:
                 break
             notice(f"cannot resume from {weights.checkpoint}: it does not load ({error})")
@@ -138,10 +146,10 @@ class CheckpointManager:
         self.saved = weights.checkpoint
         return restored
 
-    def _check_unchanged(self, checkpoint: Path, state: TrainingState) -> None:
+    def _check_unchanged(self, checkpoint: Path, saved: dict[str, Any], state: TrainingState) -> None:
         """A resume that changes the model, the drop, the data or the lr schedule stops with one line naming the
         changes, unless `train.allow_config_change`; then the config's lr schedule replaces the checkpoint's."""
-        changes = config_changes(_saved_config(checkpoint), self.cfg.to_dict())
+        changes = config_changes(saved, self.cfg.to_dict())
         if not changes:
             return
         listed = ", ".join(f"{key} {before!r} -> {after!r}" for key, before, after in changes)
