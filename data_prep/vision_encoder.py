@@ -81,7 +81,9 @@ def pretrain_vision_encoder(data: Path, config: Path, steps: int, seed: int = 0)
 
     params = [*tower.parameters(), *digit_head.parameters(), *cell_head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=LR, total_steps=max(steps, 1), pct_start=0.05)
+    # OneCycleLR needs a warm-up of more than one step (pct_start * total_steps > 1): 5%, or 2 steps of short runs.
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=LR, total_steps=max(steps, 3),
+                                                   pct_start=max(0.05, 2 / max(steps, 3)))
     generator = torch.Generator().manual_seed(seed)
     tower.train()
     for _ in range(steps):
