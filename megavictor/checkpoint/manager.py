@@ -3,9 +3,10 @@
 The training loop calls it once to load (`load`) and once per step to save (`save`, which decides whether the
 step is due); engines hand it their state (`checkpoint.state.TrainingState`) and never touch the checkpoint
 directory. It owns:
-- resuming: the checkpoint `choose_initial_weights` verified, loaded on every rank; one that fails to load on any
-  rank is reported in one line and the next verified one tried; having fallen back, rank 0 sets the newer damaged
-  checkpoints aside (`.bad`), points `latest` at the one used and protects it from rotation;
+- resuming: the checkpoint `choose_initial_weights` verified, loaded on every rank, after checking that the run
+  changes none of its guarded settings (`GUARDED_*`, unless `train.allow_config_change`); one that fails to load
+  on any rank is reported in one line and the next verified one tried; having fallen back, rank 0 sets the newer
+  damaged checkpoints aside (`.bad`), points `latest` at the one used and protects it from rotation;
 - saving: every `train.save_interval` steps and at the last step, atomically (`commit.commit_atomically`: temporary
   directory, manifest, rename, `latest`), keeping `train.keep_last`, with the run's tokenizer and HF source
   recorded inside; never while the loss or gradients are not finite (a streak of skipped steps);
@@ -73,8 +74,8 @@ GUARDED_KEYS = ("data.path", "data.train_split", "data.tokenizer", "data.prompt_
                 "data.seq_length", "train.llava_stage", "train.lr", "train.min_lr", "train.warmup_steps",
                 "train.weight_decay")
 SCHEDULE_KEYS = ("train.lr", "train.min_lr", "train.warmup_steps", "train.weight_decay")
-NOT_GUARDED = ("vision.init_from",)
-PATH_KEYS = ("data.path", "data.tokenizer")  # the tower a fresh run started from: irrelevant once the run has weights
+NOT_GUARDED = ("vision.init_from",)  # the tower a fresh run started from: irrelevant once the run has weights
+PATH_KEYS = ("data.path", "data.tokenizer")  # compared as resolved paths (relative by hand, absolute under launch)
 
 
 def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, Any, Any]]:
