@@ -1,11 +1,12 @@
 """The packages form layers: every import (module level or inside a function) goes to the importer's own layer or a
 lower one, never up. The order, bottom to top, is the README's ("How it is built"):
 
-    base (errors, config, compat, process_lifetime, hf_model) -> distributed -> model -> data -> hf -> checkpoint
-    -> engines -> training -> vqa -> commands (cli, demo, commands) -> benchmarks -> data_prep, launch
+    base (errors, config, compat, process_lifetime, hf_model, serving) -> distributed -> model -> data -> hf
+    -> checkpoint -> engines -> training -> vqa -> commands (cli, demo, commands) -> benchmarks -> data_prep, launch
 
 `hf_model` is the exported HF model's remote code, which imports nothing of megavictor, so the models below can
-share its drop convention; `data_prep` and `launch` import megavictor and are never imported by it.
+share its drop convention; `serving` is the vLLM plugin, which imports only vLLM (it runs in the serving venv);
+`data_prep` and `launch` import megavictor and are never imported by it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("megavictor", "data_prep", "launch")
 LAYERS: list[tuple[str, ...]] = [
     ("megavictor.errors", "megavictor.config", "megavictor.compat", "megavictor.process_lifetime",
-     "megavictor.hf_model"),
+     "megavictor.hf_model", "megavictor.serving"),
     ("megavictor.distributed",),
     ("megavictor.model",),
     ("megavictor.data",),
