@@ -25,7 +25,7 @@ from sklearn.datasets import load_digits
 from tqdm import tqdm
 
 from data_prep.shards import PrepError, ShardSetWriter
-from data_prep.tokenizer import SPECIAL_TOKENS, build_word_tokenizer
+from megavictor.data.word_tokenizer import SPECIAL_TOKENS, build_word_tokenizer
 from megavictor.data.index import build_index
 from megavictor.data.tokenizer import IMAGE_TOKEN, PROMPT_FORMATS, render
 

@@ -39,7 +39,7 @@ from PIL import Image, ImageDraw
 
 from data_prep.llava import RecordLimits, prep_llava
 from data_prep.shards import PrepError
-from data_prep.tokenizer import SPECIAL_TOKENS, build_word_tokenizer
+from megavictor.data.word_tokenizer import SPECIAL_TOKENS, build_word_tokenizer
 from megavictor.data.index import INDEX_NAME, build_index
 from megavictor.data.manifest import MANIFEST_NAME, Manifest, load_manifest
 from megavictor.data.tokenizer import IMAGE_TOKEN, PROMPT_FORMATS, load_tokenizer, render

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
-from data_prep.tokenizer import build_word_tokenizer
+from megavictor.data.word_tokenizer import build_word_tokenizer
 from megavictor.data.collate import IMAGE_PLACEHOLDER, Sample
 from megavictor.hf.convert import clip_name, read_safetensors
 

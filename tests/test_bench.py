@@ -100,6 +100,31 @@ def test_bench_timer_synchronizes_cuda_around_the_clock(monkeypatch: pytest.Monk
     assert calls == ["clock", "step", "clock"]  # no CUDA: no synchronize
 
 
+# 32-dim heads (the smallest vLLM's CPU attention runs) and 64 visual tokens per image.
+SERVE_TINY = ["model.num_layers=4", "model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_attention_heads=2",
+              "vision.image_size=64", "vision.patch_size=8", "vision.hidden_size=32", "vision.ffn_hidden_size=64",
+              "vision.num_attention_heads=2", "model.vocab_size=64", "victor.drop_layer=1"]
+
+
+def test_bench_serve(capsys: pytest.CaptureFixture[str]) -> None:
+    """vLLM (the serving venv) serves the Victor export and the same weights as a stock LLaVA; Victor holds fewer KV
+    blocks per request: 1 layer x ceil(84 / 32) + 3 x ceil(20 / 32) = 6 layer-blocks against 4 x ceil(76 / 32) = 12."""
+    import importlib.util
+
+    from megavictor.serving import venv as serving_venv
+
+    if importlib.util.find_spec("vllm") is None and serving_venv.ready() is None:
+        pytest.skip(f"no vLLM here and no serving venv at {serving_venv.venv_root()}: build it with `python -m "
+                    "megavictor.serving.venv` (.ci/run does)")
+    out = last_json(capsys, ["serve", "--batch", "2", "--prompt-tokens", "8", "--long-tokens", "4", "--repeats", "1",
+                             *SERVE_TINY])
+    assert_pinned_json("serve", out)
+    assert (out["victor_kv_layer_blocks_per_request"], out["baseline_kv_layer_blocks_per_request"]) == (6, 12)
+    assert out["kv_blocks_ratio"] == 2
+    assert all(positive(out[k]) for k in ("speedup", "speedup_128", "bound", "ratio_to_bound"))
+    assert out["bound"] > 1
+
+
 def test_bench_infer(capsys: pytest.CaptureFixture[str]) -> None:
     out = last_json(capsys, ["infer", "--batch", "2", "--prompt-tokens", "8", "--long-tokens", "4", "--repeats", "1",
                              "--long-repeats", "1", *TINY])

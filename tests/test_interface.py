@@ -53,6 +53,8 @@ VERB_FLAGS: dict[tuple[str, ...], set[str]] = {
                          "--threads"},
     ("bench", "infer"): {"--hf", "--config", "--batch", "--prompt-tokens", "--long-tokens", "--repeats",
                          "--long-repeats", "--threads"},
+    ("bench", "serve"): {"--config", "--batch", "--prompt-tokens", "--long-tokens", "--repeats", "--long-repeats",
+                         "--threads"},
     ("bench", "pipeline"): {"--config", "--repeats", "--warmup", "--rows", "--micro-batches", "--length-buckets"},
     ("bench", "accuracy"): {"--quick", "--seeds", "--recipe", "--variants", "--run-dir", "--data", "--eval-limit",
                             "--plot", "--replot"},
@@ -61,7 +63,8 @@ VERB_FLAGS: dict[tuple[str, ...], set[str]] = {
 # The verbs that take trailing `section.key=value` config overrides (a positional `overrides`, nargs="*").
 TAKES_OVERRIDES: set[tuple[str, ...]] = {
     ("demo",), ("train",), ("eval",), ("launch",), ("convert", "from-hf"), ("split",), ("plan",),
-    ("bench", "loader"), ("bench", "train"), ("bench", "infer"), ("bench", "pipeline"), ("bench", "accuracy"),
+    ("bench", "loader"), ("bench", "train"), ("bench", "infer"), ("bench", "serve"), ("bench", "pipeline"),
+    ("bench", "accuracy"),
 }
 
 # Verbs whose parser is read in-process: module -> build_parser() (with sub-parsers for prep).
@@ -302,6 +305,12 @@ BENCH_JSON_FIELDS: dict[str, set[str]] = {
               "flop_bound_128", "victor_tokens_per_s", "baseline_tokens_per_s", "victor_tokens_per_s_128",
               "baseline_tokens_per_s_128", "batch", "prompt_text_tokens", "long_tokens", "repeats", "long_repeats",
               "threads", "source", "seconds"},
+    "serve": {"speedup", "speedup_128", "kv_blocks_ratio", "bound", "ratio_to_bound", "bound_128",
+              "victor_requests_per_s", "baseline_requests_per_s", "victor_requests_per_s_128",
+              "baseline_requests_per_s_128", "victor_tokens_per_s", "baseline_tokens_per_s", "victor_tokens_per_s_128",
+              "baseline_tokens_per_s_128", "victor_kv_layer_blocks_per_request", "baseline_kv_layer_blocks_per_request",
+              "batch", "prompt_text_tokens", "long_tokens", "repeats", "long_repeats", "threads", "kv_cache_groups",
+              "seconds"},
     "pipeline": {"even_tokens_per_s", "balanced_tokens_per_s", "speedup", "predicted_speedup", "even_layers",
                  "balanced_layers", "even_step_s", "balanced_step_s", "micro_batches", "rows", "repeats",
                  "threads_per_rank", "step_times_s", "stage_cpu_s", "stage_cpu_speedup", "ratio_to_predicted"},
@@ -363,7 +372,8 @@ def test_bench_loader_json_and_seq_length(mix_data: Path, capsys: pytest.Capture
 
 
 def test_every_other_bench_verb_has_its_json_checked_by_a_real_run() -> None:
-    """tests/test_bench.py runs train, infer, pipeline and accuracy (tiny) and checks their JSON against the pins."""
+    """tests/test_bench.py runs train, infer, serve, pipeline and accuracy (tiny) and checks their JSON against the
+    pins."""
     source = (ROOT / "tests" / "test_bench.py").read_text()
     for verb in set(BENCH_JSON_FIELDS) - {"loader"}:
         assert f'assert_pinned_json("{verb}", ' in source, f"bench {verb}'s JSON is no longer checked"

@@ -119,8 +119,9 @@ CASES: dict[str, tuple[str, dict[str, Any], int]] = {
     "chunked_prefill_preemption": ("llama", {"enable_chunked_prefill": True, "max_num_batched_tokens": 8,
                                              "num_gpu_blocks_override": 8, "max_num_seqs": 4, "max_model_len": 96},
                                    1),
-    # Prefix caching asked for explicitly; the batch runs twice, so the second could hit the cache.
-    "prefix_caching": ("llama", {"enable_prefix_caching": True}, 2),
+    # Prefix caching asked for explicitly; the batch runs twice, so the second could hit the cache. Async scheduling
+    # (VictorAsyncScheduler) too.
+    "prefix_caching": ("llama", {"enable_prefix_caching": True, "async_scheduling": True}, 2),
     "no_registers": ("llama_r0", {}, 1),
     "mistral": ("mistral", {}, 1),
     "qwen2": ("qwen2", {}, 1),

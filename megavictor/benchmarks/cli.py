@@ -14,6 +14,7 @@ BENCHES: dict[str, str] = {
     "loader": "megavictor.benchmarks.loader",
     "train": "megavictor.benchmarks.train",
     "infer": "megavictor.benchmarks.infer",
+    "serve": "megavictor.benchmarks.serve",
     "pipeline": "megavictor.benchmarks.pipeline",
     "accuracy": "megavictor.benchmarks.accuracy",
 }

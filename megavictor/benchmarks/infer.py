@@ -23,27 +23,46 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from megavictor.benchmarks.common import CPU_LLAVA15, add_threads_option, bench_config, median, print_table, variant
-from megavictor.config import Config
+from megavictor.config import Config, load_config, with_overrides
 from megavictor.errors import UserError
 from megavictor.model.flops import generate_flops
 
 
-def export_pair(cfg: Config, out: Path, seed: int = 0) -> dict[str, Path]:
-    """Random-weight ReferenceVLMs (the same weights apart from the registers) exported as HF dirs."""
+def export_pair(cfg: Config, out: Path, seed: int = 0, tokenizer_dir: Path | None = None,
+                max_positions: int | None = None) -> dict[str, Path]:
+    """Random-weight ReferenceVLMs (the same weights apart from the registers) exported as HF dirs (with
+    `tokenizer_dir`'s tokenizer and a processor; `max_positions`: the context they declare, else one sample's)."""
     from megavictor.hf.convert import to_hf
     from megavictor.model.reference import ReferenceVLM
 
     dirs = {}
     for name in ("victor", "baseline"):
         c = variant(cfg, name == "victor")
+        if max_positions is not None:
+            c = with_overrides(c, [f"data.seq_length={max_positions}"])
         torch.manual_seed(seed)
         state = ReferenceVLM(c).state_dict()
-        dirs[name] = to_hf(c, state, out / name)
+        dirs[name] = to_hf(c, state, out / name, tokenizer_dir=tokenizer_dir)
     return dirs
+
+
+def export_shape(config: Any) -> Config:
+    """A Victor export's HF config (`config.json`, as transformers loads it) as megavictor's config, for FLOPs."""
+    text, vision = config.text_config, config.vision_config
+    return load_config(None, [
+        f"model.num_layers={text.num_hidden_layers}", f"model.hidden_size={text.hidden_size}",
+        f"model.ffn_hidden_size={text.intermediate_size}", f"model.num_attention_heads={text.num_attention_heads}",
+        f"model.num_query_groups={text.num_key_value_heads}", f"model.vocab_size={text.vocab_size}",
+        f"vision.image_size={vision.image_size}", f"vision.patch_size={vision.patch_size}",
+        f"vision.num_layers={vision.num_hidden_layers}", f"vision.hidden_size={vision.hidden_size}",
+        f"vision.ffn_hidden_size={vision.intermediate_size}", f"vision.num_attention_heads={vision.num_attention_heads}",
+        "vision.freeze=true", f"victor.num_registers={config.num_registers}", f"victor.drop_layer={config.drop_layer}",
+        "data.seq_length=100000", "log.wandb=false"])
 
 
 def load_models(dirs: dict[str, Path]) -> dict[str, torch.nn.Module]:
@@ -105,6 +124,13 @@ def serve(model: torch.nn.Module, inputs: dict[str, torch.Tensor], new_tokens: i
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megavictor bench infer", description=__doc__.splitlines()[0])
     parser.add_argument("--hf", help="a Victor HF export (default: export random-weight models of the paper's shape)")
+    add_serving_options(parser)
+    parser.add_argument("overrides", nargs="*", help="dotted overrides for the exported models (not with --hf)")
+    return parser
+
+
+def add_serving_options(parser: argparse.ArgumentParser) -> None:
+    """The flags `bench infer` and `bench serve` share: the exports' recipe and the paper's serving setting."""
     parser.add_argument("--config", help="YAML recipe for the exported models (default: CPU-width LLaVA-1.5 shape)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--prompt-tokens", type=int, default=64, help="text tokens per prompt (besides the image)")
@@ -112,8 +138,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3, help="repeats of the 2-token setting (median)")
     parser.add_argument("--long-repeats", type=int, default=1, help="repeats of the long setting (median)")
     add_threads_option(parser)
-    parser.add_argument("overrides", nargs="*", help="dotted overrides for the exported models (not with --hf)")
-    return parser
 
 
 def main(argv: list[str]) -> int:
@@ -144,20 +168,7 @@ def main(argv: list[str]) -> int:
 
     # FLOPs from the exported shape, as megavictor's config sees it.
     tc = models["victor"].config
-    from megavictor.config import load_config
-
-    shape = load_config(None, [
-        f"model.num_layers={tc.text_config.num_hidden_layers}", f"model.hidden_size={tc.text_config.hidden_size}",
-        f"model.ffn_hidden_size={tc.text_config.intermediate_size}",
-        f"model.num_attention_heads={tc.text_config.num_attention_heads}",
-        f"model.num_query_groups={tc.text_config.num_key_value_heads}",
-        f"model.vocab_size={tc.text_config.vocab_size}", f"vision.image_size={tc.vision_config.image_size}",
-        f"vision.patch_size={tc.vision_config.patch_size}",
-        f"vision.num_layers={tc.vision_config.num_hidden_layers}", f"vision.hidden_size={tc.vision_config.hidden_size}",
-        f"vision.ffn_hidden_size={tc.vision_config.intermediate_size}",
-        f"vision.num_attention_heads={tc.vision_config.num_attention_heads}", "vision.freeze=true",
-        f"victor.num_registers={tc.num_registers}", f"victor.drop_layer={tc.drop_layer}",
-        "data.seq_length=100000", "log.wandb=false"])
+    shape = export_shape(tc)
     visual = shape.vision.num_visual_tokens
     flops = {name: {n: generate_flops(variant(shape, name == "victor", args.prompt_tokens), args.batch, visual,
                                       inputs[name]["input_ids"].shape[1], n) for n in (2, args.long_tokens)}

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Any
 
 import torch
@@ -192,8 +192,10 @@ class VictorLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         kept_mask[n:] = False  # padding after the scheduled tokens
         query_lengths = query_start.diff()
         request = torch.repeat_interleave(torch.arange(num_reqs, device=input_ids.device), query_lengths)
-        visual_before = (lookback[:num_reqs] == self.image_token_id).sum(1) if lookback is not None \
-            else torch.zeros(num_reqs, dtype=torch.long, device=input_ids.device)
+        if lookback is None:
+            raise RuntimeError("Victor serving needs vLLM's lookback_token_ids (the V1 model runner gives them; the "
+                               "plugin's config hook selects it)")
+        visual_before = (lookback[:num_reqs] == self.image_token_id).sum(1)
         computed_short = reference.seq_lens.long() - query_lengths - visual_before
         kept_per_request = torch.zeros(num_reqs, dtype=torch.long, device=input_ids.device).index_add_(
             0, request, kept_mask[:n].long())
@@ -213,19 +215,27 @@ class VictorLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         metadata: dict[str, Any] = {}
         slots: dict[str, torch.Tensor] = {}
         built: dict[int, tuple[Any, torch.Tensor]] = {}
+        first: Any = None
         for name in self.short_layers:
             group_metadata = long_metadata[name]
             if id(group_metadata) not in built:  # one block table per short KV cache group
                 block_table = group_metadata.block_table[:num_reqs]
                 slot = (block_table[kept_request, short_index // self.block_size].long() * self.block_size
                         + short_index % self.block_size)
-                common = CommonAttentionMetadata(
-                    query_start_loc=query_start_short, query_start_loc_cpu=query_start_short.cpu(),
-                    seq_lens=seq_lens_short, num_reqs=rows.numel(), num_actual_tokens=kept.numel(),
-                    max_query_len=int(lengths.max()) if rows.numel() else 0,
-                    max_seq_len=int(seq_lens_short.max()) if rows.numel() else 0,
-                    block_table_tensor=block_table[rows], slot_mapping=slot, causal=True)
-                built[id(group_metadata)] = (self.builder(name).build(0, common), slot)
+                if first is not None and is_dataclass(first) and {"block_table", "slot_mapping"} <= {
+                        f.name for f in fields(first)}:
+                    # The groups differ only in their blocks: the first group's metadata with this group's.
+                    built[id(group_metadata)] = (
+                        replace(first, block_table=block_table[rows], slot_mapping=slot), slot)
+                else:
+                    common = CommonAttentionMetadata(
+                        query_start_loc=query_start_short, query_start_loc_cpu=query_start_short.cpu(),
+                        seq_lens=seq_lens_short, num_reqs=rows.numel(), num_actual_tokens=kept.numel(),
+                        max_query_len=int(lengths.max()) if rows.numel() else 0,
+                        max_seq_len=int(seq_lens_short.max()) if rows.numel() else 0,
+                        block_table_tensor=block_table[rows], slot_mapping=slot, causal=True)
+                    first = self.builder(name).build(0, common)
+                    built[id(group_metadata)] = (first, slot)
             metadata[name], slots[name] = built[id(group_metadata)]
         return ShortBatch(kept, source, metadata, slots)
 

@@ -7,6 +7,7 @@ picks the scheduler (and on CPU the worker) the model needs and refuses what it 
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 ARCHITECTURE = "VictorLlavaForConditionalGeneration"
@@ -41,7 +42,14 @@ class VictorConfigHook:
         if vllm_config.cache_config.enable_prefix_caching:
             log.warning("megavictor: prefix caching never hits for Victor models (the KV of layers after the drop is "
                         "not cached); outputs are exact")
+        # The V1 model runner hands models the prompt tokens before each request's chunk (`lookback_token_ids`);
+        # the V2 runner (vLLM's default on GPUs with Triton) does not yet. Workers inherit the environment.
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
         if scheduler.scheduler_cls is None:
+            # vLLM decides async scheduling after this hook; the scheduler class must match the decision, so it is
+            # made here: async only when asked for.
+            if scheduler.async_scheduling is None:
+                scheduler.async_scheduling = False
             scheduler.scheduler_cls = ("megavictor.serving.short_cache.VictorAsyncScheduler"
                                        if scheduler.async_scheduling else
                                        "megavictor.serving.short_cache.VictorScheduler")

@@ -1,4 +1,5 @@
-"""A small word-level HF tokenizer built from a prepared corpus (for data sets without an LLM tokenizer)."""
+"""A small word-level HF tokenizer built from a corpus: for data sets without an LLM tokenizer (`prep`) and for
+random-weight models that need one (`bench serve`, tests)."""
 
 from __future__ import annotations
 
