@@ -3,10 +3,11 @@
     python -m megavictor.serving.bench --victor DIR --baseline DIR [--batch 16 --prompt-tokens 64 ...]
 
 For each export, one engine (in-process, `VLLM_ENABLE_V1_MULTIPROCESSING=0`, so that the scheduler's block tables
-can be read) serves a batch of prompts, each one image and `--prompt-tokens` text tokens, greedy, to 2 and to
-`--long-tokens` new tokens; the Victor and baseline engines alternate per repeat, and the medians are reported. KV
-memory per request is counted in layer-blocks: the blocks a request holds in each KV cache group times the layers in
-that group (a block of a group of 3 layers holds 3 layers' pages), at the request's largest, averaged over requests.
+can be read; no prefix caching, which would let the stock model skip repeated prompts' prefill) serves a batch of
+prompts, each one image and `--prompt-tokens` text tokens, greedy, to 2 and to `--long-tokens` new tokens; the Victor
+and baseline engines alternate per repeat, and the medians are reported. KV memory per request is counted in
+layer-blocks: the blocks a request holds in each KV cache group times the layers in that group (a block of a group of
+3 layers holds 3 layers' pages), at the request's largest, averaged over requests.
 The result is one JSON line after "RESULT ".
 """
 
@@ -39,7 +40,9 @@ class Engine:
 
         self.engine = LLMEngine.from_engine_args(EngineArgs(
             model=export, trust_remote_code=True, max_model_len=max_model_len, block_size=32, dtype="float32",
-            max_num_seqs=batch, enforce_eager=True))
+            max_num_seqs=batch, enforce_eager=True,
+            # Repeats serve the same prompts: with prefix caching the stock model would skip their prefill.
+            enable_prefix_caching=False))
         scheduler = self.engine.engine_core.engine_core.scheduler
         self.scheduler = scheduler
         self.managers = scheduler.kv_cache_manager.coordinator.single_type_managers
