@@ -31,7 +31,7 @@ WIDTH = ["model.hidden_size=64", "model.ffn_hidden_size=176", "model.num_attenti
 GPU_DEFAULTS = ["parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true", "data.num_workers=2"]
 PLAIN = ["train.precision=fp32", "train.distributed_optimizer=false", "parallel.overlap_grad_reduce=false",
          "data.num_workers=0"]
-BF16_STEP_TOLERANCE = 0.01  # relative, per step (measured: <= 1e-4 over these 3 steps)
+BF16_STEP_TOLERANCE = 0.01  # relative, per step (measured on 825dc56: 1.1e-4 at dp2, 1.8e-4 at tp2 x pp2)
 
 
 def mix_overrides(data: Path) -> list[str]:
