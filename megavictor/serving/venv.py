@@ -59,8 +59,10 @@ def ready() -> Path | None:
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """The environment to run the venv's python in: offline, no user site-packages, vLLM's CPU KV space small."""
+    """The environment to run the venv's python in: offline, no user site-packages, vLLM's CPU KV space small, and
+    this checkout's plugin first on the path (the venv may have been built from another checkout)."""
     env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), "PYTHONNOUSERSITE": "1",
+           "PYTHONPATH": str(CHECKOUT),
            "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1",
            "DO_NOT_TRACK": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     return {**env, **extra}
