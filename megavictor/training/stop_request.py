@@ -14,6 +14,7 @@ from megavictor.errors import notice
 
 _stop = threading.Event()
 _interrupted = threading.Event()
+_interrupted_twice = threading.Event()
 
 
 def request_stop(*_args: Any) -> None:
@@ -23,8 +24,13 @@ def request_stop(*_args: Any) -> None:
 
 def interrupt(*_args: Any) -> None:
     """SIGINT (Ctrl-C): the first asks for a checkpoint at the next step boundary, as SIGTERM does; a second one
-    stops at once (KeyboardInterrupt), without saving."""
+    stops at once (KeyboardInterrupt), without saving.
+
+    Python runs the handler between two bytecodes of whatever the main thread runs, which may be a finalizer or a
+    logging lock release, where a raised exception is printed and dropped. The second Ctrl-C is therefore also
+    remembered, and `stop_pending` raises it again at the step boundary, before the save the first one asked for."""
     if _interrupted.is_set():
+        _interrupted_twice.set()
         raise KeyboardInterrupt
     _interrupted.set()
     _stop.set()
@@ -35,8 +41,12 @@ def interrupt(*_args: Any) -> None:
 def clear_stop_request() -> None:
     _stop.clear()
     _interrupted.clear()
+    _interrupted_twice.clear()
 
 
 def stop_pending() -> bool:
-    """Whether this process was asked to stop (the loop agrees on it across ranks)."""
+    """Whether this process was asked to stop (the loop agrees on it across ranks); a second Ctrl-C whose
+    KeyboardInterrupt was dropped is raised here."""
+    if _interrupted_twice.is_set():
+        raise KeyboardInterrupt
     return _stop.is_set()
