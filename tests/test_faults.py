@@ -4,16 +4,14 @@ file was lost. (The earlier round's faults: tests/test_reliability.py, tests/tes
 
 from __future__ import annotations
 
-import contextlib
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-import pytest
 
 from tests.runs import ROOT, assert_close, losses, run, sigterm_after, train_cmd
 
@@ -90,22 +88,25 @@ def test_ctrl_c_saves_and_resumes_exactly_a_second_one_stops_at_once(reference_r
     assert "Traceback" not in err and "stopped by a second interrupt, without saving" in err
 
 
-def test_a_second_ctrl_c_dropped_where_it_landed_still_stops_before_the_save() -> None:
-    """The second Ctrl-C's KeyboardInterrupt can land in a finalizer or a logging lock release, where Python prints
-    and drops it (seen once in the test above, under load: the run then saved and exited 0). It is raised again at
-    the step boundary."""
-    from megavictor.training import stop_request
-
-    try:
-        stop_request.interrupt()
-        assert stop_request.stop_pending()
-        with contextlib.suppress(KeyboardInterrupt):  # where Python would drop it
-            stop_request.interrupt()
-        with pytest.raises(KeyboardInterrupt):
-            stop_request.stop_pending()
-    finally:
-        stop_request.clear_stop_request()
-    assert not stop_request.stop_pending()
+def test_a_second_ctrl_c_that_lands_where_python_drops_exceptions_still_stops_at_once(tmp_path: Path) -> None:
+    """The second Ctrl-C can land in a finalizer or a fork callback (a checkpoint save forks its writer), where
+    Python prints and drops an exception: seen twice under the full suite's load, where the run then saved and exited
+    0. It ends the process instead of raising: here it is delivered inside `__del__`."""
+    script = tmp_path / "second_ctrl_c.py"
+    script.write_text(
+        "import time\n"
+        "from megavictor.training.stop_request import interrupt\n"
+        "class Finalized:\n"
+        "    def __del__(self):\n"
+        "        interrupt()\n"
+        "interrupt()\n"  # the first: a checkpoint at the next step boundary
+        "Finalized()\n"  # the second, inside a finalizer
+        "time.sleep(2)\n"
+        "print('still running')\n")
+    proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 130 and "still running" not in proc.stdout
+    assert "stopped by a second interrupt, without saving" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_convert_to_hf_never_overwrites_a_folder_unasked(reference_run, digits_data: Path, tmp_path: Path) -> None:

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import os
 import signal
-import sys
 import threading
 from typing import TYPE_CHECKING
 
@@ -63,12 +62,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20 parallel.tp=2")
     args = parser.parse_args(argv)
-    try:
-        summary = run(load_config(args.config, args.overrides))
-    except KeyboardInterrupt:  # a second Ctrl-C: stopped where it was, nothing saved since the last checkpoint
-        print("megavictor train: stopped by a second interrupt, without saving; the run resumes from its last "
-              "checkpoint", file=sys.stderr)
-        return 130
+    summary = run(load_config(args.config, args.overrides))  # a second Ctrl-C ends the process (stop_request)
     from megatron.core import parallel_state
 
     if parallel_state.is_pipeline_last_stage() and parallel_state.get_data_parallel_rank() == 0 \

@@ -7,6 +7,7 @@ torch or megatron.
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
@@ -14,7 +15,8 @@ from megavictor.errors import notice
 
 _stop = threading.Event()
 _interrupted = threading.Event()
-_interrupted_twice = threading.Event()
+SECOND_INTERRUPT = ("megavictor: stopped by a second interrupt, without saving; the run resumes from its last "
+                    "checkpoint\n")
 
 
 def request_stop(*_args: Any) -> None:
@@ -24,14 +26,16 @@ def request_stop(*_args: Any) -> None:
 
 def interrupt(*_args: Any) -> None:
     """SIGINT (Ctrl-C): the first asks for a checkpoint at the next step boundary, as SIGTERM does; a second one
-    stops at once (KeyboardInterrupt), without saving.
+    ends the process at once, exit code 130, without saving.
 
-    Python runs the handler between two bytecodes of whatever the main thread runs, which may be a finalizer or a
-    logging lock release, where a raised exception is printed and dropped. The second Ctrl-C is therefore also
-    remembered, and `stop_pending` raises it again at the step boundary, before the save the first one asked for."""
+    It exits rather than raising KeyboardInterrupt: Python runs a signal handler between two bytecodes of whatever
+    the main thread runs, which may be a finalizer or a fork callback (a checkpoint save forks its writer), where an
+    exception is printed and dropped; the run then went on, saved and exited 0. Exiting at once is what kill -9 does,
+    and a save cut short that way is never taken for a checkpoint (`megavictor.checkpoint.commit`); forked helpers
+    die with the process (`megavictor.process_lifetime`)."""
     if _interrupted.is_set():
-        _interrupted_twice.set()
-        raise KeyboardInterrupt
+        os.write(2, SECOND_INTERRUPT.encode())
+        os._exit(130)
     _interrupted.set()
     _stop.set()
     notice("interrupted: saving a checkpoint at the next step boundary, then stopping (Ctrl-C again to stop at once "
@@ -41,12 +45,8 @@ def interrupt(*_args: Any) -> None:
 def clear_stop_request() -> None:
     _stop.clear()
     _interrupted.clear()
-    _interrupted_twice.clear()
 
 
 def stop_pending() -> bool:
-    """Whether this process was asked to stop (the loop agrees on it across ranks); a second Ctrl-C whose
-    KeyboardInterrupt was dropped is raised here."""
-    if _interrupted_twice.is_set():
-        raise KeyboardInterrupt
+    """Whether this process was asked to stop (the loop agrees on it across ranks)."""
     return _stop.is_set()
