@@ -199,8 +199,9 @@ def test_vllm_serve_chat_completion_over_http(exports: dict[str, Path], tmp_path
     assert reply["choices"][0]["token_ids"] == expected
 
 
-def test_refuses_what_it_cannot_serve_in_one_line(exports: dict[str, Path]) -> None:
-    """The hybrid KV cache manager switched off (layers >= k would share the long cache): one line, no engine."""
+def test_refuses_what_it_cannot_serve(exports: dict[str, Path]) -> None:
+    """The hybrid KV cache manager switched off (layers >= k would share the long cache): no engine, and the error
+    (vLLM's config validation error) names the flag to remove."""
     run = subprocess.run([str(serving_python()), "-c",
                           "from vllm import LLM; LLM(model=__import__('sys').argv[1], trust_remote_code=True, "
                           "disable_hybrid_kv_cache_manager=True)", str(exports["llama"])],

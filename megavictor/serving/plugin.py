@@ -2,7 +2,8 @@
 
 vLLM calls `register` in every process it starts, before it reads a model's config. It registers the Victor model
 class under the architecture name the export's config.json carries, the short KV cache spec, and a config hook that
-picks the scheduler (and on CPU the worker) the model needs and refuses what it cannot serve, in one line each.
+picks the scheduler (and on CPU the worker) the model needs and refuses what it cannot serve, naming the reason
+(vLLM reports it as a config validation error).
 """
 
 from __future__ import annotations
