@@ -11,16 +11,16 @@ from pathlib import Path
 
 import psutil
 
-from megavictor.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE2 = str(ROOT / "configs" / "demo_stage2.yaml")
 
 
 def train_cmd(world: int, data: Path, run_dir: Path, *overrides: str) -> list[str]:
+    # --standalone: torchrun binds a port the OS picks when it starts, so a command run twice (a restart) never
+    # finds its port still held, and no other process can take it between choosing and binding.
     launcher = [sys.executable, "-m", "megavictor"] if world == 1 else [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}", f"--master-port={free_port()}",
-        "-m", "megavictor"]
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}", "-m", "megavictor"]
     return [*launcher, "train", "--config", STAGE2, f"data.path={data}", f"train.run_dir={run_dir}",
             "train.init_from=null", "data.seq_length=128", "data.micro_batch_size=2", "train.global_batch_size=4",
             "train.max_steps=10", "train.warmup_steps=2", "train.eval_batches=2", "log.wandb=false", *overrides]
