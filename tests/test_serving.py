@@ -113,16 +113,14 @@ def payload(*args: str, **env: str) -> Any:
 
 # Engine options per case; every case also runs in vLLM's default multi-process engine.
 CASES: dict[str, tuple[str, dict[str, Any], int]] = {
-    # vLLM's defaults (prefix caching on, chunked prefill on).
-    "llama": ("llama", {}, 1),
-    # A token budget smaller than one image (16 visual tokens), and KV space for one and a half requests: preemption.
+    # vLLM's defaults: prefix caching on, chunked prefill on. The batch runs twice, so the second could hit the cache.
+    "llama_defaults_prefix_caching": ("llama", {}, 2),
+    # A token budget smaller than one image (16 visual tokens), and 8 KV blocks where a request needs 6: preemption.
     "chunked_prefill_preemption": ("llama", {"enable_chunked_prefill": True, "max_num_batched_tokens": 8,
                                              "num_gpu_blocks_override": 8, "max_num_seqs": 4, "max_model_len": 96},
                                    1),
-    # Prefix caching asked for explicitly; the batch runs twice, so the second could hit the cache. Async scheduling
-    # (VictorAsyncScheduler) too.
-    "prefix_caching": ("llama", {"enable_prefix_caching": True, "async_scheduling": True}, 2),
-    "no_registers": ("llama_r0", {}, 1),
+    # Async scheduling (VictorAsyncScheduler) too.
+    "no_registers": ("llama_r0", {"async_scheduling": True}, 1),
     "mistral": ("mistral", {}, 1),
     "qwen2": ("qwen2", {}, 1),
     # Stock LLaVA compiles with torch.compile by default on CPU (a minute here); eager like Victor.
@@ -140,7 +138,7 @@ def test_vllm_tokens_equal_hf_generate(case: str, exports: dict[str, Path]) -> N
     assert got["hf"][0] != got["hf"][5]  # the same text with another image: the images reach the output
     if case == "chunked_prefill_preemption":
         assert got["preemptions"] >= 1
-    if case == "prefix_caching":
+    if case == "llama_defaults_prefix_caching":
         assert got["prefix_cache_hits"] == 0  # a Victor model never starts from cached blocks (short_cache.py)
     if case == "baseline_as_stock_llava":
         assert got["prefix_cache_hits"] > 0  # the same prompts do hit in a stock model: the check above can fail
