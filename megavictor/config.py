@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from megavictor.errors import UserError, notice
+from megavictor.hf_model.anyres import AnyresSpec
 
 
 class ConfigError(UserError, ValueError):
@@ -57,6 +58,7 @@ class PromptFormat(enum.StrEnum):
 class ImageAspectRatio(enum.StrEnum):
     PAD = "pad"  # LLaVA-1.5: pad to square with the mean colour, then resize
     CROP = "crop"  # CLIP: shortest side to image_size, centre crop
+    ANYRES = "anyres"  # LLaVA-NeXT: a base view plus the tiles of the best-fitting vision.image_grid_pinpoints grid
 
 
 class Precision(enum.StrEnum):
@@ -146,10 +148,28 @@ class VisionConfig:
     # Pretrained tower weights (safetensors, names `vision.*` as in the full model), loaded when a run starts
     # fresh; a run that resumes or starts from `train.init_from` takes the tower from that checkpoint instead.
     init_from: str | None = None
+    # LLaVA-NeXT's "anyres" (with data.image_aspect_ratio: anyres): the candidate tile grids, [height, width] in
+    # pixels, multiples of image_size (llava-v1.6: [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]).
+    # Each image then takes a base view plus its grid's tiles through the ViT, and a learned `image_newline` ends
+    # each row of its visual tokens; null: one image_size view per image (LLaVA-1.5).
+    image_grid_pinpoints: list[list[int]] | None = None
 
     @property
     def num_visual_tokens(self) -> int:
+        """Visual tokens of one ViT view (an image at fixed resolution, one tile under anyres)."""
         return (self.image_size // self.patch_size) ** 2
+
+    def anyres(self) -> AnyresSpec | None:
+        """The anyres settings, or None at fixed resolution."""
+        if self.image_grid_pinpoints is None:
+            return None
+        return AnyresSpec(tuple((h, w) for h, w in self.image_grid_pinpoints), self.image_size, self.patch_size)
+
+    @property
+    def max_visual_tokens(self) -> int:
+        """The most visual tokens one image can take (under anyres, its largest grid kept whole)."""
+        spec = self.anyres()
+        return self.num_visual_tokens if spec is None else spec.max_tokens
 
 
 @dataclass
@@ -541,10 +561,12 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _validate_parallel_features(cfg)
 
     # Data and training.
-    image_slots = v.num_visual_tokens + vi.registers_per_image
+    _validate_anyres(cfg)
+    image_slots = v.max_visual_tokens + vi.registers_per_image
     _require(d.seq_length > image_slots,
              f"data.seq_length={d.seq_length} must exceed one image's slots "
-             f"({v.num_visual_tokens} visual + {vi.registers_per_image} registers)")
+             f"({v.max_visual_tokens} visual{' at most (anyres)' if v.anyres() else ''} + "
+             f"{vi.registers_per_image} registers)")
     _require(t.llava_stage in (1, 2), f"train.llava_stage={t.llava_stage} must be 1 or 2 (the LLaVA training stage)")
     _require(t.fp8 is None or d.seq_length % 16 == 0,
              f"data.seq_length={d.seq_length} must be a multiple of 16 with train.fp8 (FP8 GEMM alignment)")
@@ -586,6 +608,31 @@ def _validate_peer(cfg: Config) -> None:
         _require(vi.enabled and vi.num_registers == r and vi.drop_layer == 0,
                  f"peer.avg_pool_to={r} fills the register slots: set victor.enabled=true victor.num_registers={r} "
                  "victor.drop_layer=0")
+
+
+def _validate_anyres(cfg: Config) -> None:
+    """LLaVA-NeXT's anyres: the grids and the data setting go together; the peers that assume one square grid of
+    visual tokens per image (FastV's per-image ranking, the average pool) and the DeepSpeed engine (whose HF model
+    is LLaVA-1.5's) are not built for it yet."""
+    v, d, pe, t = cfg.vision, cfg.data, cfg.peer, cfg.train
+    pins = v.image_grid_pinpoints
+    anyres = d.image_aspect_ratio == ImageAspectRatio.ANYRES
+    _require(anyres == (pins is not None),
+             "data.image_aspect_ratio=anyres needs vision.image_grid_pinpoints (the candidate tile grids)" if anyres
+             else f"vision.image_grid_pinpoints is set: set data.image_aspect_ratio=anyres (now "
+                  f"{d.image_aspect_ratio}), or remove the grids")
+    if pins is None:
+        return
+    _require(len(pins) > 0, "vision.image_grid_pinpoints is empty: give at least one [height, width] grid")
+    for i, pin in enumerate(pins):
+        _require(len(pin) == 2 and all(side > 0 and side % v.image_size == 0 for side in pin),
+                 f"vision.image_grid_pinpoints[{i}]={pin} must be [height, width], each a positive multiple of "
+                 f"vision.image_size={v.image_size} (a grid of whole tiles)")
+    for key, value in (("peer.fastv_layer", pe.fastv_layer), ("peer.avg_pool_to", pe.avg_pool_to)):
+        _require(value is None, f"{key}={value} is not supported with anyres images (it assumes one square grid of "
+                                "visual tokens per image): remove vision.image_grid_pinpoints or the peer")
+    _require(t.engine == Engine.MEGATRON, f"train.engine={t.engine} does not train anyres images yet: use "
+                                          "train.engine=megatron")
 
 
 def _validate_parallel_features(cfg: Config) -> None:

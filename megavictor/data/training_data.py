@@ -222,16 +222,16 @@ def broadcast_batch(batch: VictorBatch | None, rows: int, seq_length: int) -> Vi
     src = parallel_state.get_tensor_model_parallel_src_rank()
     device = collective_device(group)
     if batch is not None:
-        header = torch.tensor([batch.cu_seqlens.numel(), *batch.images.shape], dtype=torch.int64)
+        header = torch.tensor([batch.cu_seqlens.numel(), batch.num_images, *batch.images.shape], dtype=torch.int64)
     else:
-        header = torch.zeros(5, dtype=torch.int64)
+        header = torch.zeros(6, dtype=torch.int64)
     header = header.to(device)
     dist.broadcast(header, src, group=group)
-    n_cu, n_images, c, h, w = header.tolist()
+    n_cu, n_images, n_views, c, h, w = header.tolist()
     shapes = {"tokens": ((rows, seq_length), torch.int64), "kinds": ((rows, seq_length), torch.int64),
               "position_ids": ((rows, seq_length), torch.int64), "labels": ((rows, seq_length), torch.int64),
-              "cu_seqlens": ((n_cu,), torch.int32), "images": ((n_images, c, h, w), torch.float32),
-              "image_segments": ((n_images,), torch.int64)}
+              "cu_seqlens": ((n_cu,), torch.int32), "images": ((n_views, c, h, w), torch.float32),
+              "image_segments": ((n_images,), torch.int64), "image_sizes": ((n_images, 2), torch.int64)}
     out = {}
     for name, (shape, dtype) in shapes.items():
         tensor = getattr(batch, name).to(device) if batch is not None else torch.empty(shape, dtype=dtype,

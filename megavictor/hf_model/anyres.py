@@ -1,4 +1,4 @@
-"""LLaVA-NeXT's "anyres" image layout as one pure function (standalone: imports only torch, so it can ship with
+"""LLaVA-NeXT's "anyres" image layout as one pure function (standalone: torch is its only import, so it can ship with
 exports), for everything that must agree on it: config checks, the data loader's token counts, the pipeline cost
 model, the model's feature gather and the exported processor (issue #31).
 
@@ -15,8 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 Pinpoints = tuple[tuple[int, int], ...]  # (height, width) of each candidate grid, in pixels
 
@@ -81,10 +83,28 @@ def max_anyres_tokens(pinpoints: Pinpoints, tile: int, patch: int) -> int:
     return max(anyres_layout(h, w, pinpoints, tile, patch).tokens for h, w in pinpoints)
 
 
-def feature_index(layouts: list[AnyresLayout], newline: int) -> torch.Tensor:
+@dataclass(frozen=True)
+class AnyresSpec:
+    """The settings every anyres computation takes together: the candidate grids and the ViT's tile and patch."""
+
+    pinpoints: Pinpoints
+    tile: int
+    patch: int
+
+    def layout(self, height: int, width: int) -> AnyresLayout:
+        return anyres_layout(height, width, self.pinpoints, self.tile, self.patch)
+
+    @property
+    def max_tokens(self) -> int:
+        return max_anyres_tokens(self.pinpoints, self.tile, self.patch)
+
+
+def feature_index(layouts: list[AnyresLayout], newline: int) -> "torch.Tensor":
     """Where each visual slot's feature comes from, image after image, in `cat([tile features flattened to
     [sum(tiles) * side^2, H], newline[None]])` (the newline's row is `newline`): the base view's patches, then the
     kept grid row by row, each row closed by the newline. Built on the host, so the gather costs no device sync."""
+    import torch  # here, not at the top: the config and the loader's counts need no torch
+
     parts, start = [], 0
     for layout in layouts:
         side, per_tile = layout.side, layout.side * layout.side

@@ -1,7 +1,9 @@
 """The model's input format: packed rows of text, visual and register slots.
 
 A row of `seq_length` slots holds one or more samples back to back (packing). Every image occupies
-`V` visual slots followed directly by `R` register slots (R = 0 for the plain LLaVA baseline). Per-sample
+`V` visual slots followed directly by `R` register slots (R = 0 for the plain LLaVA baseline). Under LLaVA-NeXT's anyres an image's visual slots are
+its base view's patches then its tiles' (unpadded, each row closed by a newline), so their count varies per image
+(`megavictor.hf_model.anyres`). Per-sample
 boundaries are `cu_seqlens` over the flattened [B * S] slot stream (the THD convention of Transformer Engine and
 flash-attn varlen); a row's tail padding is a segment of its own, so no row boundary is ever inside a segment.
 
@@ -15,6 +17,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from megavictor.hf_model.anyres import AnyresSpec
 from megavictor.hf_model.victor_drop import segment_ids
 
 IGNORE_INDEX = -100
@@ -39,8 +42,11 @@ class VictorBatch:
     position_ids: torch.Tensor  # [B, S] int64, restarting at 0 for every packed sample
     labels: torch.Tensor  # [B, S] int64 shifted targets, IGNORE_INDEX where no loss
     cu_seqlens: torch.Tensor  # [num_segments + 1] int32 boundaries over the flattened B*S slots
-    images: torch.Tensor  # [N, C, H, W] float, in order of their visual blocks (row-major)
+    # [T, C, H, W] float: the ViT's views, in order of their images' visual blocks (row-major): one per image (T = N),
+    # or under anyres each image's base view then its tiles
+    images: torch.Tensor
     image_segments: torch.Tensor  # [N] int64 index of the segment (packed sample) holding each image
+    image_sizes: torch.Tensor  # [N, 2] int64 each image's original (height, width) under anyres; zeros otherwise
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -63,17 +69,26 @@ class VictorBatch:
         `to` copies it to the GPU asynchronously without pinning it on the training thread."""
         return VictorBatch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
 
-    def validate(self, visual_tokens: int, registers: int) -> None:
+    @property
+    def num_images(self) -> int:
+        return self.image_segments.shape[0]
+
+    def validate(self, visual_tokens: int, registers: int, anyres: AnyresSpec | None = None) -> None:
         """Check the slot invariants the model relies on; raises ValueError naming the broken one."""
         b, s = self.shape
         for name in ("kinds", "position_ids", "labels"):
             if tuple(getattr(self, name).shape) != (b, s):
                 raise ValueError(f"VictorBatch.{name} has shape {tuple(getattr(self, name).shape)}, expected {(b, s)}")
+        layouts = [anyres.layout(h, w) for h, w in self.image_sizes.tolist()] if anyres else []
+        views = sum(layout.tiles for layout in layouts) if anyres else self.num_images
+        if self.images.shape[0] != views:
+            raise ValueError(f"VictorBatch: {self.images.shape[0]} image views for {self.num_images} images that "
+                             f"need {views}")
         n_visual = int((self.kinds == KIND_VISUAL).sum())
-        if n_visual != self.images.shape[0] * visual_tokens:
-            raise ValueError(f"VictorBatch: {n_visual} visual slots for {self.images.shape[0]} images of "
-                             f"{visual_tokens} tokens")
-        if int((self.kinds == KIND_REGISTER).sum()) != self.images.shape[0] * registers:
+        expected = sum(layout.tokens for layout in layouts) if anyres else self.num_images * visual_tokens
+        if n_visual != expected:
+            raise ValueError(f"VictorBatch: {n_visual} visual slots for {self.num_images} images that take {expected}")
+        if int((self.kinds == KIND_REGISTER).sum()) != self.num_images * registers:
             raise ValueError(f"VictorBatch: register slots do not match {registers} per image")
         if bool((self.labels[self.kinds == KIND_VISUAL] != IGNORE_INDEX).any()):
             raise ValueError("VictorBatch: visual slots must not carry labels")

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from megavictor.config import AttentionBackend, Config, ModelConfig, RopeScaling, VictorMask
+from megavictor.hf_model.anyres import AnyresSpec, feature_index
 from megavictor.hf_model.victor_drop import keep_index
 from megavictor.model.batch import (IGNORE_INDEX, KIND_PAD, KIND_REGISTER, KIND_TEXT, KIND_VISUAL, VictorBatch,
                                     to_device)
@@ -60,6 +61,9 @@ class ImageSlots:
     visual: torch.Tensor  # [N*V] the visual slots, image after image
     registers: torch.Tensor  # [N*R] the register slots, image after image
     register_rows: torch.Tensor  # [N*R] the learned register each register slot takes (an image's i-th: row i)
+    # Anyres: the row of `cat([view features flattened, image_newline])` each visual slot takes (`gather_visual`);
+    # None at fixed resolution, where the views' features fill the visual slots in order.
+    visual_source: torch.Tensor | None = None
 
 
 @dataclass
@@ -266,12 +270,32 @@ def packed_view(segments: torch.Tensor, ghost: torch.Tensor, rope: torch.Tensor)
                       rope=rope.transpose(0, 1).reshape(-1, 1, 1, rope.shape[-1]))
 
 
-def image_slots(kinds: torch.Tensor, registers_per_image: int) -> ImageSlots:
-    """The flat indices of `kinds`' visual and register slots (built on the host, see `ImageSlots`)."""
-    flat = kinds.flatten()
+def image_slots(batch: VictorBatch, registers_per_image: int, anyres: AnyresSpec | None = None) -> ImageSlots:
+    """The flat indices of the batch's visual and register slots, and under anyres where each visual slot's feature
+    comes from (built on the host, see `ImageSlots`)."""
+    flat = batch.kinds.flatten()
     registers = (flat == KIND_REGISTER).nonzero().flatten()
-    rows = torch.arange(registers.numel(), device=kinds.device) % max(registers_per_image, 1)
-    return ImageSlots(visual=(flat == KIND_VISUAL).nonzero().flatten(), registers=registers, register_rows=rows)
+    rows = torch.arange(registers.numel(), device=flat.device) % max(registers_per_image, 1)
+    visual = (flat == KIND_VISUAL).nonzero().flatten()
+    source = None
+    if anyres is not None and batch.num_images:
+        layouts = [anyres.layout(h, w) for h, w in batch.image_sizes.tolist()]
+        views = sum(layout.tiles for layout in layouts)
+        source = feature_index(layouts, newline=views * (anyres.tile // anyres.patch) ** 2).to(flat.device)
+        if source.numel() != visual.numel():
+            raise ValueError(f"the batch has {visual.numel()} visual slots, but its images' sizes "
+                             f"{batch.image_sizes.tolist()} take {source.numel()}")
+    return ImageSlots(visual=visual, registers=registers, register_rows=rows, visual_source=source)
+
+
+def gather_visual(features: torch.Tensor, newline: torch.Tensor | None, slots: ImageSlots) -> torch.Tensor:
+    """The visual slots' embeddings ([visual slots, H]; [N, V, H] at fixed resolution) from the views' projected features [views, side^2, H]: under
+    anyres LLaVA-NeXT's order (each image's base view, then its unpadded tile grid row by row, every row closed by
+    `newline`), as one index gather whose index the host built; at fixed resolution the features as they are."""
+    if slots.visual_source is None:
+        return features
+    flat = features.reshape(-1, features.shape[-1])
+    return torch.cat([flat, newline[None].to(flat.dtype)]).index_select(0, slots.visual_source)
 
 
 def _view(segments: torch.Tensor, kinds: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor,
@@ -334,7 +358,7 @@ def build_drop_plan(batch: VictorBatch, cfg: Config, packed: bool = False,
     visual = kinds == KIND_VISUAL
     text_blind = victor.enabled and victor.mask == VictorMask.TEXT_BLIND
     long = _view(segments, kinds, positions, labels, kinds == KIND_PAD, m, packed, text_blind)
-    slots = image_slots(kinds, victor.registers_per_image)
+    slots = image_slots(batch, victor.registers_per_image, cfg.vision.anyres())
     if (not victor.enabled and fastv_layer is None) or not bool(visual.any()):
         if positions.shape[1] % align:
             raise ValueError(f"sequence length {positions.shape[1]} is not a multiple of {align}")

@@ -8,10 +8,11 @@ from megavictor.config import Config
 
 
 def is_trainable(name: str, cfg: Config) -> bool:
-    """LLaVA stage 1 trains projector + registers; stage 2 also the LLM; the ViT only when `vision.freeze` is off."""
+    """LLaVA stage 1 trains projector + registers (+ LLaVA-NeXT's image newline, part of the image path into the
+    LLM like the projector); stage 2 also the LLM; the ViT only when `vision.freeze` is off."""
     if name.startswith("vision."):
         return not cfg.vision.freeze
-    if name.startswith("projector.") or name == "registers":
+    if name.startswith("projector.") or name in ("registers", "image_newline"):
         return True
     return cfg.train.llava_stage == 2
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from megavictor.config import Config, VisionActivation
 from megavictor.model.batch import VictorBatch
-from megavictor.model.drop_plan import DropPlan, build_drop_plan, scatter_image_slots
+from megavictor.model.drop_plan import DropPlan, build_drop_plan, gather_visual, scatter_image_slots
 from megavictor.model.peers import image_slot_fill, learned_registers, run_layer
 from megavictor.model.recipe import apply_freezing
 from megavictor.model.weight_init import initialize
@@ -175,6 +175,7 @@ class ReferenceVLM(nn.Module):
         self.embedding = Embedding(m.vocab_size, m.hidden_size)
         registers = learned_registers(cfg)
         self.registers = nn.Parameter(torch.zeros(registers, m.hidden_size)) if registers else None
+        self.image_newline = nn.Parameter(torch.zeros(m.hidden_size)) if cfg.vision.anyres() else None
         groups = m.num_query_groups or m.num_attention_heads
         self.decoder = Stack([Layer(m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, groups, norm,
                                     gated=True, bias=False, activation=F.silu, qkv_bias=m.qkv_bias)
@@ -188,7 +189,9 @@ class ReferenceVLM(nn.Module):
         """Final-norm hidden states [B, S', H] of the slots that reach the loss; with `cache` (one empty slot per
         decoder layer), each layer also keeps its keys and values (the prefill of `megavictor.kv_cache`)."""
         x = self.embedding.word_embeddings(batch.tokens)
-        visual = self.projector(self.vision(batch.images)) if batch.images.shape[0] else None
+        visual = None
+        if batch.images.shape[0]:
+            visual = gather_visual(self.projector(self.vision(batch.images)), self.image_newline, plan.image_slots)
         x = scatter_image_slots(x, plan.image_slots, visual, image_slot_fill(self.cfg, visual, self.registers))
         for index, layer in enumerate(self.decoder.layers):
             if plan.drop_layer == index:

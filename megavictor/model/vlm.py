@@ -23,7 +23,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megavictor.config import Config
 from megavictor.model import specs
 from megavictor.model.batch import VictorBatch
-from megavictor.model.drop_plan import DropPlan, build_drop_plan, scatter_image_slots, uses_packed_attention
+from megavictor.model.drop_plan import (DropPlan, build_drop_plan, gather_visual, scatter_image_slots,
+                                        uses_packed_attention)
 from megavictor.model.peers import image_slot_fill, learned_registers
 from megavictor.model.recipe import apply_freezing
 from megavictor.model.sharding import first_layer
@@ -67,6 +68,9 @@ class VictorVLM(MegatronModule):
             self.registers = (torch.nn.Parameter(torch.empty(registers, cfg.model.hidden_size,
                                                              dtype=lm_config.params_dtype))
                               if registers else None)
+            # LLaVA-NeXT's learned row end of each image's tile grid (anyres only); replicated like the registers.
+            self.image_newline = (torch.nn.Parameter(torch.empty(cfg.model.hidden_size, dtype=lm_config.params_dtype))
+                                  if cfg.vision.anyres() else None)
         self.packed = uses_packed_attention(cfg)
         self.decoder = TransformerBlock(lm_config, specs.decoder_block_spec(cfg, lm_config),
                                         pre_process=pre_process, post_process=post_process)
@@ -94,7 +98,7 @@ class VictorVLM(MegatronModule):
         visual = None
         if batch.images.shape[0]:
             features = self.vision(batch.images.to(words.dtype))[:, 1:]  # drop the class token
-            visual = self.projector(features)
+            visual = gather_visual(self.projector(features), self.image_newline, plan.image_slots)
         filled = scatter_image_slots(words.transpose(0, 1), plan.image_slots, visual,
                                      image_slot_fill(self.cfg, visual, self.registers))
         if visual is None:
@@ -106,7 +110,7 @@ class VictorVLM(MegatronModule):
         return hidden
 
     def _image_path_at_zero(self) -> torch.Tensor:
-        """0 times what the trainable image path (ViT, projector, registers) makes of a blank image, for a
+        """0 times what the trainable image path (ViT, projector, registers, image newline) makes of a blank image, for a
         micro-batch without images, so that each of their parameters still receives a gradient (zero), as LLaVA
         appends an empty slice of image features to text-only samples. megatron's DDP counts every parameter's
         gradient in every micro-batch: with `overlap_grad_reduce`, a bucket whose parameters get none in the step's
@@ -124,8 +128,9 @@ class VictorVLM(MegatronModule):
             features = torch.zeros(1, 1, v.hidden_size, dtype=weight.dtype, device=weight.device)
         if any(p.requires_grad for p in self.projector.parameters()):
             total = total + self.projector(features).sum()
-        if self.registers is not None and self.registers.requires_grad:
-            total = total + self.registers.sum()
+        for extra in (self.registers, self.image_newline):
+            if extra is not None and extra.requires_grad:
+                total = total + extra.sum()
         return total * 0.0
 
     def forward(self, batch: VictorBatch, plan: DropPlan | None = None, return_logits: bool = False) -> torch.Tensor:

@@ -29,6 +29,8 @@ def initial_value(name: str, shape: tuple[int, ...], std: float, num_layers: int
         std = std / math.sqrt(2.0 * num_layers)
     elif name in ("vision.class_token", "vision.position_embeddings.weight"):
         std = 1.0  # as CLIPViTModel initialises them (torch.randn / nn.Embedding)
+    elif name == "image_newline":
+        std = 1.0 / math.sqrt(shape[0])  # as LLaVA-NeXT (and transformers' LlavaNext) initialise it
     elif name == "vision.conv1.weight":
         std = 1.0 / math.sqrt(math.prod(shape[1:]))  # fan-in scaling, as nn.Conv2d's default
     generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
