@@ -1,5 +1,6 @@
 """What an export promises beyond the weights: the same loss as megavictor's, the tokenizer it was trained with, and
-a model that runs where megavictor is not installed, with the newest transformers 5 and with 4.57.
+a model that runs where megavictor is not installed, with the newest transformers 5 and with 4.57; LLaVA-NeXT (anyres)
+through `convert` both ways.
 
 Tiny random models built here; nothing downloaded. The clean venvs (`tests.hf_clean_venvs`) are built by `.ci/run`.
 """
@@ -23,7 +24,12 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessor,
+    LlavaNextProcessor,
     LlavaProcessor,
+    MistralConfig,
 )
 
 from megavictor.checkpoint import resolve
@@ -46,7 +52,19 @@ from megavictor.model.reference import ReferenceVLM
 from megavictor.vqa import Question, hf_prompt
 from tests import hf_clean_venvs
 from tests.fixtures import tiny_config
-from tests.hf_fixtures import CLIP_LAYERS, PROMPTS, image, png, randomise
+from tests.hf_fixtures import (
+    ANYRES,
+    ANYRES_PINPOINTS,
+    CLIP_LAYERS,
+    PROMPTS,
+    anyres_pictures,
+    check_next_export,
+    image,
+    next_text,
+    png,
+    randomise,
+    save_llava_next,
+)
 from tests.runs import ROOT
 
 
@@ -205,14 +223,20 @@ def test_victor_export_without_registers_loads_every_weight(tiny_llava: Path, tm
     assert not any(info.values()), info
 
 
-@pytest.mark.parametrize("version", hf_clean_venvs.TRANSFORMERS)
-def test_export_runs_in_a_clean_venv(version: str, victor_from_llava: Path, tmp_path: Path) -> None:
-    """Processor, `generate` and `labels=` loss in a venv with only torch + transformers `version`: the same ids,
-    tokens and loss as here."""
+def clean_python(version: str) -> Path:
+    """The clean venv's python for transformers `version`; the test skips, saying how to build it, without one."""
     python = hf_clean_venvs.ready(version)
     if python is None:
         pytest.skip(f"no clean venv with transformers {version} under {hf_clean_venvs.cache_dir()}: build it with "
                     "`python -m tests.hf_clean_venvs` (.ci/run does)")
+    return python
+
+
+@pytest.mark.parametrize("version", hf_clean_venvs.TRANSFORMERS)
+def test_export_runs_in_a_clean_venv(version: str, victor_from_llava: Path, tmp_path: Path) -> None:
+    """Processor, `generate` and `labels=` loss in a venv with only torch + transformers `version`: the same ids,
+    tokens and loss as here."""
+    python = clean_python(version)
     picture = tmp_path / "image.png"
     picture.write_bytes(png(image(12)))
     model = AutoModelForImageTextToText.from_pretrained(victor_from_llava, trust_remote_code=True).eval()
@@ -242,3 +266,119 @@ def test_chat_template_renders_the_training_prompt(victor_from_llava: Path) -> N
     assert processor.apply_chat_template([user, assistant]) == text
     question = Question("k", "", Sample([], [], []), "a seven", text[:spans[0][0]].rstrip(" "), turns[0]["value"], [])
     assert hf_prompt(processor, question) == question.prompt_text
+
+
+# --------------------------------------------------------------------------- LLaVA-NeXT (anyres)
+
+
+def test_llava_next_through_convert_keeps_every_tensor(sources: dict[str, Path], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A LLaVA-NeXT in llava-hf v1.6's layout (legacy names, a top-level `image_newline`; tokenizer and processor)
+    -> `convert from-hf --llava` -> `convert to-hf`: a stock LLaVA-NeXT with the source's grids and every tensor of
+    the source bit for bit, whose processor gives the source processor's ids and pixels and whose logits are the
+    source's."""
+    monkeypatch.chdir(ROOT)
+    source_dir = tmp_path / "next"
+    tokenizer = AutoTokenizer.from_pretrained(str(sources["llm"]))
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=176, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, rope_theta=5000.0, max_position_embeddings=4096,
+                       tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id)
+    source = save_llava_next(source_dir, text, image_id, seed=5)
+    images = LlavaNextImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                     image_grid_pinpoints=ANYRES_PINPOINTS)
+    LlavaNextProcessor(images, tokenizer, patch_size=8, vision_feature_select_strategy="default",
+                       num_additional_image_tokens=1).save_pretrained(source_dir)
+    assert convert("from-hf", "--llava", source_dir, "--out", tmp_path / "ckpt", "log.wandb=false",
+                   "victor.enabled=false") == 0
+    assert convert("to-hf", "--checkpoint", tmp_path / "ckpt", "--out", tmp_path / "hf") == 0
+
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architectures"] == ["LlavaNextForConditionalGeneration"]
+    assert config["image_grid_pinpoints"] == ANYRES_PINPOINTS and config["vision_feature_layer"] == -2
+    exported = read_safetensors(tmp_path / "hf")
+    original = {current_llava_name(n): t for n, t in read_safetensors(source_dir).items()}
+    assert "model.image_newline" in original and exported.keys() == original.keys()
+    assert all(torch.equal(exported[name], tensor) for name, tensor in original.items())
+
+    model, info = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not any(info.values()), info
+    pictures = anyres_pictures(50)
+    prompt = "USER: <image> and <image> and <image>\nwhich one is bigger ? ASSISTANT:"
+    inputs = AutoProcessor.from_pretrained(tmp_path / "hf")(images=pictures, text=prompt, return_tensors="pt")
+    expected = AutoProcessor.from_pretrained(source_dir)(images=pictures, text=prompt, return_tensors="pt")
+    assert all(torch.equal(inputs[key], expected[key]) for key in ("input_ids", "pixel_values", "image_sizes"))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(**inputs).logits, source(**inputs).logits, atol=1e-5, rtol=0)
+
+
+def test_from_hf_refuses_a_mistral_sliding_window_with_one_line(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    """A window shorter than the context changes attention past it, which megavictor does not implement: the
+    config alone is refused, before any weight is read."""
+    text = MistralConfig(vocab_size=64, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         sliding_window=1024)
+    vision = CLIPVisionConfig(hidden_size=48, intermediate_size=192, num_hidden_layers=CLIP_LAYERS,
+                              num_attention_heads=4, image_size=32, patch_size=8)
+    LlavaNextConfig(text_config=text, vision_config=vision, image_grid_pinpoints=ANYRES_PINPOINTS).save_pretrained(
+        tmp_path / "next")
+    assert convert("from-hf", "--llava", tmp_path / "next", "--out", tmp_path / "ckpt") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sliding_window=1024" in err[0] and "max_position_embeddings=4096" in err[0], err
+    assert not (tmp_path / "ckpt").exists()
+
+
+NEXT_VENV_SCRIPT = """
+import importlib.util, sys, torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+assert importlib.util.find_spec("megavictor") is None, "megavictor must not be importable here"
+model_dir, text, out, *images = sys.argv[1:]
+model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+processor = AutoProcessor.from_pretrained(model_dir)
+inputs = processor(images=[Image.open(path) for path in images], text=text, return_tensors="pt")
+with torch.no_grad():
+    logits = model(**inputs).logits
+torch.save({**{key: inputs[key] for key in ("input_ids", "pixel_values", "image_sizes")}, "logits": logits}, out)
+print(type(model).__name__)
+"""
+
+
+@pytest.fixture(scope="module")
+def next_from_llava(tiny_llava: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The stock LLaVA-1.5 at `tiny_llava` imported into an anyres baseline (`image_newline` fresh) and exported
+    with its tokenizer and conventions, and the ReferenceVLM twin of what was exported."""
+    sections, state = from_hf_llava(tiny_llava)
+    cfg = config_from_sections(sections, None, ["log.wandb=false", "victor.enabled=false", *ANYRES])
+    state = complete_state(cfg, state)
+    config, tail = source_of(llava_dir=tiny_llava)
+    out = to_hf(cfg, state, tmp_path_factory.mktemp("next_from_llava"), tokenizer_dir=tiny_llava, source=config,
+                vision_tail=tail)
+    reference = ReferenceVLM(cfg).eval()
+    reference.load_state_dict(state)
+    return {"cfg": cfg, "dir": out, "reference": reference}
+
+
+# A stock export has no code of its own, so the transformers here (5.25) runs it as a clean venv's would.
+@pytest.mark.parametrize("version", [v for v in hf_clean_venvs.TRANSFORMERS if v != "5.25.0"])
+def test_next_export_runs_in_a_clean_venv(version: str, next_from_llava: dict, tmp_path: Path) -> None:
+    """The stock LLaVA-NeXT export's processor and model in a venv with only torch + transformers `version`:
+    training's ids, pixels and sizes, and ReferenceVLM's logits (`check_next_export`, 1e-5)."""
+    python = clean_python(version)
+    pictures = anyres_pictures(60)
+    paths = [tmp_path / f"image{i}.png" for i in range(len(pictures))]
+    for path, picture in zip(paths, pictures):
+        path.write_bytes(png(picture))
+    model_dir = next_from_llava["dir"]
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    run = subprocess.run([str(python), "-c", NEXT_VENV_SCRIPT, str(model_dir), next_text(tokenizer),
+                          str(tmp_path / "out.pt"), *map(str, paths)],
+                         cwd=tmp_path, env=hf_clean_venvs.clean_env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["LlavaNextForConditionalGeneration"]
+    outputs = torch.load(tmp_path / "out.pt")
+    image_id = json.loads((model_dir / "config.json").read_text())["image_token_index"]
+    check_next_export(next_from_llava["cfg"], next_from_llava["reference"], tokenizer, pictures, outputs, image_id)

@@ -1,4 +1,5 @@
-"""HF interop: HF checkpoints <-> megavictor's full state, and the exported (Victor) LLaVA against ReferenceVLM.
+"""HF interop: HF checkpoints <-> megavictor's full state, and the exported (Victor) LLaVA and stock LLaVA-NeXT against
+ReferenceVLM.
 
 Everything is built at tiny size with random weights (`tests.hf_fixtures`); nothing is downloaded.
 """
@@ -10,14 +11,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    LlamaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
+    MistralConfig,
+)
 
 from megavictor.config import Config
-from megavictor.data.collate import IMAGE_PLACEHOLDER, Sample, collate_rows, expand_sample
+from megavictor.data.collate import IMAGE_PLACEHOLDER, Sample, expand_sample
 from megavictor.data.images import load_image
 from megavictor.data.tokenizer import ChatTokenizer, render
 from megavictor.hf.convert import (
     REMOTE_CODE,
+    ConversionError,
     complete_state,
     config_from_sections,
     from_hf,
@@ -27,22 +37,34 @@ from megavictor.hf.convert import (
 )
 from megavictor.model.batch import KIND_REGISTER, KIND_TEXT, KIND_VISUAL
 from megavictor.model.reference import ReferenceVLM
+from megavictor.model.weight_init import initialize
 from tests.hf_fixtures import (
+    ANYRES,
+    ANYRES_PINPOINTS,
     CLIP_LAYERS,
     PROMPTS,
+    anyres_pictures,
+    anyres_sample,
     assert_keeps_source_tensors,
+    check_next_export,
     generate,
     generated_tokens,
     image,
+    next_inputs,
+    next_text,
     png,
+    reference_logits,
+    save_llava_next,
     to_sample,
 )
 
-def imported(sources: dict[str, Path], victor: bool) -> tuple[Config, dict[str, torch.Tensor]]:
+
+def imported(sources: dict[str, Path], victor: bool, overrides: tuple[str, ...] = ()
+             ) -> tuple[Config, dict[str, torch.Tensor]]:
     """from_hf + complete_state, with the fresh projector and registers scaled up so they matter."""
     sections, state = from_hf(sources["llm"], sources["clip"])
     cfg = config_from_sections(sections, None, ["data.seq_length=256", "log.wandb=false",
-                                                f"victor.enabled={str(victor).lower()}"])
+                                                f"victor.enabled={str(victor).lower()}", *overrides])
     state = complete_state(cfg, state)
     g = torch.Generator().manual_seed(2)
     for name in state:
@@ -63,13 +85,6 @@ def victor(sources: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
             "processor": AutoProcessor.from_pretrained(out, trust_remote_code=True)}
 
 
-def reference_logits(ref: ReferenceVLM, sample: Sample) -> torch.Tensor:
-    cfg = ref.cfg
-    laid = expand_sample(sample, cfg.vision.num_visual_tokens, cfg.victor.registers_per_image)
-    with torch.no_grad():
-        return ref(collate_rows([[laid]], len(laid)), return_logits=True)[0]
-
-
 def reference_greedy(ref: ReferenceVLM, sample: Sample, steps: int, eos: int) -> tuple[list[int], torch.Tensor]:
     """Greedy decoding without a cache (the whole sequence again at every step): tokens and each step's logits."""
     generated: list[int] = []
@@ -86,14 +101,17 @@ def reference_greedy(ref: ReferenceVLM, sample: Sample, steps: int, eos: int) ->
 # --------------------------------------------------------------------------- conversion
 
 
-@pytest.mark.parametrize("victor_on", [False, True], ids=["baseline", "victor"])
-def test_round_trip_is_bit_exact(sources: dict[str, Path], tmp_path: Path, victor_on: bool) -> None:
-    """HF -> full state -> HF keeps every tensor megavictor uses; HF -> full state is recovered exactly."""
-    cfg, state = imported(sources, victor=victor_on)
+@pytest.mark.parametrize("victor_on, anyres", [(False, False), (True, False), (False, True)],
+                         ids=["baseline", "victor", "next"])
+def test_round_trip_is_bit_exact(sources: dict[str, Path], tmp_path: Path, victor_on: bool, anyres: bool) -> None:
+    """HF -> full state -> HF keeps every tensor megavictor uses; HF -> full state is recovered exactly (with anyres
+    images as a stock LLaVA-NeXT, `image_newline` and the grids included)."""
+    cfg, state = imported(sources, victor=victor_on, overrides=ANYRES if anyres else ())
     out = to_hf(cfg, state, tmp_path / "export", max_shard_size="200KB")  # no tokenizer: tokens after the vocab
     assert (out / "model.safetensors.index.json").exists()
     exported = read_safetensors(out)
     assert_keeps_source_tensors(exported, sources, victor_on)
+    assert ("model.image_newline" in exported) == anyres
 
     sections, back = from_hf_llava(out)
     assert back.keys() == state.keys()
@@ -103,6 +121,8 @@ def test_round_trip_is_bit_exact(sources: dict[str, Path], tmp_path: Path, victo
         assert torch.equal(back[name], expected), name
     assert sections["vision"]["num_layers"] == CLIP_LAYERS - 1
     assert ("victor" in sections) == victor_on
+    assert sections["vision"].get("image_grid_pinpoints") == (ANYRES_PINPOINTS if anyres else None)
+    assert sections.get("data") == ({"image_aspect_ratio": "anyres"} if anyres else None)
 
 
 def test_complete_state_rejects_a_config_the_weights_do_not_fit(sources: dict[str, Path]) -> None:
@@ -137,6 +157,72 @@ def test_baseline_matches_stock_llava(sources: dict[str, Path], tmp_path: Path) 
     inputs = processor(images=[image(3)], text=PROMPTS["one"], return_tensors="pt")
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == cfg.vision.num_visual_tokens
     assert model.generate(**inputs, max_new_tokens=4, do_sample=False).shape[1] > inputs["input_ids"].shape[1]
+
+
+# --------------------------------------------------------------------------- LLaVA-NeXT (anyres)
+
+
+def test_next_baseline_matches_reference(sources: dict[str, Path], tmp_path: Path) -> None:
+    """An anyres baseline imported from LLM + CLIP (its `image_newline` fresh, as a run from scratch starts it) ->
+    stock `LlavaNextForConditionalGeneration` + `LlavaNextProcessor`, every weight loaded: for images of three grids
+    the processor gives training's ids, pixels and sizes, and the model ReferenceVLM's logits (`check_next_export`,
+    1e-5); `generate` runs on the processor's output."""
+    cfg, state = imported(sources, victor=False, overrides=ANYRES)
+    fresh = ReferenceVLM(cfg)
+    initialize(fresh, cfg.model.init_method_std, cfg.model.num_layers, seed=0)
+    assert torch.equal(state["image_newline"], fresh.image_newline.detach())
+    out = to_hf(cfg, state, tmp_path / "export", tokenizer_dir=sources["llm"])
+    model, info = LlavaNextForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    processor = AutoProcessor.from_pretrained(out)
+    assert isinstance(processor, LlavaNextProcessor)
+    reference = ReferenceVLM(cfg).eval()
+    reference.load_state_dict(state)
+
+    pictures = anyres_pictures(20)
+    inputs = processor(images=pictures, text=next_text(processor.tokenizer), return_tensors="pt")
+    with torch.no_grad():
+        logits = model.eval()(**inputs).logits
+    check_next_export(cfg, reference, processor.tokenizer, pictures, {**inputs, "logits": logits},
+                      model.config.image_token_id)
+    inputs = processor(images=pictures[:1], text=PROMPTS["one"], return_tensors="pt")
+    assert model.generate(**inputs, max_new_tokens=4, do_sample=False).shape[1] > inputs["input_ids"].shape[1]
+
+
+# A tiny decoder for the LLaVA-NeXT sources; Mistral's window is set, as long as the context (so it is accepted).
+NEXT_TEXT = dict(vocab_size=520, hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, rope_theta=5000.0, max_position_embeddings=4096, tie_word_embeddings=False)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_from_hf_llava_next_computes_its_logits(family: str, tmp_path: Path) -> None:
+    """A LLaVA-NeXT in llava-hf v1.6's layout (legacy names, a top-level `image_newline`) -> `from_hf_llava`: an
+    anyres config with the source's grids, and ReferenceVLM on the imported weights gives the source's logits on
+    `load_anyres` views of three grids (1e-5)."""
+    image_id = NEXT_TEXT["vocab_size"] - 1
+    text = LlamaConfig(**NEXT_TEXT) if family == "llama" else MistralConfig(sliding_window=4096, **NEXT_TEXT)
+    source = save_llava_next(tmp_path, text, image_id, seed=4)
+    sections, state = from_hf_llava(tmp_path)
+    assert sections["vision"]["image_grid_pinpoints"] == ANYRES_PINPOINTS
+    assert sections["data"] == {"image_aspect_ratio": "anyres"}
+    cfg = config_from_sections(sections, None, ["log.wandb=false", "victor.enabled=false"])
+    assert torch.equal(state["image_newline"], source.model.image_newline.detach())
+    reference = ReferenceVLM(cfg).eval()
+    reference.load_state_dict(complete_state(cfg, state))
+    tokens = [1, 5, IMAGE_PLACEHOLDER, 6, 7, IMAGE_PLACEHOLDER, 8, 9, IMAGE_PLACEHOLDER, 10, 11]
+    sample = anyres_sample(cfg.vision.anyres(), tokens, anyres_pictures(30))
+    with torch.no_grad():
+        logits = source(**next_inputs(sample, image_id)).logits[0]
+    difference = float((logits - reference_logits(reference, sample)).abs().max())
+    assert difference <= 1e-5, difference
+
+
+def test_victor_next_export_is_refused_with_one_line(sources: dict[str, Path], tmp_path: Path) -> None:
+    cfg, state = imported(sources, victor=True, overrides=ANYRES)
+    with pytest.raises(ConversionError) as caught:
+        to_hf(cfg, state, tmp_path / "export")
+    assert "\n" not in str(caught.value) and "victor.enabled=false" in str(caught.value)
+    assert not (tmp_path / "export").exists()
 
 
 # --------------------------------------------------------------------------- the exported Victor model

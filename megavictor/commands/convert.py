@@ -28,7 +28,8 @@ def parser() -> argparse.ArgumentParser:
     imp = sub.add_parser("from-hf", help="HF LLM + CLIP (or a LLaVA dir) -> megatron checkpoint")
     imp.add_argument("--llm", help="Llama, Mistral or Qwen2 causal LM dir (safetensors), with its tokenizer")
     imp.add_argument("--vision", help="CLIP or CLIPVisionModel dir; LLaVA's feature layer (-2) is kept")
-    imp.add_argument("--llava", help="LlavaForConditionalGeneration or exported Victor LLaVA dir (instead of the two)")
+    imp.add_argument("--llava", help="llava-hf LLaVA-1.5 / LLaVA-NeXT or exported Victor LLaVA dir (instead of the "
+                     "two)")
     imp.add_argument("--out", required=True, help="megatron checkpoint dir to write")
     imp.add_argument("--tp", type=int, help="tensor-parallel size to shard for (default: the config's)")
     imp.add_argument("--pp", type=int, help="pipeline-parallel size to shard for (default: the config's)")
@@ -118,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         write_into(out, args.force, lambda tmp: to_hf(cfg, state, tmp, tokenizer_dir=tokenizer,
                                                      max_shard_size=args.max_shard_size, source=source.config,
                                                      vision_tail=source.vision_tail))
-        print(f"wrote {out} ({'Victor LLaVA, trust_remote_code' if cfg.victor.enabled else 'stock LLaVA'})")
+        kind = "Victor LLaVA, trust_remote_code" if cfg.victor.enabled else \
+            f"stock LLaVA{'-NeXT' if cfg.vision.anyres() else ''}"
+        print(f"wrote {out} ({kind})")
     return 0
 
 

@@ -13,6 +13,9 @@ exactly megavictor's layers and `vision_feature_layer=-1` (`post_layernorm`, unu
 so the checkpoint is complete).
 
 The LLM may be a Llama (Vicuna, Llama 3 with its RoPE scaling), Mistral or Qwen2 (QKV biases) model.
+
+With anyres images (`vision.image_grid_pinpoints`) the model is LLaVA-NeXT's: the same table plus `image_newline`,
+a `LlavaNextConfig` with the grids, and `LlavaNextImageProcessor`, which tiles as `megavictor.data.images.load_anyres`.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ from transformers import (
     CLIPVisionConfig,
     GenerationConfig,
     LlavaConfig,
+    LlavaNextConfig,
+    LlavaNextImageProcessor,
+    LlavaNextProcessor,
     LlavaProcessor,
     PretrainedConfig,
     PreTrainedTokenizerBase,
@@ -58,6 +64,7 @@ from megavictor.errors import UserError
 from megavictor.hf_model.configuration_victor_llava import VictorLlavaConfig
 from megavictor.hf_model.processing_victor_llava import VictorLlavaProcessor
 from megavictor.model.reference import check_full_state, full_shapes
+from megavictor.model.weight_init import initial_value
 
 Tensor = torch.Tensor
 IMAGE_TOKEN = "<image>"
@@ -152,10 +159,12 @@ def _vision_params(v: VisionConfig, prefix: str) -> list[_Param]:
 
 
 def _llava_params(m: ModelConfig, v: VisionConfig, registers: bool) -> list[_Param]:
-    """The table for a (Victor) LLaVA checkpoint in transformers' current naming."""
+    """The table for a (Victor) LLaVA checkpoint in transformers' current naming; with anyres grids, LLaVA-NeXT's,
+    which adds the learned end of each grid row (`image_newline`)."""
     params = _llm_params(m, LLAVA_LM, LLAVA_HEAD) + _vision_params(v, LLAVA_VISION)
     params += [_copy(f"projector.encoder.linear_fc{i}.{p}", f"model.multi_modal_projector.linear_{i}.{p}")
                for i in (1, 2) for p in ("weight", "bias")]
+    params += [_copy("image_newline", "model.image_newline")] if v.anyres() else []
     return params + ([_copy("registers", "model.registers")] if registers else [])
 
 
@@ -247,6 +256,12 @@ def _model_section(tc: PretrainedConfig) -> dict:
     _require(not getattr(tc, "attention_bias", False) and not getattr(tc, "mlp_bias", False),
              "LLM biases (attention_bias/mlp_bias) are not supported")
     _require(not getattr(tc, "use_sliding_window", False), "LLM use_sliding_window=true is not supported")
+    # Mistral has no switch: a window shorter than the context changes attention past it (Qwen2's needs the flag).
+    window = getattr(tc, "sliding_window", None) if tc.model_type == "mistral" else None
+    _require(window is None or window >= tc.max_position_embeddings,
+             f"the Mistral LLM's sliding_window={window} is shorter than its max_position_embeddings="
+             f"{tc.max_position_embeddings}; sliding-window attention is not supported (megavictor attends to the "
+             "whole sequence)")
     _require(getattr(tc, "head_dim", None) in (None, tc.hidden_size // tc.num_attention_heads),
              f"LLM head_dim={getattr(tc, 'head_dim', None)} differs from hidden_size / num_attention_heads")
     base, scaling = _rope_of(tc)
@@ -363,16 +378,25 @@ def source_of(llm_dir: str | Path | None = None, vision_dir: str | Path | None =
                                 used)
 
 
-def _llava_config(llava_dir: str | Path) -> LlavaConfig:
+# The LLaVA configs `--llava` reads, by `model_type`.
+LLAVA_CONFIGS: dict[str, type[PretrainedConfig]] = {"llava": LlavaConfig, "llava_next": LlavaNextConfig,
+                                                     "victor_llava": VictorLlavaConfig}
+
+
+def _llava_config(llava_dir: str | Path) -> LlavaConfig | LlavaNextConfig:
     model_type = json.loads((Path(llava_dir) / "config.json").read_text())["model_type"]
-    return (VictorLlavaConfig if model_type == "victor_llava" else LlavaConfig).from_pretrained(llava_dir)
+    _require(model_type in LLAVA_CONFIGS, f"--llava {llava_dir} holds a {model_type!r} model; supported: "
+                                          f"{', '.join(LLAVA_CONFIGS)}")
+    return LLAVA_CONFIGS[model_type].from_pretrained(llava_dir)
 
 
 def from_hf_llava(llava_dir: str | Path) -> tuple[dict, dict[str, Tensor]]:
-    """A `LlavaForConditionalGeneration` (or exported Victor LLaVA) dir -> (config sections, full state).
+    """A `LlavaForConditionalGeneration`, `LlavaNextForConditionalGeneration` (llava-hf v1.6) or exported Victor
+    LLaVA dir -> (config sections, full state).
 
     A Victor export brings its registers and a `victor:` section; a stock LLaVA has none (`complete_state`
-    initialises them).
+    initialises them). A LLaVA-NeXT brings its grids and `image_newline`: `vision.image_grid_pinpoints` and
+    `data.image_aspect_ratio: anyres`.
     """
     hf_config_dict(llava_dir, "--llava", ("model_type", "text_config", "vision_config"))
     hf_config_dict(llava_dir, "--llava", LLM_CONFIG_KEYS, "text_config")
@@ -387,16 +411,20 @@ def from_hf_llava(llava_dir: str | Path) -> tuple[dict, dict[str, Tensor]]:
     if victor:
         sections["victor"] = {"enabled": True, "num_registers": config.num_registers,
                               "drop_layer": config.drop_layer}
+    if isinstance(config, LlavaNextConfig):
+        sections["vision"]["image_grid_pinpoints"] = [list(pin) for pin in config.image_grid_pinpoints]
+        sections["data"] = {"image_aspect_ratio": str(ImageAspectRatio.ANYRES)}
     tensors = {current_llava_name(name): t for name, t in read_safetensors(llava_dir).items()}
     params = _llava_params(ModelConfig(**sections["model"]), VisionConfig(**sections["vision"]),
                            victor and config.num_registers > 0)
     return sections, _gather(params, tensors, f"--llava {llava_dir}", _full_shapes(sections))
 
 
-# Older llava-hf checkpoints name tensors `language_model.model.*`: transformers' own renaming (4.5x's
-# `_checkpoint_conversion_mapping`; 5.x moved it into its weight-conversion machinery).
+# Older llava-hf checkpoints (all of v1.6's LLaVA-NeXT) name tensors `language_model.model.*`: transformers' own
+# renaming (4.5x's `_checkpoint_conversion_mapping`; 5.x moved it into its weight-conversion machinery).
 LEGACY_LLAVA_NAMES = {r"^language_model.model": "model.language_model", r"^vision_tower": "model.vision_tower",
-                      r"^multi_modal_projector": "model.multi_modal_projector", r"^language_model.lm_head": "lm_head"}
+                      r"^multi_modal_projector": "model.multi_modal_projector", r"^language_model.lm_head": "lm_head",
+                      r"^image_newline": "model.image_newline"}
 
 
 def clip_name(name: str) -> str:
@@ -416,17 +444,22 @@ def current_llava_name(name: str) -> str:
 
 
 def complete_state(cfg: Config, state: dict[str, Tensor], seed: int = 0) -> dict[str, Tensor]:
-    """Add what an HF checkpoint cannot hold for `cfg` (projector, registers: N(0, init_method_std), zero biases),
-    drop registers the config has none for, then `check_full_state`."""
+    """Add what an HF checkpoint cannot hold for `cfg` (projector, registers: N(0, init_method_std), zero biases;
+    anyres's `image_newline` for a LLaVA-1.5 or LLM + CLIP source: as training initialises it, std 1/sqrt(H)), drop
+    registers and the newline the config has none for, then `check_full_state`."""
     expected = full_shapes(cfg)
     dtype = state["embedding.word_embeddings.weight"].dtype
     generator = torch.Generator().manual_seed(seed)
-    out = {n: t for n, t in state.items() if n != "registers" or "registers" in expected}
+    out = {n: t for n, t in state.items() if n not in ("registers", "image_newline") or n in expected}
     for name, shape in expected.items():
-        if name in out or not (name == "registers" or name.startswith("projector.")):
+        if name in out or not (name in ("registers", "image_newline") or name.startswith("projector.")):
             continue
-        fresh = torch.zeros(shape) if name.endswith("bias") else \
-            torch.randn(shape, generator=generator) * cfg.model.init_method_std
+        if name == "image_newline":
+            fresh = initial_value(name, tuple(shape), cfg.model.init_method_std, cfg.model.num_layers, seed)
+        elif name.endswith("bias"):
+            fresh = torch.zeros(shape)
+        else:
+            fresh = torch.randn(shape, generator=generator) * cfg.model.init_method_std
         out[name] = fresh.to(dtype)
     try:
         check_full_state(cfg, out)
@@ -512,13 +545,17 @@ def _vision_config(cfg: Config, source: dict | None, faithful: bool) -> tuple[di
 
 
 def _hf_config(cfg: Config, vocab_size: int, token_ids: list[int], tokenizer: PreTrainedTokenizerBase | None,
-               dtype: torch.dtype, source: dict | None = None, faithful: bool = False) -> LlavaConfig:
+               dtype: torch.dtype, source: dict | None = None, faithful: bool = False
+               ) -> LlavaConfig | LlavaNextConfig:
     v, vi = cfg.vision, cfg.victor
     vision, feature_layer = _vision_config(cfg, source, faithful)
     common = {"vision_config": vision, "text_config": _text_config(cfg, vocab_size, tokenizer, source),
               "image_token_index": token_ids[0], "vision_feature_layer": feature_layer,
               "vision_feature_select_strategy": "default", "image_seq_length": v.num_visual_tokens,
               "projector_hidden_act": "gelu", "tie_word_embeddings": False, "dtype": dtype}
+    if not vi.enabled and v.anyres():
+        return LlavaNextConfig(architectures=["LlavaNextForConditionalGeneration"],
+                               image_grid_pinpoints=v.image_grid_pinpoints, **common)
     if not vi.enabled:
         return LlavaConfig(architectures=["LlavaForConditionalGeneration"], **common)
     config = VictorLlavaConfig(num_registers=vi.num_registers, drop_layer=vi.drop_layer,
@@ -571,13 +608,16 @@ def victor_hf_config(cfg: Config, dtype: torch.dtype = torch.float32) -> LlavaCo
     return _hf_config(cfg, cfg.model.vocab_size, _prepare_tokenizer(None, tokens, cfg.model.vocab_size), None, dtype)
 
 
-def image_processor(cfg: Config) -> CLIPImageProcessor | LlavaImageProcessor:
+def image_processor(cfg: Config) -> CLIPImageProcessor | LlavaImageProcessor | LlavaNextImageProcessor:
     """What megavictor's loader does (`megavictor.data.images.load_image`): RGB, then with
     `data.image_aspect_ratio: pad` (LLaVA-1.5) pad to square with the mean colour, or with `crop` shortest side to
-    image_size (bicubic) and centre crop; CLIP mean/std."""
+    image_size (bicubic) and centre crop; CLIP mean/std. With `anyres` (`load_anyres`), LLaVA-NeXT's base view and
+    grid tiles of image_size (its `do_pad` pads a batch's tile counts, not the images)."""
     size = cfg.vision.image_size
     common = dict(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, resample=3,
                   do_center_crop=True, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), do_convert_rgb=True)
+    if cfg.data.image_aspect_ratio == ImageAspectRatio.ANYRES:
+        return LlavaNextImageProcessor(image_grid_pinpoints=cfg.vision.image_grid_pinpoints, do_pad=True, **common)
     if cfg.data.image_aspect_ratio == ImageAspectRatio.PAD:
         return LlavaImageProcessor(do_pad=True, **common)
     return CLIPImageProcessor(**common)
@@ -631,15 +671,20 @@ def to_hf(cfg: Config, full_state: dict[str, Tensor], out_dir: str | Path, token
     `source` (the HF source's config, `source_of`) and `vision_tail` keep the source's conventions: its config
     fields (`max_position_embeddings`, ...) and, when they fit, its whole ViT with its `vision_feature_layer`.
 
-    A baseline (`victor.enabled=false`) becomes a stock `LlavaForConditionalGeneration`; its `<image>` token must
-    be embeddable, so when it lies past the vocabulary the embedding and output rows are padded with zeros (and the
-    token is suppressed in generation). A Victor model ships its remote code (`trust_remote_code=True`) and needs
-    no padding: its image and register ids are never looked up.
+    A baseline (`victor.enabled=false`) becomes a stock `LlavaForConditionalGeneration` (with anyres images
+    `LlavaNextForConditionalGeneration`); its `<image>` token must be embeddable, so when it lies past the
+    vocabulary the embedding and output rows are padded with zeros (and the token is suppressed in generation). A
+    Victor model ships its remote code (`trust_remote_code=True`) and needs no padding: its image and register ids
+    are never looked up.
     """
     check_full_state(cfg, full_state)
     vi = cfg.victor
     if vi.enabled and vi.mask != VictorMask.CAUSAL:
         raise ConversionError(f"victor.mask={vi.mask!r} has no HF implementation (only causal)")
+    if vi.enabled and cfg.vision.anyres():
+        raise ConversionError("a Victor model with anyres images (vision.image_grid_pinpoints) has no HF export yet "
+                              "(the Victor LLaVA-NeXT remote code is the next step of issue #31); export a "
+                              "victor.enabled=false checkpoint, or keep this one for megavictor")
     for key, value in (("peer.fastv_layer", cfg.peer.fastv_layer), ("peer.avg_pool_to", cfg.peer.avg_pool_to)):
         if value is not None:
             raise ConversionError(f"{key}={value} has no HF implementation (megatron engine and eval only)")
@@ -680,7 +725,7 @@ def to_hf(cfg: Config, full_state: dict[str, Tensor], out_dir: str | Path, token
                                              register_token=REGISTER_TOKEN, **llava)
             processor.auto_map = {"AutoProcessor": "processing_victor_llava.VictorLlavaProcessor"}
         else:
-            processor = LlavaProcessor(images, tokenizer, **llava)
+            processor = (LlavaNextProcessor if cfg.vision.anyres() else LlavaProcessor)(images, tokenizer, **llava)
         processor.save_pretrained(out)
     if vi.enabled:
         for name in REMOTE_CODE:
