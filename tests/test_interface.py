@@ -185,6 +185,7 @@ CONFIG_KEYS: dict[str, object] = {
     "vision.norm_epsilon": 1e-05,
     "vision.freeze": True,
     "vision.init_from": "vision.safetensors",
+    "vision.image_grid_pinpoints": [[32, 64], [64, 32]],
     "victor.enabled": True,
     "victor.num_registers": 8,
     "victor.drop_layer": 3,
@@ -263,6 +264,7 @@ CONFIG_KEYS: dict[str, object] = {
 CONFIG_COMPANIONS: dict[str, list[str]] = {
     "peer.fastv_layer": ["victor.enabled=false"],
     "peer.avg_pool_to": ["victor.drop_layer=0"],
+    "vision.image_grid_pinpoints": ["data.image_aspect_ratio=anyres"],
 }
 
 
