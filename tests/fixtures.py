@@ -35,8 +35,35 @@ def samples(seed: int = 0) -> dict[str, Sample]:
     }
 
 
+# LLaVA-NeXT's grids at the tiny ViT's 32-px tiles; `ANYRES` turns them on for `tiny_config` (rows of 256 slots).
+TEST_PINPOINTS = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]
+ANYRES = [f"vision.image_grid_pinpoints={TEST_PINPOINTS}", "data.image_aspect_ratio=anyres", "data.seq_length=256"]
+
+
+def anyres_samples(cfg: Config, seed: int = 0) -> dict[str, Sample]:
+    """`samples()`' structures with anyres images of different grids: one_image 90x25 (3x1 tiles, 76 visual
+    tokens), two_images 20x60 (1x2, 34) and 40x40 (2x2, 88), and another_image 30x50 (1x2, 44)."""
+    spec = cfg.vision.anyres()
+    fixed, g = samples(seed), torch.Generator().manual_seed(seed + 1)
+
+    def with_images(sample: Sample, sizes: list[tuple[int, int]]) -> Sample:
+        layouts = [spec.layout(h, w) for h, w in sizes]
+        views = [torch.randn(layout.tiles, 3, spec.tile, spec.tile, generator=g) for layout in layouts]
+        return Sample(sample.tokens, sample.trainable, views, sizes, [layout.tokens for layout in layouts])
+
+    return {"one_image": with_images(fixed["one_image"], [(90, 25)]), "text_only": fixed["text_only"],
+            "two_images": with_images(fixed["two_images"], [(20, 60), (40, 40)]),
+            "another_image": with_images(fixed["one_image"], [(30, 50)])}
+
+
 def packed_batches(cfg: Config) -> list[VictorBatch]:
-    """Two micro-batches of packed samples with different image counts (so the short lengths differ)."""
+    """Two micro-batches of packed samples with different image counts (so the short lengths differ); anyres
+    images of different grids when `cfg` has them on."""
+    if cfg.vision.anyres():
+        s, r = anyres_samples(cfg), cfg.victor.registers_per_image
+        lay = lambda name: expand_sample(s[name], 0, r)  # noqa: E731  (each image brings its own count)
+        return [collate_rows([[lay("one_image"), lay("text_only"), lay("two_images")]], cfg.data.seq_length),
+                collate_rows([[lay("text_only"), lay("another_image")]], cfg.data.seq_length)]
     s = samples()
     v, r = cfg.vision.num_visual_tokens, cfg.victor.registers_per_image
     lay = lambda name: expand_sample(s[name], v, r)  # noqa: E731

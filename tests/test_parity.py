@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.fixtures import packed_batches, tiny_config
+from tests.fixtures import ANYRES, packed_batches, tiny_config
 from tests.spawn import run_ranks
 
 REL_TOL = 1e-5
@@ -121,21 +121,25 @@ FULL = ["train.recompute=full"]
                                         ["victor.mask=text_blind"], ["train.llava_stage=1"],
                                         ["model.num_query_groups=2"], ["train.recompute=selective"],
                                         ["victor.enabled=false", "peer.fastv_layer=2"],
-                                        ["victor.num_registers=4", "victor.drop_layer=0", "peer.avg_pool_to=4"]],
+                                        ["victor.num_registers=4", "victor.drop_layer=0", "peer.avg_pool_to=4"],
+                                        ANYRES, [*ANYRES, "victor.enabled=false"]],
                  id="tp2"),
     # With the even split [2, 2]: k=1 inside stage 0, k=2 at the boundary, k=3 inside stage 1.
     pytest.param(SP, 2, [["victor.drop_layer=3"], ["victor.enabled=false"], ["victor.mask=text_blind"],
-                         ["train.llava_stage=1"], ["victor.drop_layer=1", *FULL]], id="tp2-sp"),
+                         ["train.llava_stage=1"], ["victor.drop_layer=1", *FULL], [*ANYRES, "train.llava_stage=1"]],
+                 id="tp2-sp"),
     # Static pipeline shapes: both micro-batches drop to the bucket 112 (they need 80 and 112 slots).
     pytest.param(["parallel.pp=2"], 2, VICTOR_K + [["victor.drop_layer=2", "parallel.pipeline_length_buckets=[96,112]"],
-                                                   ["victor.drop_layer=1", "parallel.pipeline_length_buckets=[120]"]],
+                                                   ["victor.drop_layer=1", "parallel.pipeline_length_buckets=[120]"],
+                                                   [*ANYRES, "victor.drop_layer=2"]],
                  id="pp2"),
     # tp x pp in one launch of 4 ranks: with sequence parallelism, without it (every tensor-parallel rank sends the
     # whole short sequence), and full recompute (uniform and block); k inside stage 0, at the boundary and inside
     # stage 1 of the even split [2, 2].
     pytest.param([*SP, "parallel.pp=2"], 4, VICTOR_K + [[*k, "parallel.sequence_parallel=false"] for k in VICTOR_K] + [
         ["victor.drop_layer=1", *FULL], ["victor.drop_layer=2", *FULL, "train.recompute_method=block"],
-        ["victor.drop_layer=3", *FULL, "train.recompute_num_layers=2"]], id="tp2xpp2-sp-recompute"),
+        ["victor.drop_layer=3", *FULL, "train.recompute_num_layers=2"], [*ANYRES, "victor.drop_layer=1"]],
+                 id="tp2xpp2-sp-recompute"),
     # 6 layers with short text: balanced picks [2, 4] for k=2 (boundary) and k=3 (inside stage 1).
     pytest.param(["parallel.pp=2", "parallel.pp_split=balanced", "model.num_layers=6", "data.text_length=8"], 2,
                  VICTOR_K, id="pp2-balanced"),
