@@ -1,5 +1,5 @@
 """`megavictor split` (formerly `megavictor plan`, still accepted): per-stage layer counts and costs for even and
-balanced splits."""
+balanced splits, for one typical sample or a data set's moments (anyres)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from megavictor.config import load_config
-from megavictor.model.pipeline_split import balanced_split, even_split, stage_costs
+from megavictor.model.pipeline_split import SampleShape, balanced_split, even_split, stage_costs
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAVA = str(ROOT / "configs" / "llava15_7b.yaml")
@@ -52,3 +54,33 @@ def test_without_victor_balanced_is_near_even() -> None:
     assert even_split(32, 4) == [8, 8, 8, 8]
     # Only the ViT on stage 0 and the output layer on the last stage make it uneven.
     assert abs(balanced_split(cfg, 4)[1] - 8) <= 2
+
+
+NEXT = str(ROOT / "configs" / "llava_next_7b.yaml")
+
+
+def test_a_data_sets_moments_give_each_stage_its_mean_cost_exactly() -> None:
+    """The cost model over a mix of samples (anyres grids, text-only, several images) equals the mean of each
+    sample's own cost, whose attention is quadratic in its length: moments, not a typical sample."""
+    cfg = load_config(NEXT, ["parallel.pp=4"])
+    # (visual, registers, text, views) per sample: a 2x2 grid, a 1x2 grid, text only, two images.
+    samples = [(2928, 8, 100, 5), (1488, 8, 40, 3), (0, 0, 700, 0), (2928 + 1488, 16, 60, 8)]
+    shape = SampleShape.of_samples(*zip(*samples))
+    layers = [2, 6, 12, 12]
+    one_by_one = [stage_costs(cfg, layers, SampleShape.typical(*s)) for s in samples]
+    expected = [sum(costs) / len(samples) for costs in zip(*one_by_one)]
+    assert stage_costs(cfg, layers, shape) == pytest.approx(expected, rel=1e-12)
+    # The mean length alone would under-count attention (E[s^2] > E[s]^2 when lengths vary).
+    flat = SampleShape.typical(round(shape.visual), round(shape.registers), round(shape.text), round(shape.views))
+    assert stage_costs(cfg, layers, flat)[0] < 0.98 * expected[0]
+
+
+def test_anyres_moves_the_balanced_boundary() -> None:
+    """LLaVA-NeXT's images (up to 2928 visual tokens) make layers < k heavier still than LLaVA-1.5's 576, so the
+    balanced split gives the first stage fewer layers; a data set of small grids gives it more."""
+    next_split = balanced_split(load_config(NEXT, ["parallel.pp=4"]), 4)
+    llava_split = balanced_split(load_config(LLAVA, ["parallel.pp=4"]), 4)
+    assert next_split[0] < llava_split[0] and sum(next_split) == 32
+    cfg = load_config(NEXT, ["parallel.pp=4"])
+    small = SampleShape.of_samples([0, 0, 0, 0, 0, 0, 0, 1000], [0] * 7 + [8], [300] * 8, [0] * 7 + [3])
+    assert balanced_split(cfg, 4, small)[0] > next_split[0]

@@ -21,8 +21,9 @@ def main(argv: list[str]) -> int:
     cfg = load_config(args.config, overrides)
     report = split_report(cfg)
     shape = sample_shape(cfg)
-    print(f"{cfg.model.num_layers} layers on {cfg.parallel.pp} stages; per sample {shape.visual} visual + "
-          f"{shape.registers} registers + {shape.text} text slots; victor "
+    print(f"{cfg.model.num_layers} layers on {cfg.parallel.pp} stages; per sample {shape.visual:g} visual + "
+          f"{shape.registers:g} registers + {shape.text:g} text slots"
+          f"{' (anyres: the largest grid)' if cfg.vision.anyres() else ''}; victor "
           f"{'on, drop at layer ' + str(cfg.victor.drop_layer) if cfg.victor.enabled else 'off'}")
     print("stage cost is relative to the mean stage cost of the even split")
     for name in ("even", "balanced"):

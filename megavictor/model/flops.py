@@ -13,12 +13,13 @@ from megavictor.model.peers import removed_visual, shortened_from
 TRAIN_FACTOR = 3.0  # forward + backward ~ 3 forwards
 
 
-def transformer_layer_flops(seq: int, hidden: int, ffn: int, heads: int, groups: int, gated: bool,
-                            context: int | None = None) -> float:
+def transformer_layer_flops(seq: float, hidden: int, ffn: int, heads: int, groups: int, gated: bool,
+                            context: float | None = None) -> float:
     """Forward FLOPs of one transformer layer on `seq` tokens (GEMMs + attention scores and weighted sum).
 
     `context` is the number of keys each query attends over (default `seq`, full-square attention as the dense
-    masks compute it); decoding with a KV cache passes the cache length.
+    masks compute it); decoding with a KV cache passes the cache length. Both may be means (the pipeline cost
+    model's mean sample).
     """
     context = seq if context is None else context
     kv = hidden * groups // heads
