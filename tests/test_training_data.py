@@ -1,12 +1,15 @@
 """Per-rank training data on real digits shards: the length index agrees with decoding, the global plan is
 layout-free (dp ranks split one global batch, each decoding only its rows), exact resume under another dp,
-workers, pipeline stages that read less, load-time truncation counted once, the chat template and images."""
+workers, pipeline stages that read less, load-time truncation counted once, the chat template and images. The same
+under LLaVA-NeXT's anyres on the LLaVA-mix-shaped shards (text-only, 1-3 images of aspect 1:3..3:1, 16-160 px: five
+different tile grids at tile 32), where each image's slots come from its size in the index."""
 
 from __future__ import annotations
 
 import io
 import json
 import logging
+import re
 import tarfile
 from dataclasses import fields, replace
 from pathlib import Path
@@ -21,21 +24,32 @@ from transformers import PreTrainedTokenizerFast
 from megavictor.config import load_config
 from megavictor.data.collate import IMAGE_PLACEHOLDER
 from megavictor.data.images import CLIP_MEAN, CLIP_STD, PAD_COLOR, load_image
-from megavictor.data.index import load_index, loss_tokens, slots, truncate
+from megavictor.data.index import IMAGE_RUN, INDEX_NAME, load_index, loss_tokens, slots, truncate
 from megavictor.data.manifest import DataError, load_manifest
 from megavictor.data.packing import MAX_WAIT_ROWS, Packer, PackItem
 from megavictor.data.tokenizer import ChatTokenizer, load_tokenizer
 from megavictor.data.training_data import RowDecoder, TrainData, validation_batches
 from megavictor.distributed import ParallelDims
-from megavictor.model.batch import IGNORE_INDEX, KIND_TEXT, VictorBatch
+from megavictor.model.batch import IGNORE_INDEX, KIND_TEXT, KIND_VISUAL, VictorBatch
+from megavictor.model.flops import batch_train_flops
 
 STAGE2 = Path(__file__).resolve().parents[1] / "configs" / "demo_stage2.yaml"
+# LLaVA-NeXT's grids (llava-v1.6's pinpoints scaled from tile 336 to the demo's 32): 1x2, 2x1, 2x2, 3x1 and 1x3 tiles.
+PINPOINTS = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]
 
 
 def config(data: Path, *overrides: str):
     """The demo's stage-2 shape (64 visual + 8 register slots per image) on 256-slot rows, 8 rows per step."""
     return load_config(STAGE2, [f"data.path={data}", "data.seq_length=256", "data.micro_batch_size=2",
                                 "train.global_batch_size=8", "train.init_from=null", *overrides])
+
+
+def anyres_config(data: Path, *overrides: str):
+    """The demo's stage-2 model with anyres images on the mix: at most 336 visual + 8 register slots per image, on
+    768-slot rows (three large images do not fit: samples are truncated and skipped), 8 rows per step."""
+    return config(data, "data.train_split=train", "data.val_split=val", "data.test_split=test",
+                  f"vision.image_grid_pinpoints={PINPOINTS}", "data.image_aspect_ratio=anyres",
+                  "data.seq_length=768", *overrides)
 
 
 def dims(dp: int = 1, dp_rank: int = 0, pp: int = 1, pp_rank: int = 0) -> ParallelDims:
@@ -74,7 +88,7 @@ def test_index_shapes_match_the_decoded_samples(digits_data: Path, registers: in
         decoder.settings = replace(decoder.settings, seq_length=limit)
         for i in range(0, 400, 7):
             code = truncate(split.shape("v1", i), limit, image_slots)
-            batch = decoder[((i,),)]
+            batch = decoder.batch(((i,),))
             used = int(batch.cu_seqlens[1])
             assert used == slots(code, image_slots) <= limit
             assert batch.num_loss_tokens() == loss_tokens(code, registers)
@@ -339,6 +353,188 @@ def test_bench_loader_reports_per_rank_decoding_and_packing(digits_data: Path,
         assert bench(["loader", "--data", str(digits_data), "--dp", str(dp), "--steps", "2"]) == 0
         results[dp] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for dp, result in results.items():
-        assert result["dp"] == dp and result["visual_tokens"] == 64 and result["samples_per_s_per_rank"] > 0
+        assert result["dp"] == dp and result["visual_tokens"] == result["visual_per_image"] == 64
+        assert result["samples_per_s_per_rank"] > 0
         assert result["packing_efficiency"] >= 0.97
     assert results[8]["images_decoded_per_rank_per_step"] <= results[1]["images_decoded_per_rank_per_step"] / 6
+
+
+# ----------------------------------------------------------------------------------------------- anyres on the mix
+
+
+def test_anyres_index_sizes_and_slots_match_the_decoded_samples(mix_data: Path) -> None:
+    cfg = anyres_config(mix_data)
+    spec, registers = cfg.vision.anyres(), cfg.victor.registers_per_image
+    data = TrainData(cfg, dims())
+    order, split, decoder = data.data.order, data.data.index, data.data.decoder
+    headers = {}  # record id -> (height, width) of its images, read from the shards with tarfile and PIL
+    for shard in load_manifest(mix_data).split_shards("train"):
+        with tarfile.open(mix_data / shard.name) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar}
+        for name, raw in members.items():
+            if name.endswith(".json"):
+                record, key = json.loads(raw), name.removesuffix(".json")
+                headers[record["id"]] = [Image.open(io.BytesIO(members[f"{key}.{m}"])).size[::-1]
+                                         for m in record["images"]]
+    assert {str(split.ids[i]): split.image_sizes(i) for i in range(len(split))} == headers
+    grids = {(layout.rows, layout.cols) for sizes in headers.values()
+             for layout in (spec.layout(h, w) for h, w in sizes)}
+    assert grids == {(1, 2), (2, 1), (2, 2), (3, 1), (1, 3)}
+    # The row order's per-sample counts (from the index alone) are what decoding produces.
+    assert order.counts()["truncated"] > 0 and order.counts()["skipped_too_long"] > 0
+    for i in np.flatnonzero(order.usable).tolist():
+        batch = decoder.batch(((i,),))
+        batch.validate(cfg.vision.num_visual_tokens, registers, spec)  # what the model checks
+        assert batch.image_sizes.tolist() == [list(hw) for hw in split.image_sizes(i)[:batch.num_images]]
+        assert (int(batch.cu_seqlens[1]), batch.num_loss_tokens(), batch.num_images) == \
+            (order.slots[i], order.loss[i], order.images[i])
+        assert (int((batch.kinds == KIND_VISUAL).sum()), batch.images.shape[0]) == (order.visual[i], order.views[i])
+    # Cut shorter than one large image: whole images are dropped, as the index's code says.
+    decoder.settings = replace(decoder.settings, seq_length=300)
+    dropped = 0
+    for i in range(0, len(split), 3):
+        code = truncate(split.shape("v1", i), 300, order.sample_image_slots(i))
+        batch = decoder.batch(((i,),))
+        assert int(batch.cu_seqlens[1]) == slots(code, order.sample_image_slots(i)) <= 300
+        assert batch.num_loss_tokens() == loss_tokens(code, registers)
+        assert batch.num_images == code.count(IMAGE_RUN)
+        dropped += code.count(IMAGE_RUN) < len(split.image_sizes(i))
+    assert dropped > 10
+
+
+def test_anyres_later_stages_build_the_same_structure_without_decoding(mix_data: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = anyres_config(mix_data)
+    first = steps(TrainData(cfg, dims(pp=3)), 2)
+    monkeypatch.setattr("megavictor.data.training_data.load_anyres", lambda *_: pytest.fail("decoded an image"))
+    middle = steps(TrainData(cfg, dims(pp=3, pp_rank=1)), 2)
+    last = steps(TrainData(cfg, dims(pp=3, pp_rank=2)), 2)
+    structure = ("kinds", "position_ids", "cu_seqlens", "image_segments", "image_sizes")
+    for a, b, c in zip(first, middle, last):
+        assert_same_batches(a.mine, b.mine, structure)
+        assert_same_batches(a.mine, c.mine, (*structure, "tokens", "labels"))
+        for x, y, z in zip(a.mine, b.mine, c.mine):  # as many ViT views, without pixels
+            assert x.images.shape[0] == y.images.shape[0] == z.images.shape[0] > x.num_images
+            assert y.images.shape[1:] == z.images.shape[1:] == (3, 0, 0)
+        assert a.images > 0 and b.images == c.images == 0
+        assert (a.loss_tokens, a.flops) == (b.loss_tokens, b.flops) == (c.loss_tokens, c.flops)
+
+
+def test_anyres_dp_ranks_decode_only_their_rows_and_resume_under_another_dp(mix_data: Path) -> None:
+    cfg = anyres_config(mix_data)
+    run = TrainData(cfg, dims())
+    whole = steps(run, 2)
+    state = json.loads(json.dumps(run.state_dict()))
+    whole += steps(run, 2)  # uninterrupted
+    halves = [steps(TrainData(cfg, dims(dp=2, dp_rank=r)), 2) for r in range(2)]
+    resumed = []
+    for r in range(2):
+        data = TrainData(cfg, dims(dp=2, dp_rank=r))
+        data.load_state_dict(state)
+        resumed.append(steps(data, 2))
+    for step, (a, b) in zip(whole, [*zip(*halves), *zip(*resumed)]):
+        assert_same_batches(step.mine, a.mine + b.mine)
+        assert a.images == sum(m.num_images for m in a.mine) < step.images == a.images + b.images
+        assert (step.loss_tokens, step.samples, step.real_tokens, step.flops) == \
+            (a.loss_tokens, a.samples, a.real_tokens, a.flops)
+        # The global FLOPs from the order's per-row visual slots and ViT views are the decoded batches' own.
+        assert step.flops == pytest.approx(sum(batch_train_flops(cfg, m) for m in step.mine), rel=1e-12)
+    with pytest.raises(DataError, match="data order"):  # the grids are part of the order
+        TrainData(config(mix_data, "data.train_split=train", "data.val_split=val", "data.test_split=test",
+                         "data.seq_length=768"), dims()).load_state_dict(state)
+
+
+def write_index(root: Path, change) -> None:
+    """Rewrite `root`'s index.npz (a symlink in a data_copy) with `change(arrays, meta)` applied."""
+    with np.load(root / INDEX_NAME) as npz:
+        arrays = {name: npz[name] for name in npz.files}
+    meta = json.loads(str(arrays.pop("meta")))
+    change(arrays, meta)
+    (root / INDEX_NAME).unlink()
+    np.savez(root / INDEX_NAME, meta=np.array(json.dumps(meta)), **arrays)
+
+
+def test_a_v1_index_serves_fixed_resolution_and_stops_anyres_with_one_line(mix_data: Path, tmp_path: Path) -> None:
+    from data_prep.cli import main as prep
+    from megavictor.data.preflight import check_data_set
+
+    def to_v1(arrays: dict, meta: dict) -> None:  # an index written before per-image sizes
+        for name in [n for n in arrays if n.endswith(("/image_hw", "/image_offsets"))]:
+            del arrays[name]
+        meta["version"] = 1
+
+    data = data_copy(mix_data, tmp_path / "data")
+    write_index(data, to_v1)
+    fixed = config(data, "data.train_split=train", "data.val_split=val", "data.test_split=test")
+    check_data_set(fixed)
+    on_v2 = config(mix_data, "data.train_split=train", "data.val_split=val", "data.test_split=test")
+    assert_same_batches(steps(TrainData(fixed, dims()), 1)[0].mine, steps(TrainData(on_v2, dims()), 1)[0].mine)
+    for start in (check_data_set, lambda cfg: TrainData(cfg, dims())):
+        with pytest.raises(DataError) as refused:
+            start(anyres_config(data))
+        assert str(refused.value) == (f"{data}/{INDEX_NAME} holds no image sizes (index version 1), which anyres "
+                                      f"images (vision.image_grid_pinpoints) need: run `megavictor prep index "
+                                      f"--data {data}`")
+    assert prep(["index", "--data", str(data)]) == 0
+    check_data_set(anyres_config(data))
+    assert load_index(data, None, "v1", "").meta["version"] == 2
+
+
+def test_an_image_off_its_indexed_size_stops_decoding_with_one_line(mix_data: Path, tmp_path: Path) -> None:
+    def taller(arrays: dict, meta: dict) -> None:
+        arrays["train/image_hw"][:, 0] += 1
+
+    data = data_copy(mix_data, tmp_path / "data")
+    write_index(data, taller)
+    train = TrainData(anyres_config(data, "data.num_workers=1"), dims())  # a worker decodes: still one line
+    with pytest.raises(DataError) as stopped:
+        train.next_step()
+    message = str(stopped.value)
+    found = re.fullmatch(rf"{data}/(train-\d+\.tar): image '(\S+)' of sample '(mix-train-\d+)' is (\d+)x(\d+) "
+                         rf"\(height x width\) but {data}/index.npz says (\d+)x(\d+): the shard or the index changed "
+                         rf"after indexing; run `megavictor prep index --data {data}` \(or re-run megavictor prep if "
+                         r"the shard is damaged\)", message)
+    assert found, message
+    shard, member, record, height, width, indexed_height, indexed_width = found.groups()
+    key = {r["id"]: key for key, r in records(mix_data, "train").items()}[record]
+    with tarfile.open(mix_data / shard) as tar:
+        assert Image.open(tar.extractfile(f"{key}.{member}")).size == (int(width), int(height))
+    assert (int(indexed_height), int(indexed_width)) == (int(height) + 1, int(width))
+
+
+def test_bench_loader_reports_the_mean_anyres_visual_slots(mix_data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from megavictor.benchmarks.cli import main as bench
+
+    assert bench(["loader", "--data", str(mix_data), "--split", "train", "--steps", "1", "--global-batch-size", "8",
+                  f"vision.image_grid_pinpoints={PINPOINTS}", "data.image_aspect_ratio=anyres",
+                  "data.seq_length=768"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    order = TrainData(anyres_config(mix_data), dims()).data.order  # one epoch holds each usable sample once
+    mean = order.visual[order.usable].sum() / order.images[order.usable].sum()
+    assert result["visual_per_image"] == round(mean, 2) and 64 < mean < 336
+    assert result["images_decoded_per_rank_per_step"] > 0 and result["packing_efficiency"] >= 0.9
+
+
+def test_prep_index_refuses_a_sample_whose_image_markers_and_images_differ(mix_data: Path, tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from data_prep.cli import main as prep
+
+    data = data_copy(mix_data, tmp_path / "data")
+    shard = load_manifest(mix_data).split_shards("val")[0].name
+    (data / shard).unlink()
+    with tarfile.open(mix_data / shard) as source, tarfile.open(data / shard, "w") as out:
+        edited = None
+        for member in source:
+            raw = source.extractfile(member).read()
+            if edited is None and member.name.endswith(".json") and json.loads(raw)["images"]:
+                record = json.loads(raw)
+                record["conversations"][0]["value"] += " <image>"  # one marker more than the sample has images
+                raw, edited = json.dumps(record).encode(), member.name.removesuffix(".json")
+            member.size = len(raw)
+            out.addfile(member, io.BytesIO(raw))
+    capsys.readouterr()
+    assert prep(["index", "--data", str(data)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    found = re.fullmatch(rf"megavictor prep index: error: {data}/{shard}: sample '{edited}' has (\d) <image> "
+                         r"markers but (\d) images; re-run megavictor prep on its source", err[-1])
+    assert len(err) == 1 and found and int(found[1]) == int(found[2]) + 1, err

@@ -9,7 +9,9 @@ overrides apply on top of everything, as in `megavictor train`) and a global bat
 each rank decodes only its own rows) and, over one epoch of the global row order, `packing_efficiency` (real slots,
 text + visual + register, over all slots of the packed rows) and `unpacked_efficiency` (the same real slots over
 the slots of one sample per row padded to seq_length, megatron's fixed [micro_batch, seq_length] shape without
-packing). The last stdout line is one JSON object.
+packing), and `visual_per_image`, the mean visual slots per image over that epoch (`visual_tokens` at fixed
+resolution; under LLaVA-NeXT's anyres each image's count follows from its size). The last stdout line is one JSON
+object.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ def main(argv: list[str]) -> int:
     epoch = [row for row in RowOrder(data.data.index, replace(plan.spec, epochs=1)).rows() if row]
     steps = args.steps or max(1, len(epoch) // data.rows_per_step)
     real = sum(plan.row_slots(r) for r in epoch)
+    epoch_images = sum(plan.row_images(r) for r in epoch)
     epoch_samples = sum(len(r) for r in epoch)
     start = time.perf_counter()
     samples = images = 0
@@ -70,6 +73,7 @@ def main(argv: list[str]) -> int:
         "dp": args.dp, "split": args.split, "steps": steps, "global_batch_rows": data.rows_per_step,
         "micro_batches_per_rank": data.per_rank, "seq_length": cfg.data.seq_length,
         "visual_tokens": cfg.vision.num_visual_tokens, "registers": cfg.victor.registers_per_image,
+        "visual_per_image": round(sum(plan.row_visual(r) for r in epoch) / max(epoch_images, 1), 2),
         "workers": args.workers, "seconds": round(seconds, 3),
         "samples_per_rank_per_step": round(samples / steps, 2),
         "samples_per_s_per_rank": round(samples / seconds, 1),
@@ -79,8 +83,8 @@ def main(argv: list[str]) -> int:
         **data.counts,
     }
     print(f"loader bench: {args.data} split {args.split}, dp {args.dp} (rank 0 measured), {steps} steps of "
-          f"{data.rows_per_step} rows x {cfg.data.seq_length} slots, {result['visual_tokens']} visual + "
-          f"{result['registers']} register slots/image")
+          f"{data.rows_per_step} rows x {cfg.data.seq_length} slots, {result['visual_per_image']} visual"
+          f"{' (anyres, mean)' if cfg.vision.anyres() else ''} + {result['registers']} register slots/image")
     for name in ("samples_per_s_per_rank", "samples_per_rank_per_step", "images_decoded_per_rank_per_step",
                  "packing_efficiency", "unpacked_efficiency"):
         print(f"  {name:<36} {result[name]}")

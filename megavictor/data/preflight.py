@@ -30,7 +30,8 @@ def check_shard(root: Path, entry: ShardEntry, verify_sha256: bool) -> None:
 
 def check_data_set(cfg: Config) -> None:
     """`data.path` holds a finished prep run with the configured splits, intact shards (sizes; sha256 with
-    `data.verify_sha256`), a tokenizer to read them and a length index matching both."""
+    `data.verify_sha256`), a tokenizer to read them and a length index matching both (with the images' sizes under
+    anyres)."""
     d = cfg.data
     try:
         manifest = load_manifest(d.path)
@@ -46,7 +47,8 @@ def check_data_set(cfg: Config) -> None:
                         "tokenizer dir>, or re-run the prep that stores one)")
     for entry in shards:
         check_shard(Path(d.path), entry, d.verify_sha256)
-    index = load_index(d.path, d.tokenizer, d.prompt_format.value, d.system_prompt)
+    index = load_index(d.path, d.tokenizer, d.prompt_format.value, d.system_prompt,
+                       need_sizes=cfg.vision.anyres() is not None)
     for split in (d.train_split, d.val_split):
         check_shard_contents(Path(d.path), manifest.split_shards(split), index.split(split))
 
@@ -64,7 +66,8 @@ def check_shard_contents(root: Path, shards: list[ShardEntry], index: SplitIndex
                 found = json.loads(raw["json"]).get("id")
             except (OSError, KeyError, ValueError, tarfile.TarError):
                 found = None
-            if str(found) != str(index.ids[i]):
+            if str(found) != index.record_id(i):
                 raise DataError(f"shard {root / entry.name} does not hold the samples {root}/index.npz expects there "
-                                f"(record {index.ids[i]!r}, found {found!r}): it was replaced or swapped with another "
-                                "shard; re-run megavictor prep (or `megavictor prep index` if the shards are right)")
+                                f"(record {index.record_id(i)!r}, found {found!r}): it was replaced or swapped with "
+                                "another shard; re-run megavictor prep (or `megavictor prep index` if the shards are "
+                                "right)")

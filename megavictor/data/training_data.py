@@ -8,9 +8,12 @@ real tokens, samples and FLOPs) comes from the row order, so no rank materialise
 As in Megatron-LM, tensor-parallel rank 0 loads and broadcasts to its tensor-parallel peers, and only the pipeline
 stages that use data read it: the first stage decodes text and images, the last stage only the text (its labels),
 and middle stages read nothing, building their micro-batches' structure (kinds, positions, `cu_seqlens`) from the
-index. Decoding runs in `data.num_workers` worker processes (by default 4 on CUDA, none on the CPU), each
-`data.prefetch` micro-batches ahead, so that the next micro-batches decode while the current ones compute; on CUDA
-the loader pins them for asynchronous copies to the GPU.
+index. Under LLaVA-NeXT's anyres each image's visual slots and ViT views follow from its size, which the index
+holds, so every stage builds the same structure (and the row order the same slot counts) without decoding an image;
+the first stage checks each decoded image against its indexed size. Decoding runs in `data.num_workers` worker
+processes (by default 4 on CUDA, none on the CPU), each `data.prefetch` micro-batches ahead, so that the next
+micro-batches decode while the current ones compute; on CUDA the loader pins them for asynchronous copies to the
+GPU. A data error met while decoding reaches the user as its one line, from a worker too.
 
 The position in the data is the number of rows consumed: the same number on every rank, independent of the
 layout, saved in the checkpoint's common state (which every rank reads) and restored exactly under any tp/pp/dp.
@@ -23,10 +26,10 @@ import json
 import logging
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -34,19 +37,21 @@ from torch.utils.data import DataLoader, Dataset
 
 from megavictor.config import Config, ConfigError
 from megavictor.data.collate import IMAGE_PLACEHOLDER, Sample, collate_rows, expand_sample, truncate_sample
-from megavictor.data.images import load_image
-from megavictor.data.index import SplitIndex, load_index, runs_of, truncate
+from megavictor.data.images import load_anyres, load_image
+from megavictor.data.index import IMAGE_RUN, SplitIndex, load_index, runs_of, truncate
 from megavictor.data.manifest import DataError, ShardEntry, load_manifest
 from megavictor.data.row_order import RowOrder, RowOrderSpec, Row
 from megavictor.data.reader import ShardReader
 from megavictor.data.tokenizer import ChatTokenizer, TemplateError, load_tokenizer
 from megavictor.distributed import ParallelDims
+from megavictor.hf_model.anyres import AnyresLayout, AnyresSpec
 from megavictor.model.batch import VictorBatch
 from megavictor.model.flops import rows_train_flops
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 2
 GPU_DECODING_WORKERS = 4  # data.num_workers: null on CUDA
+T = TypeVar("T")
 
 
 class Reads(enum.Enum):
@@ -72,7 +77,7 @@ class StepBatches:
     real_tokens: int  # text + visual slots of the global batch (not Victor's registers: comparable with a baseline)
     samples: int  # packed samples of the global batch
     flops: float  # training FLOPs of the global batch (analytic, for MFU)
-    images: int  # images this rank decoded for the step
+    images: int  # images this rank decoded for the step (under anyres each is several ViT views)
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,7 @@ class DecodeSettings:
     image_size: int
     aspect: str
     reads: Reads
+    anyres: AnyresSpec | None = None  # LLaVA-NeXT tiling: each image's views and visual slots from its size
 
 
 class RowDecoder(Dataset):
@@ -102,11 +108,20 @@ class RowDecoder(Dataset):
         self._chat: ChatTokenizer | None = None
         self._reader: ShardReader | None = None  # opened in the (worker) process that reads
 
-    def __getitem__(self, rows: tuple[Row, ...]) -> VictorBatch:  # type: ignore[override]
+    def __getitem__(self, rows: tuple[Row, ...]) -> VictorBatch | DataError:  # type: ignore[override]
+        """The micro-batch, or the DataError that stopped it: returned, not raised, so that from a worker process
+        it reaches the user as its one line (the DataLoader would re-raise it wrapped in the worker's traceback)."""
         s = self.settings
-        expanded = [[expand_sample(self.sample(i), s.visual_tokens, s.registers, self.pad_id) for i in row]
-                    for row in rows]
+        try:
+            expanded = [[expand_sample(self.sample(i), s.visual_tokens, s.registers, self.pad_id) for i in row]
+                        for row in rows]
+        except DataError as exc:
+            return exc
         return collate_rows(expanded, s.seq_length, self.pad_id, image_shape=(3, s.image_size, s.image_size))
+
+    def batch(self, rows: tuple[Row, ...]) -> VictorBatch:
+        """The micro-batch of `rows`, decoded in this process (raises its DataError)."""
+        return _raised(self[rows])
 
     @property
     def chat(self) -> ChatTokenizer:
@@ -122,26 +137,53 @@ class RowDecoder(Dataset):
     def sample(self, i: int) -> Sample:
         """Sample i as this stage needs it, truncated to seq_length as the row order decided."""
         s = self.settings
-        code = truncate(self.index.shape(s.prompt_format, i), s.seq_length, s.visual_tokens + s.registers)
+        sizes = self.index.image_sizes(i) if s.anyres is not None else None
+        layouts = None if s.anyres is None or sizes is None else [s.anyres.layout(h, w) for h, w in sizes]
+        image_slots = (s.visual_tokens + s.registers if layouts is None
+                       else [layout.tokens + s.registers for layout in layouts])
+        code = truncate(self.index.shape(s.prompt_format, i), s.seq_length, image_slots)
         if s.reads == Reads.NOTHING:
-            return _shape_sample(code)
+            return _shape_sample(code, sizes, layouts)
         raw = self._raw(i)
         path = Path(s.root) / s.shards[int(self.index.shard[i])].name
         try:
             record = json.loads(raw["json"])
-            if s.reads == Reads.ALL:
-                images = [load_image(raw[member], s.image_size, s.aspect) for member in record["images"]]
-            else:
-                images = [torch.empty(3, 0, 0) for _ in record["images"]]
+            images = self._images(i, path, raw, record["images"], sizes, layouts)
             sample = self.chat.sample(record["conversations"], images)
+            if layouts is not None:
+                sample = replace(sample, image_sizes=sizes, image_tokens=[layout.tokens for layout in layouts])
+        except DataError:
+            raise  # already the one line naming the image
         except (KeyError, ValueError, OSError, TemplateError) as exc:
-            raise DataError(f"{path}: sample {self.index.ids[i]!r} cannot be loaded ({exc!r}); re-run megavictor "
-                            "prep on its source") from exc
+            raise DataError(f"{path}: sample {self.index.record_id(i)!r} cannot be loaded ({exc!r}); re-run "
+                            "megavictor prep on its source") from exc
         sample = truncate_sample(sample, s.seq_length, s.visual_tokens, s.registers)
         if runs_of(sample.tokens, sample.trainable, IMAGE_PLACEHOLDER) != code:
-            raise DataError(f"{s.root}/index.npz does not match sample {self.index.ids[i]!r} of {path} (tokenizer "
-                            "or prompt changed?): run `megavictor prep index` again")
+            raise DataError(f"{s.root}/index.npz does not match sample {self.index.record_id(i)!r} of {path} "
+                            "(tokenizer or prompt changed?): run `megavictor prep index` again")
         return sample
+
+    def _images(self, i: int, path: Path, raw: dict[str, Any], members: list[str],
+                sizes: list[tuple[int, int]] | None, layouts: list[AnyresLayout] | None) -> list[torch.Tensor]:
+        """The sample's images as this stage needs them: decoded (first stage) or pixel-less stand-ins (last). An
+        anyres image must decode to its indexed size, else its visual slots are not the ones the row order (and every
+        other stage) counted for it."""
+        s = self.settings
+        if s.reads == Reads.TEXT:
+            return _unread_images(len(members), layouts)
+        if s.anyres is None or sizes is None:
+            return [load_image(raw[member], s.image_size, s.aspect) for member in members]
+        images = []
+        for member, indexed in zip(members, sizes, strict=True):
+            views, decoded = load_anyres(raw[member], s.anyres)
+            if decoded != indexed:
+                raise DataError(f"{path}: image {member!r} of sample {self.index.record_id(i)!r} is "
+                                f"{decoded[0]}x{decoded[1]} (height x width) but {s.root}/index.npz says "
+                                f"{indexed[0]}x{indexed[1]}: the shard or the index changed after indexing; run "
+                                f"`megavictor prep index --data {s.root}` (or re-run megavictor prep if the shard "
+                                "is damaged)")
+            images.append(views)
+        return images
 
     def _raw(self, i: int) -> dict[str, Any]:
         if self._reader is None:
@@ -149,18 +191,38 @@ class RowDecoder(Dataset):
         return self._reader.at(int(self.index.shard[i]), int(self.index.start[i]), int(self.index.end[i]))
 
 
-def _shape_sample(code: list[int]) -> Sample:
-    """A stand-in sample with the structure of `code` (pad tokens, unread images): what middle stages run on."""
+def _raised(item: T | DataError) -> T:
+    """A decoded micro-batch, or the DataError its decoding returned raised here, in the training process."""
+    if isinstance(item, DataError):
+        raise item
+    return item
+
+
+def _unread_images(count: int, layouts: list[AnyresLayout] | None) -> list[torch.Tensor]:
+    """Pixel-less stand-ins for the first `count` images (stages that do not run the ViT): one [3, 0, 0] each, or
+    under anyres [views, 3, 0, 0], so the batch's view count is the first stage's."""
+    if layouts is None:
+        return [torch.empty(3, 0, 0) for _ in range(count)]
+    return [torch.empty(layout.tiles, 3, 0, 0) for layout in layouts[:count]]
+
+
+def _shape_sample(code: list[int], sizes: list[tuple[int, int]] | None, layouts: list[AnyresLayout] | None
+                  ) -> Sample:
+    """A stand-in sample with the structure of `code` (pad tokens, unread images; under anyres each kept image's
+    indexed size and visual slots): what middle stages run on."""
     tokens: list[int] = []
     trainable: list[bool] = []
     for r in code:
-        if r == 0:
+        if r == IMAGE_RUN:
             tokens.append(IMAGE_PLACEHOLDER)
             trainable.append(False)
         else:
             tokens += [0] * abs(r)
             trainable += [r < 0] * abs(r)
-    return Sample(tokens, trainable, [torch.empty(3, 0, 0) for _ in range(code.count(0))])
+    n = code.count(IMAGE_RUN)
+    if sizes is None or layouts is None:
+        return Sample(tokens, trainable, _unread_images(n, None))
+    return Sample(tokens, trainable, _unread_images(n, layouts), sizes[:n], [layout.tokens for layout in layouts[:n]])
 
 
 class SplitData:
@@ -174,15 +236,16 @@ class SplitData:
         if tokenizer is None:
             raise DataError(f"data.path={d.path} stores no tokenizer: pass data.tokenizer=<your LLM's HF tokenizer "
                             "dir>")
-        index = load_index(d.path, d.tokenizer, d.prompt_format.value, d.system_prompt)
+        anyres = v.anyres()
+        index = load_index(d.path, d.tokenizer, d.prompt_format.value, d.system_prompt, need_sizes=anyres is not None)
         self.index = index.split(split)
         self.cfg, self.dims = cfg, dims
         spec = RowOrderSpec(prompt_format=d.prompt_format.value, seq_length=d.seq_length,
-                        micro_batch_size=d.micro_batch_size,
-                        image_slots=v.num_visual_tokens + cfg.victor.registers_per_image,
-                        registers=cfg.victor.registers_per_image, pack_buffer=d.pack_buffer, seed=d.seed,
-                        min_image_side=d.min_image_side, max_image_pixels=d.max_image_pixels, shuffle=shuffle,
-                        epochs=epochs)
+                            micro_batch_size=d.micro_batch_size,
+                            image_slots=v.num_visual_tokens + cfg.victor.registers_per_image,
+                            registers=cfg.victor.registers_per_image, pack_buffer=d.pack_buffer, seed=d.seed,
+                            min_image_side=d.min_image_side, max_image_pixels=d.max_image_pixels, shuffle=shuffle,
+                            epochs=epochs, anyres=anyres)
         try:
             self.order = RowOrder(self.index, spec)
         except ValueError as exc:
@@ -191,7 +254,7 @@ class SplitData:
             root=str(d.path), split=split, shards=tuple(manifest.split_shards(split)),
             tokenizer=str(tokenizer), prompt_format=d.prompt_format.value, system=d.system_prompt,
             seq_length=d.seq_length, visual_tokens=v.num_visual_tokens, registers=cfg.victor.registers_per_image,
-            image_size=v.image_size, aspect=d.image_aspect_ratio.value, reads=stage_reads(dims))
+            image_size=v.image_size, aspect=d.image_aspect_ratio.value, reads=stage_reads(dims), anyres=anyres)
         self.decoder = RowDecoder(self.settings, self.index)
         # Middle stages build their structure locally on every tp rank; otherwise tp rank 0 reads and broadcasts.
         self.broadcast = dims.tp > 1 and self.settings.reads != Reads.NOTHING
@@ -270,7 +333,7 @@ class TrainData:
         self.per_rank = micro_batches_per_rank(cfg, dims.dp)
         self.rows_per_step = self.per_rank * dims.dp * cfg.data.micro_batch_size
         self.consumed = 0  # rows of the steps handed out
-        self._batches: Iterator[VictorBatch | None] | None = None
+        self._batches: Iterator[VictorBatch | DataError | None] | None = None
         self._steps: deque[dict[str, Any]] = deque()
         counts, examples = self.data.order.counts(), self.data.order.examples()
         if any(counts.values()) and dims.rank == 0:
@@ -289,19 +352,18 @@ class TrainData:
         while True:
             step = list(islice(rows, self.rows_per_step))
             mine = step[first:first + self.per_rank * mbs]
-            images = [order.row_images(r) for r in step]
             self._steps.append({
                 "loss_tokens": sum(order.row_loss_tokens(r) for r in step),
-                "real_tokens": sum(order.row_slots(r) - n * cfg.victor.registers_per_image
-                                   for r, n in zip(step, images)),
+                "real_tokens": sum(order.row_slots(r) - order.row_images(r) * cfg.victor.registers_per_image
+                                   for r in step),
                 "samples": sum(len(r) for r in step),
-                "flops": rows_train_flops(cfg, cfg.data.seq_length, [n * cfg.vision.num_visual_tokens for n in images],
-                                          sum(images)),
+                "flops": rows_train_flops(cfg, cfg.data.seq_length, [order.row_visual(r) for r in step],
+                                          sum(order.row_views(r) for r in step)),
                 "images": sum(order.row_images(r) for r in mine) if self.data.settings.reads == Reads.ALL else 0})
             for m in range(self.per_rank):
                 yield tuple(mine[m * mbs:(m + 1) * mbs])
 
-    def _start(self) -> Iterator[VictorBatch | None]:
+    def _start(self) -> Iterator[VictorBatch | DataError | None]:
         self._steps.clear()
         jobs = self._jobs()
         if not self.data.loads:
@@ -314,7 +376,7 @@ class TrainData:
     def next_step(self) -> StepBatches:
         if self._batches is None:
             self._batches = self._start()
-        mine = [self.data.receive(next(self._batches)) for _ in range(self.per_rank)]
+        mine = [self.data.receive(_raised(next(self._batches))) for _ in range(self.per_rank)]
         self.consumed += self.rows_per_step
         return StepBatches(mine=mine, **self._steps.popleft())
 
@@ -343,4 +405,5 @@ def validation_batches(cfg: Config, dims: ParallelDims) -> tuple[list[VictorBatc
     mbs = cfg.data.micro_batch_size
     rows = list(islice(data.order.rows(), cfg.train.eval_batches * mbs))
     micro = [tuple(rows[i:i + mbs]) for i in range(0, len(rows), mbs)]
-    return [data.receive(data.decoder[m] if data.loads else None) for m in micro[dims.dp_rank::dims.dp]], len(micro)
+    return [data.receive(data.decoder.batch(m) if data.loads else None) for m in micro[dims.dp_rank::dims.dp]], \
+        len(micro)
