@@ -50,6 +50,25 @@ def test_bench_train(capsys: pytest.CaptureFixture[str]) -> None:
     assert record["victor_host_peak_mem_mb"] == record["victor_peak_mem_mb"]
 
 
+def test_bench_train_anyres(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--anyres`: LLaVA-NeXT's token shape, the images cycling through five aspect ratios (each its own grid);
+    rows are padded to the longest sample in both variants, and the bound counts exactly those rows."""
+    from megavictor.benchmarks.common import anyres_image_sizes, bench_config
+
+    grids = ["vision.image_grid_pinpoints=[[32,64],[64,32],[64,64],[96,32],[32,96]]"]
+    out = last_json(capsys, ["train", "--anyres", "--repeats", "1", "--warmup", "0", "--rows", "5",
+                             "--text-lengths", "8", *TINY, *grids])
+    assert_pinned_json("train", out)
+    spec = bench_config(None, [*TINY, *grids, "data.image_aspect_ratio=anyres"]).vision.anyres()
+    expected = [spec.layout(h, w).tokens for h, w in anyres_image_sizes(bench_config(None, TINY))]
+    assert out["anyres"] and out["visual_per_image"] == expected and len(set(expected)) >= 3
+    record = out["by_text_length"]["8"]
+    assert record["baseline_seq_length"] == max(expected) + 8 and record["victor_seq_length"] == max(expected) + 16
+    # After the drop a row keeps its registers, text and tail padding: the padding of the row with fewest tokens.
+    assert record["victor_short_length"] == 8 + 8 + max(expected) - min(expected)
+    assert record["flop_bound"] > 1 and positive(record["speedup"])
+
+
 def test_bench_train_lengths_are_fp8_aligned() -> None:
     """Under `train.fp8` the bench rows of Victor and of the baseline, and Victor's short length after the drop, are
     all multiples of 16 (R=8 makes the two rows differ by 8: both are padded up); without FP8 the rows stay one

@@ -1,5 +1,5 @@
-"""What the benchmarks share: the CPU-width LLaVA-1.5 shape, synthetic image + text batches, timers, peak memory,
-medians."""
+"""What the benchmarks share: the CPU-width LLaVA-1.5 and LLaVA-NeXT shapes, synthetic image + text batches, timers,
+peak memory, medians."""
 
 from __future__ import annotations
 
@@ -29,6 +29,21 @@ CPU_LLAVA15 = [
     "data.seq_length=1024", "data.text_length=64", "train.llava_stage=2", "train.lr=1e-4", "log.wandb=false",
 ]
 
+# LLaVA-NeXT-7B's token counts at CPU width: CPU_LLAVA15 with v1.6's anyres grids scaled to its 96-px tiles (24 x 24
+# patches each, as CLIP ViT-L/336's), so an image takes up to 576 + 48 x 49 = 2928 visual tokens.
+CPU_LLAVA_NEXT = [*CPU_LLAVA15, "vision.image_grid_pinpoints=[[96,192],[192,96],[192,192],[288,96],[96,288]]",
+                  "data.image_aspect_ratio=anyres", "data.seq_length=4096"]
+# The anyres benchmarks' images, cycled over a step's samples, as (height, width) at LLaVA-NeXT's 336-px tiles
+# (scaled to the config's tile): COCO-like 4:3 landscape and 3:4 portrait, a square, a 1:3 panorama and a 3:1
+# page. v1.6 gives them 2340, 2352, 2928, 2328 and 2376 visual tokens.
+ANYRES_IMAGE_MIX = [(480, 640), (640, 480), (512, 512), (336, 1008), (1008, 336)]
+
+
+def anyres_image_sizes(cfg: Config) -> list[tuple[int, int]]:
+    """`ANYRES_IMAGE_MIX` at `cfg`'s tile size."""
+    scale = cfg.vision.image_size / 336
+    return [(round(h * scale), round(w * scale)) for h, w in ANYRES_IMAGE_MIX]
+
 
 def bench_config(path: str | None, overrides: list[str], defaults: list[str] = CPU_LLAVA15) -> Config:
     """The YAML recipe at `path`, or without one the benchmark's default shape; then dotted overrides."""
@@ -49,11 +64,16 @@ def variant(cfg: Config, victor: bool, text_length: int | None = None) -> Config
 
 
 def sample_slots(cfg: Config, victor: bool, text_length: int) -> int:
-    return cfg.vision.num_visual_tokens + (cfg.victor.num_registers if victor else 0) + text_length
+    """The slots of the benchmark's longest sample (one image: under anyres the mix's largest)."""
+    spec = cfg.vision.anyres()
+    visual = (cfg.vision.num_visual_tokens if spec is None
+              else max(spec.layout(h, w).tokens for h, w in anyres_image_sizes(cfg)))
+    return visual + (cfg.victor.num_registers if victor else 0) + text_length
 
 
 def bench_seq_length(cfg: Config, victor: bool, text_length: int) -> int:
-    """A benchmark row's length: one sample's slots, and with `train.fp8` rounded up to a multiple of 16 (FP8 GEMM
+    """A benchmark row's length: one sample's slots (anyres: the longest of the image mix; shorter rows are padded
+    in both variants and counted in the FLOPs), and with `train.fp8` rounded up to a multiple of 16 (FP8 GEMM
     alignment; the row's tail is padding). Victor's row is R slots longer than the baseline's, so with R not a
     multiple of 16 (the default 8) the two cannot both be exact multiples of 16: both are padded up instead. After
     the drop Victor's short length (registers + text) is rounded up the same way by the drop plan
@@ -65,17 +85,24 @@ def bench_seq_length(cfg: Config, victor: bool, text_length: int) -> int:
 
 def image_text_batches(cfg: Config, rows: int, micro_batches: int, seed: int = 0) -> list[VictorBatch]:
     """`micro_batches` micro-batches of `rows` packed rows, each row one sample: one image, then
-    `data.text_length` text tokens (all of them targets). The same seed gives the same images and text for Victor
-    and the baseline (only the register slots differ)."""
+    `data.text_length` text tokens (all of them targets); under anyres the images cycle through
+    `ANYRES_IMAGE_MIX`'s grids. The same seed gives the same images and text for Victor and the baseline (only the
+    register slots differ)."""
     g = torch.Generator().manual_seed(seed)
     v, r, t = cfg.vision.num_visual_tokens, cfg.victor.registers_per_image, cfg.data.text_length
-    size = cfg.vision.image_size
+    size, spec, mix = cfg.vision.image_size, cfg.vision.anyres(), anyres_image_sizes(cfg)
     batches = []
-    for _ in range(micro_batches):
+    for m in range(micro_batches):
         expanded = []
-        for _ in range(rows):
+        for i in range(rows):
             tokens = [IMAGE_PLACEHOLDER] + torch.randint(3, cfg.model.vocab_size, (t,), generator=g).tolist()
-            sample = Sample(tokens, [False] + [True] * t, [torch.randn(3, size, size, generator=g)])
+            if spec is None:
+                sample = Sample(tokens, [False] + [True] * t, [torch.randn(3, size, size, generator=g)])
+            else:
+                height, width = mix[(m * rows + i) % len(mix)]
+                layout = spec.layout(height, width)
+                sample = Sample(tokens, [False] + [True] * t, [torch.randn(layout.tiles, 3, size, size, generator=g)],
+                                [(height, width)], [layout.tokens])
             expanded.append([expand_sample(sample, v, r)])
         batches.append(collate_rows(expanded, cfg.data.seq_length))
     return batches

@@ -28,10 +28,11 @@ import json
 import multiprocessing as mp
 import warnings
 
-from megavictor.benchmarks.common import (add_threads_option, bench_config, data_tokens, image_text_batches, median,
-                                          measured_memory_mb, peak_memory_kind, print_table, reset_peak_memory, timed,
-                                          variant)
+from megavictor.benchmarks.common import (CPU_LLAVA15, CPU_LLAVA_NEXT, add_threads_option, bench_config, data_tokens,
+                                          image_text_batches, median, measured_memory_mb, peak_memory_kind,
+                                          print_table, reset_peak_memory, timed, variant)
 from megavictor.config import Config
+from megavictor.model.batch import KIND_VISUAL
 from megavictor.model.drop_plan import short_length
 from megavictor.model.flops import batch_train_flops
 
@@ -118,7 +119,9 @@ def measure(cfg: Config, text_length: int, rows: int, micro_batches: int, repeat
     cfgs = {name: variant(cfg, name == "victor", text_length) for name in ("victor", "baseline")}
     flops = {name: sum(batch_train_flops(c, b) for b in image_text_batches(c, rows, micro_batches))
              for name, c in cfgs.items()}
-    victor_short = max(short_length(b, cfgs["victor"]) for b in image_text_batches(cfgs["victor"], rows, 1))
+    victor_batches = image_text_batches(cfgs["victor"], rows, micro_batches)
+    victor_short = max(short_length(b, cfgs["victor"]) for b in victor_batches)
+    visual_per_image = [n for b in victor_batches for n in (b.kinds == KIND_VISUAL).sum(dim=1).tolist()]
     times: dict[str, list[float]] = {"victor": [], "baseline": []}
     cpu: dict[str, list[float]] = {"victor": [], "baseline": []}
     workers = {}
@@ -142,7 +145,7 @@ def measure(cfg: Config, text_length: int, rows: int, micro_batches: int, repeat
     victor_s, baseline_s = median(times["victor"]), median(times["baseline"])
     speedup = baseline_s / victor_s
     bound = flops["baseline"] / flops["victor"]
-    tokens = data_tokens(image_text_batches(cfgs["victor"], rows, micro_batches))
+    tokens = data_tokens(victor_batches)
     # Noise checks: the same speedup from adjacent (victor, baseline) pairs, and from process CPU time (all threads).
     pairs = median([b / v for v, b in zip(times["victor"], times["baseline"])])
     cpu_speedup = median(cpu["baseline"]) / median(cpu["victor"])
@@ -160,7 +163,8 @@ def measure(cfg: Config, text_length: int, rows: int, micro_batches: int, repeat
         "victor_step_times_s": [round(t, 4) for t in times["victor"]],
         "baseline_step_times_s": [round(t, 4) for t in times["baseline"]],
         "victor_seq_length": cfgs["victor"].data.seq_length, "baseline_seq_length": cfgs["baseline"].data.seq_length,
-        "victor_short_length": victor_short, "attention_backend": workers["victor"].start_memory["attention_backend"],
+        "victor_short_length": victor_short, "visual_per_image": visual_per_image,
+        "attention_backend": workers["victor"].start_memory["attention_backend"],
         "victor_host_peak_mem_mb": round(memory["victor"]["host_peak_mb"], 1),
         "baseline_host_peak_mem_mb": round(memory["baseline"]["host_peak_mb"], 1),
     }
@@ -169,6 +173,9 @@ def measure(cfg: Config, text_length: int, rows: int, micro_batches: int, repeat
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megavictor bench train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML recipe (default: LLaVA-1.5-7B token counts at CPU width)")
+    parser.add_argument("--anyres", action="store_true",
+                        help="without --config: LLaVA-NeXT-7B's anyres token counts at CPU width (up to 2928 visual "
+                             "tokens per image, a mix of five aspect ratios)")
     parser.add_argument("--repeats", type=int, default=7, help="timed steps per variant (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
     parser.add_argument("--text-lengths", default="64,256", help="comma-separated; the first is the headline")
@@ -181,19 +188,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    cfg = bench_config(args.config, args.overrides)
+    cfg = bench_config(args.config, args.overrides, CPU_LLAVA_NEXT if args.anyres else CPU_LLAVA15)
     lengths = [int(x) for x in args.text_lengths.split(",") if x]
 
     results = [measure(cfg, t, args.rows, args.micro_batches, args.repeats, args.warmup, args.threads)
                for t in lengths]
-    m, v, vi = cfg.model, cfg.vision, cfg.victor
-    print(f"train step: {m.num_layers} layers, hidden {m.hidden_size}, {v.num_visual_tokens} visual tokens, "
+    m, v, vi, head = cfg.model, cfg.vision, cfg.victor, results[0]
+    visual = (f"anyres images of {', '.join(str(n) for n in head['visual_per_image'])} visual tokens"
+              if v.anyres() else f"{v.num_visual_tokens} visual tokens")
+    print(f"train step: {m.num_layers} layers, hidden {m.hidden_size}, {visual}, "
           f"R={vi.num_registers}, k={vi.drop_layer}; {args.micro_batches} x {args.rows} rows of one image + text; "
           f"median of {args.repeats} alternating steps")
     print_table("", ["text", "victor s", "baseline s", "speedup", "flop bound", "ratio", "victor MB", "baseline MB"],
                 [[r["text_length"], r["victor_step_s"], r["baseline_step_s"], r["speedup"], r["flop_bound"],
                   r["ratio_to_bound"], r["victor_peak_mem_mb"], r["baseline_peak_mem_mb"]] for r in results])
-    head = results[0]
     out = {k: head[k] for k in ("victor_step_s", "baseline_step_s", "speedup", "flop_bound", "ratio_to_bound",
                                 "victor_peak_mem_mb", "baseline_peak_mem_mb")}
     kind = peak_memory_kind()
@@ -201,6 +209,7 @@ def main(argv: list[str]) -> int:
                repeats=args.repeats, threads=args.threads, memory_method=MEMORY_METHODS[kind],
                by_text_length={str(r["text_length"]): r for r in results}, peak_memory_kind=kind,
                timer="cuda_synchronized" if kind == "cuda_allocated" else "wall_clock",
-               fp8=None if cfg.train.fp8 is None else str(cfg.train.fp8), attention_backend=head["attention_backend"])
+               fp8=None if cfg.train.fp8 is None else str(cfg.train.fp8), attention_backend=head["attention_backend"],
+               anyres=v.anyres() is not None, visual_per_image=head["visual_per_image"])
     print(json.dumps(out))
     return 0

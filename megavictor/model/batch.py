@@ -1,11 +1,11 @@
 """The model's input format: packed rows of text, visual and register slots.
 
 A row of `seq_length` slots holds one or more samples back to back (packing). Every image occupies
-`V` visual slots followed directly by `R` register slots (R = 0 for the plain LLaVA baseline). Under LLaVA-NeXT's anyres an image's visual slots are
-its base view's patches then its tiles' (unpadded, each row closed by a newline), so their count varies per image
-(`megavictor.hf_model.anyres`). Per-sample
-boundaries are `cu_seqlens` over the flattened [B * S] slot stream (the THD convention of Transformer Engine and
-flash-attn varlen); a row's tail padding is a segment of its own, so no row boundary is ever inside a segment.
+`V` visual slots followed directly by `R` register slots (R = 0 for the plain LLaVA baseline). Under LLaVA-NeXT's
+anyres an image's visual slots are its base view's patches then its tiles' (unpadded, each row closed by a
+newline), so their count varies per image (`megavictor.hf_model.anyres`). Per-sample boundaries are `cu_seqlens`
+over the flattened [B * S] slot stream (the THD convention of Transformer Engine and flash-attn varlen); a row's
+tail padding is a segment of its own, so no row boundary is ever inside a segment.
 
 Labels are already shifted: `labels[i]` is the token that the output at slot i must predict, or IGNORE_INDEX.
 Visual slots never carry a label (they are dropped before the loss under Victor).

@@ -289,9 +289,10 @@ def image_slots(batch: VictorBatch, registers_per_image: int, anyres: AnyresSpec
 
 
 def gather_visual(features: torch.Tensor, newline: torch.Tensor | None, slots: ImageSlots) -> torch.Tensor:
-    """The visual slots' embeddings ([visual slots, H]; [N, V, H] at fixed resolution) from the views' projected features [views, side^2, H]: under
-    anyres LLaVA-NeXT's order (each image's base view, then its unpadded tile grid row by row, every row closed by
-    `newline`), as one index gather whose index the host built; at fixed resolution the features as they are."""
+    """The visual slots' embeddings ([visual slots, H]; [N, V, H] at fixed resolution) from the views' projected
+    features [views, side^2, H]: under anyres in LLaVA-NeXT's order (each image's base view, then its unpadded tile
+    grid row by row, every row closed by `newline`), as one index gather whose index the host built; at fixed
+    resolution the features as they are."""
     if slots.visual_source is None:
         return features
     flat = features.reshape(-1, features.shape[-1])
