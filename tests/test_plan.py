@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from megavictor.commands.split import data_sample_shape
 from megavictor.config import load_config
 from megavictor.model.pipeline_split import SampleShape, balanced_split, even_split, stage_costs
 
@@ -84,3 +85,28 @@ def test_anyres_moves_the_balanced_boundary() -> None:
     cfg = load_config(NEXT, ["parallel.pp=4"])
     small = SampleShape.of_samples([0, 0, 0, 0, 0, 0, 0, 1000], [0] * 7 + [8], [300] * 8, [0] * 7 + [3])
     assert balanced_split(cfg, 4, small)[0] > next_split[0]
+
+
+def test_split_data_weighs_the_stages_by_the_data_sets_samples(mix_data: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """`split --data DIR` (and a training job's balanced split) sees the training split's own samples: the mean
+    visual slots per sample recomputed here from the index's image sizes (nothing truncated at 2048 slots)."""
+    from megavictor.cli import main
+    from megavictor.data.index import load_index
+    from megavictor.data.manifest import load_manifest
+
+    overrides = [f"data.path={mix_data}", "data.train_split=train", "data.val_split=val", "data.test_split=test",
+                 "vision.image_grid_pinpoints=[[32,64],[64,32],[64,64],[96,32],[32,96]]",
+                 "data.image_aspect_ratio=anyres", "data.seq_length=2048", "parallel.pp=2"]
+    demo = str(ROOT / "configs" / "demo_stage2.yaml")
+    assert main(["split", "--config", demo, "--data", str(mix_data), *overrides[1:]]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    cfg = load_config(demo, overrides)
+    spec = cfg.vision.anyres()
+    split = load_index(str(mix_data), str(mix_data / load_manifest(str(mix_data)).tokenizer), "v1",
+                       cfg.data.system_prompt, need_sizes=True).split("train")
+    visual = [sum(spec.layout(h, w).tokens for h, w in split.image_sizes(i)) for i in range(len(split))]
+    assert f"per sample {sum(visual) / len(visual):.6g} visual" in out[0], out[0]
+    assert "mean over" in out[0] and len({v for v in visual}) > 10  # the mix: text-only, several grids
+    shape = data_sample_shape(cfg)
+    assert json.loads(out[-1])["balanced"]["layers"] == balanced_split(cfg, 2, shape)

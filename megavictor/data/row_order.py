@@ -25,6 +25,7 @@ import numpy as np
 from megavictor.data.index import IMAGE_RUN, SplitIndex, loss_tokens, slots, truncate
 from megavictor.data.packing import Packer, PackItem
 from megavictor.hf_model.anyres import AnyresSpec
+from megavictor.model.pipeline_split import SampleShape
 
 SKIP_KINDS = ("too_long", "image_too_small", "image_too_large")
 Row = tuple[int, ...]  # sample indices of the split, in packing order; () is an all-padding row
@@ -128,6 +129,15 @@ class RowOrder:
         self.ids = split.ids
         # Each sample's visual slots and ViT views (the images a truncation kept): what its FLOPs depend on.
         self.visual, self.views = (self._first_images(values) for values in (visual, views))
+
+    def sample_shape(self) -> SampleShape:
+        """The usable samples' slot moments and ViT views: what `parallel.pp_split: balanced` weighs stages by (the
+        same on every rank: a function of the index and the config)."""
+        usable = self.usable
+        registers = self.images[usable] * self.spec.registers
+        visual = self.visual[usable]
+        return SampleShape.of_samples(visual.tolist(), registers.tolist(),
+                                      (self.slots[usable] - visual - registers).tolist(), self.views[usable].tolist())
 
     def sample_image_slots(self, sample: int) -> list[int]:
         """Visual + register slots of each of the sample's images (uncut), in placeholder order."""

@@ -40,7 +40,7 @@ from megavictor.distributed import ParallelDims
 from megavictor.engines.base import StepResult, build_scheduler
 from megavictor.model.batch import VictorBatch
 from megavictor.model.drop_plan import build_drop_plan, short_length
-from megavictor.model.pipeline_split import layers_per_stage
+from megavictor.model.pipeline_split import SampleShape, layers_per_stage
 from megavictor.model.sharding import full_name, full_shape, shard_into
 from megavictor.model.vlm import VictorVLM
 
@@ -59,9 +59,12 @@ def apply_initial_weights(model: VictorVLM, cfg: Config, weights: InitialWeights
                    layer_offset=0, prefix="vision.")
 
 
-def build_model(cfg: Config, dims: ParallelDims, weights: InitialWeights | None = None) -> torch.nn.Module:
-    """This rank's model chunk with its initial weights, in the training precision, on its device."""
-    model = VictorVLM(cfg, layers_per_stage(cfg), pre_process=dims.is_first_stage, post_process=dims.is_last_stage)
+def build_model(cfg: Config, dims: ParallelDims, weights: InitialWeights | None = None,
+                shape: SampleShape | None = None) -> torch.nn.Module:
+    """This rank's model chunk with its initial weights, in the training precision, on its device; a balanced
+    pipeline split weighs its stages by `shape` (the training data's samples; default one typical sample)."""
+    model = VictorVLM(cfg, layers_per_stage(cfg, shape), pre_process=dims.is_first_stage,
+                      post_process=dims.is_last_stage)
     if weights is not None:
         apply_initial_weights(model, cfg, weights, dims)
     chunk: torch.nn.Module = Float16Module(model.config, model) if cfg.train.precision == Precision.BF16 else model
@@ -176,9 +179,10 @@ def forward_backward(model: torch.nn.Module, micro_batches: list[VictorBatch],
 class MegatronEngine:
     """`engines.base.Engine` on megatron-core."""
 
-    def __init__(self, cfg: Config, dims: ParallelDims, weights: InitialWeights) -> None:
+    def __init__(self, cfg: Config, dims: ParallelDims, weights: InitialWeights,
+                 shape: SampleShape | None = None) -> None:
         self.cfg = cfg
-        self.model = build_model(cfg, dims, weights)
+        self.model = build_model(cfg, dims, weights, shape)
         self.ddp, self.optimizer = wrap_for_training(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.training_state = megatron_checkpoint.MegatronTrainingState(

@@ -46,15 +46,16 @@ class Summary:
     checkpoint: str | None
 
 
-def build_engine(cfg: Config, dims: ParallelDims, weights: InitialWeights) -> TrainingEngine:
-    """The engine `train.engine` names, built from `weights` (DeepSpeed is imported only when chosen)."""
+def build_engine(cfg: Config, dims: ParallelDims, weights: InitialWeights, data: TrainData) -> TrainingEngine:
+    """The engine `train.engine` names, built from `weights` (DeepSpeed is imported only when chosen); megatron's
+    balanced pipeline split weighs its stages by the training data's samples."""
     if cfg.train.engine == Engine.DEEPSPEED:
         from megavictor.engines.deepspeed import DeepSpeedEngine
 
         return DeepSpeedEngine(cfg, dims, weights)
     from megavictor.engines.megatron import MegatronEngine
 
-    return MegatronEngine(cfg, dims, weights)
+    return MegatronEngine(cfg, dims, weights, data.data.order.sample_shape())
 
 
 def train(cfg: Config) -> Summary:
@@ -64,7 +65,7 @@ def train(cfg: Config) -> Summary:
     weights = choose_initial_weights(cfg)  # resume / init_from / fresh, checked before anything is built
     dims = init_from_config(cfg)
     data = TrainData(cfg, dims)  # opens the data set: its errors come before the model's build
-    engine = build_engine(cfg, dims, weights)
+    engine = build_engine(cfg, dims, weights, data)
     checkpoints = CheckpointManager(cfg, weights)
     restored = checkpoints.load(engine.training_state)
     step = restored.step
