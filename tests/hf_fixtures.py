@@ -30,7 +30,7 @@ from megavictor.data.tokenizer import ChatTokenizer, render
 from megavictor.data.word_tokenizer import build_word_tokenizer
 from megavictor.hf.convert import clip_name, hf_named_parameters, read_safetensors
 from megavictor.hf_model.anyres import AnyresSpec
-from megavictor.model.batch import KIND_TEXT, KIND_VISUAL
+from megavictor.model.batch import KIND_REGISTER, KIND_TEXT, KIND_VISUAL
 from megavictor.model.reference import ReferenceVLM
 
 CLIP_LAYERS = 3  # the import keeps 2 (LLaVA reads the penultimate layer)
@@ -38,6 +38,7 @@ WORDS = "USER ASSISTANT : ? . what digit is this it a seven three and which one 
 PROMPTS = {
     "one": "USER: <image>\nwhat digit is this ? ASSISTANT:",
     "two": "USER: <image> and <image>\nwhich one is bigger ? ASSISTANT:",
+    "three": "USER: <image> and <image> and <image>\nwhich one is bigger ? ASSISTANT:",
     "none": "USER: hello there ASSISTANT:",
 }
 
@@ -126,18 +127,20 @@ def reference_logits(ref: ReferenceVLM, sample: Sample) -> torch.Tensor:
 
 
 def check_next_export(cfg: Config, reference: ReferenceVLM, tokenizer: PreTrainedTokenizerBase,
-                      pictures: list[Image.Image], outputs: dict[str, torch.Tensor], image_id: int) -> float:
-    """An exported LLaVA-NeXT's processor and model on `NEXT_CONVERSATION` (rendered as training renders it) with
-    `pictures` (`outputs`: input_ids [1, S], pixel_values, image_sizes, and the model's logits [1, S, vocab] on
-    them) against training's side: ChatTokenizer's ids with each image's visual slots in place, `load_anyres`'s
-    views bit for bit (the batch padding zero) and sizes, ReferenceVLM's logits on that training sample (max abs
-    difference at most 1e-5, returned)."""
+                      pictures: list[Image.Image], outputs: dict[str, torch.Tensor], image_id: int,
+                      register_id: int | None = None) -> float:
+    """An exported (Victor) LLaVA-NeXT's processor and model on `NEXT_CONVERSATION` (rendered as training renders
+    it) with `pictures` (`outputs`: input_ids [1, S], pixel_values, image_sizes, and the model's logits [1, S', vocab]
+    on them) against training's side: ChatTokenizer's ids with each image's visual slots (then its register slots)
+    in place, `load_anyres`'s views bit for bit (the batch padding zero) and sizes, ReferenceVLM's logits on that
+    training sample, over the slots that survive the drop (max abs difference at most 1e-5, returned)."""
     tokens, trainable = ChatTokenizer(tokenizer, "v1").encode(NEXT_CONVERSATION)
     sample = anyres_sample(cfg.vision.anyres(), tokens, pictures, trainable)
-    laid = expand_sample(sample, cfg.vision.num_visual_tokens, 0)
+    laid = expand_sample(sample, cfg.vision.num_visual_tokens, cfg.victor.registers_per_image)
     ids = outputs["input_ids"][0].tolist()
-    assert [KIND_VISUAL if t == image_id else KIND_TEXT for t in ids] == laid.kinds
-    assert [t for t in ids if t != image_id] == [t for t, k in zip(laid.tokens, laid.kinds) if k == KIND_TEXT]
+    kinds = {image_id: KIND_VISUAL, register_id: KIND_REGISTER}
+    assert [kinds.get(t, KIND_TEXT) for t in ids] == laid.kinds
+    assert [t for t in ids if t not in kinds] == [t for t, k in zip(laid.tokens, laid.kinds) if k == KIND_TEXT]
     assert outputs["image_sizes"].tolist() == [list(size) for size in sample.image_sizes]
     pixels = outputs["pixel_values"]
     for views, padded in zip(sample.images, pixels):
@@ -173,14 +176,20 @@ def next_text(tokenizer: PreTrainedTokenizerBase) -> str:
     return render(NEXT_CONVERSATION, "v1", tokenizer.eos_token)[0]
 
 
-def to_sample(input_ids: list[int], image_id: int, register_id: int, images: list[torch.Tensor]) -> Sample:
-    """Processor ids -> megavictor Sample: each image's run of image + register tokens becomes one placeholder."""
+def placeholders(input_ids: list[int], image_id: int, register_id: int) -> list[int]:
+    """Processor ids -> megavictor's tokens: each image's run of image + register tokens becomes one placeholder."""
     tokens: list[int] = []
     for i, tok in enumerate(input_ids):
         if tok == image_id and (i == 0 or input_ids[i - 1] != image_id):
             tokens.append(IMAGE_PLACEHOLDER)
         elif tok not in (image_id, register_id):
             tokens.append(tok)
+    return tokens
+
+
+def to_sample(input_ids: list[int], image_id: int, register_id: int, images: list[torch.Tensor]) -> Sample:
+    """Processor ids and pixels -> megavictor Sample (fixed resolution)."""
+    tokens = placeholders(input_ids, image_id, register_id)
     return Sample(tokens, [False] * len(tokens), images)
 
 

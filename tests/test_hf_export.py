@@ -192,21 +192,25 @@ import importlib.util, json, sys
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 assert importlib.util.find_spec("megavictor") is None, "megavictor must not be importable here"
-model_dir, image_path, prompt = sys.argv[1:]
-model = AutoModelForImageTextToText.from_pretrained(model_dir, trust_remote_code=True).eval()
-processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
-inputs = processor(images=[Image.open(image_path)], text=prompt, return_tensors="pt")
-sequences = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-loss = model(**inputs, labels=inputs["input_ids"]).loss
-print(json.dumps({"input_ids": inputs["input_ids"].tolist(), "sequences": sequences.tolist(), "loss": float(loss)}))
+results = []
+for model_dir, image_paths, prompt in json.loads(sys.argv[1]):
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    inputs = processor(images=[Image.open(path) for path in image_paths], text=prompt, return_tensors="pt")
+    sequences = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    loss = model(**inputs, labels=inputs["input_ids"]).loss
+    results.append({"class": type(model).__name__, "input_ids": inputs["input_ids"].tolist(),
+                    "sequences": sequences.tolist(), "loss": float(loss)})
+print(json.dumps(results))
 """
 
 
-def victor_export(llava: Path, out: Path, registers: int = 8) -> Path:
-    """The LLaVA at `llava` converted to a Victor model (R registers, fresh; k=3) and exported with its tokenizer
-    and conventions."""
+def victor_export(llava: Path, out: Path, registers: int = 8, overrides: tuple[str, ...] = ()) -> Path:
+    """The LLaVA at `llava` converted to a Victor model (R registers, fresh; k=3; `overrides`, e.g. anyres images)
+    and exported with its tokenizer and conventions."""
     sections, state = from_hf_llava(llava)
-    cfg = config_from_sections(sections, None, ["log.wandb=false", f"victor.num_registers={registers}"])
+    cfg = config_from_sections(sections, None, ["log.wandb=false", f"victor.num_registers={registers}",
+                                                *overrides])
     config, tail = source_of(llava_dir=llava)
     return to_hf(cfg, complete_state(cfg, state), out, tokenizer_dir=llava, source=config, vision_tail=tail)
 
@@ -214,6 +218,12 @@ def victor_export(llava: Path, out: Path, registers: int = 8) -> Path:
 @pytest.fixture(scope="module")
 def victor_from_llava(tiny_llava: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return victor_export(tiny_llava, tmp_path_factory.mktemp("victor_from_llava"))
+
+
+@pytest.fixture(scope="module")
+def victor_next_from_llava(tiny_llava: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same with anyres images: a Victor LLaVA-NeXT (`image_newline` fresh)."""
+    return victor_export(tiny_llava, tmp_path_factory.mktemp("victor_next_from_llava"), overrides=tuple(ANYRES))
 
 
 def test_victor_export_without_registers_loads_every_weight(tiny_llava: Path, tmp_path: Path) -> None:
@@ -233,25 +243,34 @@ def clean_python(version: str) -> Path:
 
 
 @pytest.mark.parametrize("version", hf_clean_venvs.TRANSFORMERS)
-def test_export_runs_in_a_clean_venv(version: str, victor_from_llava: Path, tmp_path: Path) -> None:
-    """Processor, `generate` and `labels=` loss in a venv with only torch + transformers `version`: the same ids,
-    tokens and loss as here."""
+def test_export_runs_in_a_clean_venv(version: str, victor_from_llava: Path, victor_next_from_llava: Path,
+                                     tmp_path: Path) -> None:
+    """Processor, `generate` and `labels=` loss of the Victor LLaVA and Victor LLaVA-NeXT (images of three grids)
+    exports in a venv with only torch + transformers `version`: the same ids, tokens and loss as here."""
     python = clean_python(version)
-    picture = tmp_path / "image.png"
-    picture.write_bytes(png(image(12)))
-    model = AutoModelForImageTextToText.from_pretrained(victor_from_llava, trust_remote_code=True).eval()
-    processor = AutoProcessor.from_pretrained(victor_from_llava, trust_remote_code=True)
-    inputs = processor(images=[Image.open(picture)], text=PROMPTS["one"], return_tensors="pt")
-    with torch.no_grad():
-        sequences = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-        loss = float(model(**inputs, labels=inputs["input_ids"]).loss)
-    run = subprocess.run([str(python), "-c", VENV_SCRIPT, str(victor_from_llava), str(picture), PROMPTS["one"]],
-                         cwd=tmp_path, env=hf_clean_venvs.clean_env(), capture_output=True, text=True, timeout=600)
+    jobs = []
+    for export, pictures, prompt in ((victor_from_llava, [image(12)], PROMPTS["one"]),
+                                     (victor_next_from_llava, anyres_pictures(90), PROMPTS["three"])):
+        paths = [tmp_path / f"{export.name}_{i}.png" for i in range(len(pictures))]
+        for path, picture in zip(paths, pictures):
+            path.write_bytes(png(picture))
+        jobs.append((str(export), list(map(str, paths)), prompt))
+    run = subprocess.run([str(python), "-c", VENV_SCRIPT, json.dumps(jobs)], cwd=tmp_path,
+                         env=hf_clean_venvs.clean_env(), capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    got = json.loads(run.stdout.strip().splitlines()[-1])
-    assert got["input_ids"] == inputs["input_ids"].tolist()
-    assert got["sequences"] == sequences.tolist() and sequences.shape[1] == inputs["input_ids"].shape[1] + 8
-    assert got["loss"] == pytest.approx(loss, abs=1e-5)
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+    assert [got["class"] for got in results] == ["VictorLlavaForConditionalGeneration",
+                                                 "VictorLlavaNextForConditionalGeneration"]
+    for (export, paths, prompt), got in zip(jobs, results):
+        model = AutoModelForImageTextToText.from_pretrained(export, trust_remote_code=True).eval()
+        processor = AutoProcessor.from_pretrained(export, trust_remote_code=True)
+        inputs = processor(images=[Image.open(path) for path in paths], text=prompt, return_tensors="pt")
+        with torch.no_grad():
+            sequences = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+            loss = float(model(**inputs, labels=inputs["input_ids"]).loss)
+        assert got["input_ids"] == inputs["input_ids"].tolist()
+        assert got["sequences"] == sequences.tolist() and sequences.shape[1] == inputs["input_ids"].shape[1] + 8
+        assert got["loss"] == pytest.approx(loss, abs=1e-5)
 
 
 def test_chat_template_renders_the_training_prompt(victor_from_llava: Path) -> None:
@@ -306,9 +325,8 @@ def test_llava_next_through_convert_keeps_every_tensor(sources: dict[str, Path],
     model, info = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert not any(info.values()), info
     pictures = anyres_pictures(50)
-    prompt = "USER: <image> and <image> and <image>\nwhich one is bigger ? ASSISTANT:"
-    inputs = AutoProcessor.from_pretrained(tmp_path / "hf")(images=pictures, text=prompt, return_tensors="pt")
-    expected = AutoProcessor.from_pretrained(source_dir)(images=pictures, text=prompt, return_tensors="pt")
+    inputs, expected = (AutoProcessor.from_pretrained(d)(images=pictures, text=PROMPTS["three"], return_tensors="pt")
+                        for d in (tmp_path / "hf", source_dir))
     assert all(torch.equal(inputs[key], expected[key]) for key in ("input_ids", "pixel_values", "image_sizes"))
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(**inputs).logits, source(**inputs).logits, atol=1e-5, rtol=0)

@@ -7,6 +7,7 @@ Everything is built at tiny size with random weights (`tests.hf_fixtures`); noth
 from __future__ import annotations
 
 import ast
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,6 @@ from megavictor.data.images import load_image
 from megavictor.data.tokenizer import ChatTokenizer, render
 from megavictor.hf.convert import (
     REMOTE_CODE,
-    ConversionError,
     complete_state,
     config_from_sections,
     from_hf,
@@ -52,6 +52,7 @@ from tests.hf_fixtures import (
     image,
     next_inputs,
     next_text,
+    placeholders,
     png,
     reference_logits,
     save_llava_next,
@@ -91,7 +92,8 @@ def reference_greedy(ref: ReferenceVLM, sample: Sample, steps: int, eos: int) ->
     logits = []
     for _ in range(steps):
         tokens = sample.tokens + generated
-        logits.append(reference_logits(ref, Sample(tokens, [False] * len(tokens), sample.images))[-1])
+        logits.append(reference_logits(ref, dataclasses.replace(sample, tokens=tokens,
+                                                                trainable=[False] * len(tokens)))[-1])
         generated.append(int(logits[-1].argmax()))
         if generated[-1] == eos:
             break
@@ -101,11 +103,11 @@ def reference_greedy(ref: ReferenceVLM, sample: Sample, steps: int, eos: int) ->
 # --------------------------------------------------------------------------- conversion
 
 
-@pytest.mark.parametrize("victor_on, anyres", [(False, False), (True, False), (False, True)],
-                         ids=["baseline", "victor", "next"])
+@pytest.mark.parametrize("victor_on, anyres", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["baseline", "victor", "next", "victor_next"])
 def test_round_trip_is_bit_exact(sources: dict[str, Path], tmp_path: Path, victor_on: bool, anyres: bool) -> None:
     """HF -> full state -> HF keeps every tensor megavictor uses; HF -> full state is recovered exactly (with anyres
-    images as a stock LLaVA-NeXT, `image_newline` and the grids included)."""
+    images as a (Victor) LLaVA-NeXT, `image_newline` and the grids included)."""
     cfg, state = imported(sources, victor=victor_on, overrides=ANYRES if anyres else ())
     out = to_hf(cfg, state, tmp_path / "export", max_shard_size="200KB")  # no tokenizer: tokens after the vocab
     assert (out / "model.safetensors.index.json").exists()
@@ -217,14 +219,6 @@ def test_from_hf_llava_next_computes_its_logits(family: str, tmp_path: Path) -> 
     assert difference <= 1e-5, difference
 
 
-def test_victor_next_export_is_refused_with_one_line(sources: dict[str, Path], tmp_path: Path) -> None:
-    cfg, state = imported(sources, victor=True, overrides=ANYRES)
-    with pytest.raises(ConversionError) as caught:
-        to_hf(cfg, state, tmp_path / "export")
-    assert "\n" not in str(caught.value) and "victor.enabled=false" in str(caught.value)
-    assert not (tmp_path / "export").exists()
-
-
 # --------------------------------------------------------------------------- the exported Victor model
 
 
@@ -310,6 +304,60 @@ def test_batched_left_padded_generation_equals_one_by_one(victor: dict) -> None:
         assert generated_tokens(together[row], batch["input_ids"].shape[1], pad) == expected, name
         steps = len(expected)
         torch.testing.assert_close(together_logits[row, :steps], single_logits[0, :steps], atol=1e-4, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def victor_next(sources: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The Victor model with anyres images exported with the tokenizer (`VictorLlavaNextForConditionalGeneration`),
+    loaded back through remote code, and its ReferenceVLM twin."""
+    cfg, state = imported(sources, victor=True, overrides=ANYRES)
+    out = to_hf(cfg, state, tmp_path_factory.mktemp("victor_next_export"), tokenizer_dir=sources["llm"])
+    reference = ReferenceVLM(cfg).eval()
+    reference.load_state_dict(state)
+    return {"cfg": cfg, "dir": out, "reference": reference,
+            "model": AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True).eval(),
+            "processor": AutoProcessor.from_pretrained(out, trust_remote_code=True)}
+
+
+def test_victor_next_processor_and_logits_match_training(victor_next: dict) -> None:
+    """Images of three grids: the processor gives training's slots (each image's visual run, then its R
+    registers), pixels and sizes; the model ReferenceVLM's logits over the slots kept after the drop
+    (`check_next_export`, 1e-5)."""
+    model, processor = victor_next["model"], victor_next["processor"]
+    assert type(model).__name__ == "VictorLlavaNextForConditionalGeneration"
+    pictures = anyres_pictures(70)
+    inputs = processor(images=pictures, text=next_text(processor.tokenizer), return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    config = model.config
+    check_next_export(victor_next["cfg"], victor_next["reference"], processor.tokenizer, pictures,
+                      {**inputs, "logits": logits}, config.image_token_id, config.register_token_id)
+
+
+def test_victor_next_cache_and_greedy_tokens_match_reference(victor_next: dict) -> None:
+    """KV cache lengths (layers >= k hold registers + text only) and 16 greedy tokens through the cache against
+    ReferenceVLM without one, for images of three grids."""
+    cfg, model, processor = victor_next["cfg"], victor_next["model"], victor_next["processor"]
+    config = model.config
+    pictures = anyres_pictures(50)  # images for which these random weights continue with varied tokens
+    inputs = processor(images=pictures, text=PROMPTS["three"], return_tensors="pt")
+    ids = inputs["input_ids"]
+    sample = anyres_sample(cfg.vision.anyres(), placeholders(ids[0].tolist(), config.image_token_id,
+                                                             config.register_token_id), pictures)
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True)
+    r, k = cfg.victor.num_registers, cfg.victor.drop_layer
+    short = ids.shape[1] - sum(sample.image_tokens)
+    lengths = [out.past_key_values.get_seq_length(i) for i in range(cfg.model.num_layers)]
+    assert lengths == [ids.shape[1]] * k + [short] * (cfg.model.num_layers - k) and short > len(pictures) * r
+
+    sequences, step_logits = generate(model, inputs, 16)
+    new = generated_tokens(sequences[0], ids.shape[1], processor.tokenizer.pad_token_id)
+    assert len(new) >= 8 and len(set(new)) > 2  # a real continuation: no immediate eos, not one repeated token
+    expected_tokens, expected_logits = reference_greedy(victor_next["reference"], sample, 16,
+                                                        processor.tokenizer.eos_token_id)
+    assert new == expected_tokens
+    torch.testing.assert_close(step_logits[0, :len(new)], expected_logits, atol=1e-5, rtol=0)
 
 
 def test_exported_code_imports_only_torch_and_transformers(victor: dict) -> None:

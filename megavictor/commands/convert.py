@@ -119,9 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         write_into(out, args.force, lambda tmp: to_hf(cfg, state, tmp, tokenizer_dir=tokenizer,
                                                      max_shard_size=args.max_shard_size, source=source.config,
                                                      vision_tail=source.vision_tail))
-        kind = "Victor LLaVA, trust_remote_code" if cfg.victor.enabled else \
-            f"stock LLaVA{'-NeXT' if cfg.vision.anyres() else ''}"
-        print(f"wrote {out} ({kind})")
+        kind = f"LLaVA{'-NeXT' if cfg.vision.anyres() else ''}"
+        print(f"wrote {out} ({f'Victor {kind}, trust_remote_code' if cfg.victor.enabled else f'stock {kind}'})")
     return 0
 
 

@@ -15,7 +15,8 @@ so the checkpoint is complete).
 The LLM may be a Llama (Vicuna, Llama 3 with its RoPE scaling), Mistral or Qwen2 (QKV biases) model.
 
 With anyres images (`vision.image_grid_pinpoints`) the model is LLaVA-NeXT's: the same table plus `image_newline`,
-a `LlavaNextConfig` with the grids, and `LlavaNextImageProcessor`, which tiles as `megavictor.data.images.load_anyres`.
+a (Victor) `LlavaNextConfig` with the grids, and `LlavaNextImageProcessor`, which tiles as
+`megavictor.data.images.load_anyres`.
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ from megavictor.config import (
 )
 from megavictor.data.images import CLIP_MEAN, CLIP_STD
 from megavictor.errors import UserError
-from megavictor.hf_model.configuration_victor_llava import VictorLlavaConfig
-from megavictor.hf_model.processing_victor_llava import VictorLlavaProcessor
+from megavictor.hf_model.configuration_victor_llava import VictorConfigMixin, VictorLlavaConfig, VictorLlavaNextConfig
+from megavictor.hf_model.processing_victor_llava import VictorLlavaNextProcessor, VictorLlavaProcessor
 from megavictor.model.reference import check_full_state, full_shapes
 from megavictor.model.weight_init import initial_value
 
@@ -380,7 +381,8 @@ def source_of(llm_dir: str | Path | None = None, vision_dir: str | Path | None =
 
 # The LLaVA configs `--llava` reads, by `model_type`.
 LLAVA_CONFIGS: dict[str, type[PretrainedConfig]] = {"llava": LlavaConfig, "llava_next": LlavaNextConfig,
-                                                     "victor_llava": VictorLlavaConfig}
+                                                     "victor_llava": VictorLlavaConfig,
+                                                     "victor_llava_next": VictorLlavaNextConfig}
 
 
 def _llava_config(llava_dir: str | Path) -> LlavaConfig | LlavaNextConfig:
@@ -392,7 +394,7 @@ def _llava_config(llava_dir: str | Path) -> LlavaConfig | LlavaNextConfig:
 
 def from_hf_llava(llava_dir: str | Path) -> tuple[dict, dict[str, Tensor]]:
     """A `LlavaForConditionalGeneration`, `LlavaNextForConditionalGeneration` (llava-hf v1.6) or exported Victor
-    LLaVA dir -> (config sections, full state).
+    LLaVA(-NeXT) dir -> (config sections, full state).
 
     A Victor export brings its registers and a `victor:` section; a stock LLaVA has none (`complete_state`
     initialises them). A LLaVA-NeXT brings its grids and `image_newline`: `vision.image_grid_pinpoints` and
@@ -407,7 +409,7 @@ def from_hf_llava(llava_dir: str | Path) -> tuple[dict, dict[str, Tensor]]:
              "the projector must be LLaVA-1.5's (gelu, with biases)")
     sections = {"model": _model_section(config.text_config),
                 "vision": _vision_section(config.vision_config, config.vision_feature_layer)}
-    victor = isinstance(config, VictorLlavaConfig)
+    victor = isinstance(config, VictorConfigMixin)
     if victor:
         sections["victor"] = {"enabled": True, "num_registers": config.num_registers,
                               "drop_layer": config.drop_layer}
@@ -553,16 +555,19 @@ def _hf_config(cfg: Config, vocab_size: int, token_ids: list[int], tokenizer: Pr
               "image_token_index": token_ids[0], "vision_feature_layer": feature_layer,
               "vision_feature_select_strategy": "default", "image_seq_length": v.num_visual_tokens,
               "projector_hidden_act": "gelu", "tie_word_embeddings": False, "dtype": dtype}
-    if not vi.enabled and v.anyres():
-        return LlavaNextConfig(architectures=["LlavaNextForConditionalGeneration"],
-                               image_grid_pinpoints=v.image_grid_pinpoints, **common)
+    if v.anyres():
+        common["image_grid_pinpoints"] = v.image_grid_pinpoints
+    name = "LlavaNext" if v.anyres() else "Llava"
     if not vi.enabled:
-        return LlavaConfig(architectures=["LlavaForConditionalGeneration"], **common)
-    config = VictorLlavaConfig(num_registers=vi.num_registers, drop_layer=vi.drop_layer,
-                               register_token_id=token_ids[1] if vi.num_registers else None,
-                               architectures=["VictorLlavaForConditionalGeneration"], **common)
-    config.auto_map = {"AutoConfig": "configuration_victor_llava.VictorLlavaConfig",
-                       "AutoModelForImageTextToText": "modeling_victor_llava.VictorLlavaForConditionalGeneration"}
+        return (LlavaNextConfig if v.anyres() else LlavaConfig)(architectures=[f"{name}ForConditionalGeneration"],
+                                                               **common)
+    name = "Victor" + name
+    config = (VictorLlavaNextConfig if v.anyres() else VictorLlavaConfig)(
+        num_registers=vi.num_registers, drop_layer=vi.drop_layer,
+        register_token_id=token_ids[1] if vi.num_registers else None,
+        architectures=[f"{name}ForConditionalGeneration"], **common)
+    config.auto_map = {"AutoConfig": f"configuration_victor_llava.{name}Config",
+                       "AutoModelForImageTextToText": f"modeling_victor_llava.{name}ForConditionalGeneration"}
     return config
 
 
@@ -674,17 +679,13 @@ def to_hf(cfg: Config, full_state: dict[str, Tensor], out_dir: str | Path, token
     A baseline (`victor.enabled=false`) becomes a stock `LlavaForConditionalGeneration` (with anyres images
     `LlavaNextForConditionalGeneration`); its `<image>` token must be embeddable, so when it lies past the
     vocabulary the embedding and output rows are padded with zeros (and the token is suppressed in generation). A
-    Victor model ships its remote code (`trust_remote_code=True`) and needs no padding: its image and register ids
-    are never looked up.
+    Victor model (`VictorLlava(Next)ForConditionalGeneration`) ships its remote code (`trust_remote_code=True`) and
+    needs no padding: its image and register ids are never looked up.
     """
     check_full_state(cfg, full_state)
     vi = cfg.victor
     if vi.enabled and vi.mask != VictorMask.CAUSAL:
         raise ConversionError(f"victor.mask={vi.mask!r} has no HF implementation (only causal)")
-    if vi.enabled and cfg.vision.anyres():
-        raise ConversionError("a Victor model with anyres images (vision.image_grid_pinpoints) has no HF export yet "
-                              "(the Victor LLaVA-NeXT remote code is the next step of issue #31); export a "
-                              "victor.enabled=false checkpoint, or keep this one for megavictor")
     for key, value in (("peer.fastv_layer", cfg.peer.fastv_layer), ("peer.avg_pool_to", cfg.peer.avg_pool_to)):
         if value is not None:
             raise ConversionError(f"{key}={value} has no HF implementation (megatron engine and eval only)")
@@ -721,9 +722,10 @@ def to_hf(cfg: Config, full_state: dict[str, Tensor], out_dir: str | Path, token
                  "num_additional_image_tokens": 1,  # CLIP's class token, dropped by the "default" strategy
                  "chat_template": chat_template(cfg)}
         if vi.enabled:
-            processor = VictorLlavaProcessor(images, tokenizer, num_registers=vi.num_registers,
-                                             register_token=REGISTER_TOKEN, **llava)
-            processor.auto_map = {"AutoProcessor": "processing_victor_llava.VictorLlavaProcessor"}
+            victor_processor = VictorLlavaNextProcessor if cfg.vision.anyres() else VictorLlavaProcessor
+            processor = victor_processor(images, tokenizer, num_registers=vi.num_registers,
+                                         register_token=REGISTER_TOKEN, **llava)
+            processor.auto_map = {"AutoProcessor": f"processing_victor_llava.{victor_processor.__name__}"}
         else:
             processor = (LlavaNextProcessor if cfg.vision.anyres() else LlavaProcessor)(images, tokenizer, **llava)
         processor.save_pretrained(out)

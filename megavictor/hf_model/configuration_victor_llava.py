@@ -1,20 +1,20 @@
 """Configuration of a Victor LLaVA model (standalone: imports only transformers, so it ships with exports).
 
-A `LlavaConfig` (CLIP vision tower, Llama text model, `image_token_id`) plus the Victor fields: `num_registers`
-learnable register embeddings follow each image's visual tokens (their slots hold `register_token_id`), and from
-decoder layer `drop_layer` on the visual tokens are dropped, so those layers and their KV cache see only registers
-and text.
+A `LlavaConfig` (CLIP vision tower, Llama text model, `image_token_id`), or for anyres images a `LlavaNextConfig`
+(its `image_grid_pinpoints`), plus the Victor fields: `num_registers` learnable register embeddings follow each
+image's visual tokens (their slots hold `register_token_id`), and from decoder layer `drop_layer` on the visual
+tokens are dropped, so those layers and their KV cache see only registers and text.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from transformers import LlavaConfig
+from transformers import LlavaConfig, LlavaNextConfig
 
 
-class VictorLlavaConfig(LlavaConfig):
-    model_type = "victor_llava"
+class VictorConfigMixin:
+    """The Victor fields, checked, on top of the stock config that follows this mixin in the bases."""
 
     def __init__(self, num_registers: int = 8, drop_layer: int = 3, register_token_id: int | None = None,
                  **kwargs: Any) -> None:
@@ -30,4 +30,12 @@ class VictorLlavaConfig(LlavaConfig):
         self.register_token_id = register_token_id
 
 
-__all__ = ["VictorLlavaConfig"]
+class VictorLlavaConfig(VictorConfigMixin, LlavaConfig):
+    model_type = "victor_llava"
+
+
+class VictorLlavaNextConfig(VictorConfigMixin, LlavaNextConfig):
+    model_type = "victor_llava_next"
+
+
+__all__ = ["VictorLlavaConfig", "VictorLlavaNextConfig"]

@@ -1,10 +1,13 @@
 """Victor LLaVA for transformers (standalone: imports only torch and transformers, so it ships with exports).
 
 The stock LLaVA parts are reused as they are (CLIP vision tower, projector, Llama decoder layers, masks, rotary
-embedding); what differs is the decoder loop. Each image's `<image>` slots are followed by `num_registers`
-`<register>` slots holding learned embeddings. Layers < `drop_layer` see the whole sequence; then the visual slots
-are gathered out, and the remaining layers, and their KV cache, see only registers and text. Every token keeps its
-original position id, so decoding continues from the last original position.
+embedding); what differs is the decoder loop, one mixin (`VictorDecoderMixin`, `VictorGenerationMixin`) on top of
+LLaVA-1.5 (`VictorLlava*`) and of LLaVA-NeXT (`VictorLlavaNext*`, anyres images: each image's visual tokens are its
+base view, then its tile grid's rows each closed by the newline, `pack_image_features`' order, all `<image>` slots).
+Each image's `<image>` slots are followed by `num_registers` `<register>` slots holding learned embeddings. Layers
+< `drop_layer` see the whole sequence; then the visual slots are gathered out, and the remaining layers, and their
+KV cache, see only registers and text. Every token keeps its original position id, so decoding continues from the
+last original position.
 
 Batches with different numbers of images per row stay rectangular after the drop: each row's surviving slots are
 right-aligned and the rows with fewer survivors are filled on the left with some of their own dropped visual slots,
@@ -34,9 +37,15 @@ from transformers.models.llava.modeling_llava import (
     LlavaModelOutputWithPast,
     LlavaPreTrainedModel,
 )
+from transformers.models.llava_next.modeling_llava_next import (
+    LlavaNextForConditionalGeneration,
+    LlavaNextModel,
+    LlavaNextPreTrainedModel,
+    image_size_to_num_patches,
+)
 from transformers.utils import can_return_tuple
 
-from .configuration_victor_llava import VictorLlavaConfig
+from .configuration_victor_llava import VictorLlavaConfig, VictorLlavaNextConfig
 from .victor_drop import keep_index, runs_of, segment_ids
 
 IGNORE_INDEX = -100
@@ -91,12 +100,10 @@ def causal_mask(config: Any, hidden: torch.Tensor, attention_mask: torch.Tensor,
                                  cache_argument: _LayerView(cache, first_layer) if cache is not None else None})
 
 
-def image_features(model: LlavaModel, pixel_values: torch.Tensor, layer: Optional[Union[int, list[int]]],
-                   strategy: Optional[str]) -> torch.Tensor:
-    """The projected features of all images, [images * tokens, hidden] (transformers 5 wraps them in an output)."""
-    out = model.get_image_features(pixel_values=pixel_values, vision_feature_layer=layer,
-                                   vision_feature_select_strategy=strategy)
-    return torch.cat(list(getattr(out, "pooler_output", out)), dim=0)
+def concatenated(features: Any) -> torch.Tensor:
+    """What a stock `get_image_features` returns, one tensor per image (transformers 5 wraps them in an output's
+    `pooler_output`), as [all images' tokens, hidden]."""
+    return torch.cat(list(getattr(features, "pooler_output", features)), dim=0)
 
 
 def with_cache(output_class: type, cache: Optional[Cache], features: Optional[torch.Tensor], **fields: Any) -> Any:
@@ -134,20 +141,32 @@ class VictorLlavaCausalLMOutputWithPast(LlavaCausalLMOutputWithPast):
     kept_index: Optional[torch.LongTensor] = None
 
 
-class VictorLlavaModel(LlavaModel):
-    config_class = VictorLlavaConfig
+class VictorDecoderMixin:
+    """The Victor model on top of the stock LLaVA model that follows this mixin in the bases: registers scattered
+    into their slots, the drop at `drop_layer`, the short cache, packed rows. The subclass gives its stock image
+    path (`image_features`) and a blank image for it (`blank_image`)."""
 
-    def __init__(self, config: VictorLlavaConfig) -> None:
+    def __init__(self, config: VictorLlavaConfig | VictorLlavaNextConfig) -> None:
         if config.num_registers and config.register_token_id is None:
-            raise ValueError("VictorLlavaConfig.register_token_id is required when num_registers > 0")
+            raise ValueError(f"{type(config).__name__}.register_token_id is required when num_registers > 0")
         super().__init__(config)
         text = config.text_config
         # None without registers: a parameter of size 0 would be reported as "newly initialized" on every load.
         self.registers = nn.Parameter(torch.randn(config.num_registers, text.hidden_size) * text.initializer_range) \
             if config.num_registers else None
 
+    def image_features(self, pixel_values: torch.Tensor, image_sizes: Optional[torch.Tensor],
+                       layer: Optional[Union[int, list[int]]], strategy: Optional[str]) -> torch.Tensor:
+        """The projected features of all images in their `<image>` slots' order, [image tokens, hidden]."""
+        raise NotImplementedError
+
+    def blank_image(self, like: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """`image_features`' inputs (pixel values, image sizes) for one blank image, in `like`'s dtype and device."""
+        raise NotImplementedError
+
     def embed(self, input_ids: torch.LongTensor, pixel_values: Optional[torch.FloatTensor],
-              vision_feature_layer: Optional[Union[int, list[int]]], vision_feature_select_strategy: Optional[str],
+              image_sizes: Optional[torch.Tensor], vision_feature_layer: Optional[Union[int, list[int]]],
+              vision_feature_select_strategy: Optional[str],
               use_every_parameter: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Token embeddings with image features and registers scattered into their slots (and the features).
 
@@ -163,7 +182,8 @@ class VictorLlavaModel(LlavaModel):
         embeds = self.get_input_embeddings()(input_ids.masked_fill(image | register, 0))
         features = None
         if pixel_values is not None:
-            features = image_features(self, pixel_values, vision_feature_layer, vision_feature_select_strategy)
+            features = self.image_features(pixel_values, image_sizes, vision_feature_layer,
+                                           vision_feature_select_strategy)
             if int(image.sum()) != features.shape[0]:
                 raise ValueError(f"{int(image.sum())} image tokens for {features.shape[0]} image features")
             embeds = embeds.masked_scatter(image.unsqueeze(-1).expand_as(embeds), features.to(embeds.dtype))
@@ -174,9 +194,8 @@ class VictorLlavaModel(LlavaModel):
             rows = self.registers[torch.arange(n, device=input_ids.device) % cfg.num_registers]
             embeds = embeds.masked_scatter(register.unsqueeze(-1).expand_as(embeds), rows.to(embeds.dtype))
         if use_every_parameter and features is None:
-            size = cfg.vision_config.image_size
-            blank = embeds.new_zeros(1, cfg.vision_config.num_channels, size, size)
-            unused = image_features(self, blank, vision_feature_layer, vision_feature_select_strategy)
+            unused = self.image_features(*self.blank_image(embeds), vision_feature_layer,
+                                         vision_feature_select_strategy)
             embeds = embeds + 0.0 * unused.sum().to(embeds.dtype)
         if use_every_parameter and not n and cfg.num_registers:
             embeds = embeds + 0.0 * self.registers.sum().to(embeds.dtype)
@@ -220,13 +239,13 @@ class VictorLlavaModel(LlavaModel):
     def forward_packed(self, input_ids: torch.LongTensor, pixel_values: Optional[torch.FloatTensor],
                        position_ids: torch.LongTensor, cu_seqlens: torch.Tensor,
                        vision_feature_layer: Optional[Union[int, list[int]]] = None,
-                       vision_feature_select_strategy: Optional[str] = None,
+                       vision_feature_select_strategy: Optional[str] = None, image_sizes: Optional[torch.Tensor] = None,
                        **kwargs: Any) -> VictorLlavaModelOutputWithPast:
         """Packed rows (training): samples separated by `cu_seqlens` [segments + 1] over the flattened B*S slots,
         `position_ids` restarting at 0 for each sample. No cache. The drop keeps each row's registers and text
         (right-aligned as in `forward`); the fillers become one-slot samples of their own."""
-        embeds, features = self.embed(input_ids, pixel_values, vision_feature_layer, vision_feature_select_strategy,
-                                      use_every_parameter=True)
+        embeds, features = self.embed(input_ids, pixel_values, image_sizes, vision_feature_layer,
+                                      vision_feature_select_strategy, use_every_parameter=True)
         segments = segment_ids(cu_seqlens, input_ids.shape)
         k = self.config.drop_layer
         hidden = self.run_packed_layers(0, k, embeds, segments, position_ids, **kwargs)
@@ -252,10 +271,12 @@ class VictorLlavaModel(LlavaModel):
         use_cache: Optional[bool] = None,
         cu_seqlens: Optional[torch.Tensor] = None,
         cache: Optional[Cache] = None,
+        image_sizes: Optional[torch.Tensor] = None,
         **kwargs: Any,
     ) -> VictorLlavaModelOutputWithPast:
         """`cache` (transformers 5) and `past_key_values` (4) are the same argument; a `cache_position` from
-        transformers 4's `generate` is not needed (the cache knows its lengths)."""
+        transformers 4's `generate` is not needed (the cache knows its lengths). `image_sizes` [images, 2]: each
+        image's (height, width), LLaVA-NeXT's only."""
         past_key_values = cache if cache is not None else past_key_values
         kwargs.pop("cache_position", None)
         if input_ids is None or inputs_embeds is not None:
@@ -266,10 +287,11 @@ class VictorLlavaModel(LlavaModel):
                 raise ValueError("packed rows (cu_seqlens) take position_ids restarting per sample, and no "
                                  "attention_mask or cache")
             return self.forward_packed(input_ids, pixel_values, position_ids, cu_seqlens, vision_feature_layer,
-                                       vision_feature_select_strategy, **kwargs)
+                                       vision_feature_select_strategy, image_sizes, **kwargs)
         use_cache = self.config.text_config.use_cache if use_cache is None else use_cache
         cache = victor_cache(past_key_values, use_cache)
-        embeds, features = self.embed(input_ids, pixel_values, vision_feature_layer, vision_feature_select_strategy)
+        embeds, features = self.embed(input_ids, pixel_values, image_sizes, vision_feature_layer,
+                                      vision_feature_select_strategy)
         b, q = input_ids.shape
         k = self.config.drop_layer
         device = input_ids.device
@@ -298,7 +320,45 @@ class VictorLlavaModel(LlavaModel):
                           last_hidden_state=self.language_model.norm(hidden), kept_index=index)
 
 
-def targets_of(labels: torch.Tensor, input_ids: torch.Tensor, config: VictorLlavaConfig) -> torch.Tensor:
+class VictorLlavaModel(VictorDecoderMixin, LlavaModel):
+    config_class = VictorLlavaConfig
+
+    def image_features(self, pixel_values: torch.Tensor, image_sizes: Optional[torch.Tensor],
+                       layer: Optional[Union[int, list[int]]], strategy: Optional[str]) -> torch.Tensor:
+        """LLaVA-1.5's: every image V tokens (`image_sizes` plays no part)."""
+        return concatenated(self.get_image_features(pixel_values=pixel_values, vision_feature_layer=layer,
+                                                    vision_feature_select_strategy=strategy))
+
+    def blank_image(self, like: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        vision = self.config.vision_config
+        return like.new_zeros(1, vision.num_channels, vision.image_size, vision.image_size), None
+
+
+class VictorLlavaNextModel(VictorDecoderMixin, LlavaNextModel):
+    config_class = VictorLlavaNextConfig
+
+    def image_features(self, pixel_values: torch.Tensor, image_sizes: Optional[torch.Tensor],
+                       layer: Optional[Union[int, list[int]]], strategy: Optional[str]) -> torch.Tensor:
+        """LLaVA-NeXT's: the views of each image ([images, most views, C, H, W] as the processor pads them, or the
+        views concatenated) through the ViT and projector, then per image its base view's features and its unpadded
+        grid row by row, each row closed by `image_newline`."""
+        if image_sizes is None:
+            raise ValueError("VictorLlavaNext needs image_sizes with pixel_values (the processor gives both)")
+        return concatenated(self.get_image_features(pixel_values=pixel_values, image_sizes=image_sizes,
+                                                    vision_feature_layer=layer,
+                                                    vision_feature_select_strategy=strategy))
+
+    def blank_image(self, like: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """A blank square image of one tile's size, with its base view and grid tiles."""
+        vision = self.config.vision_config
+        size = vision.image_size
+        views = image_size_to_num_patches((size, size), self.config.image_grid_pinpoints, size)
+        return (like.new_zeros(views, vision.num_channels, size, size),
+                torch.tensor([[size, size]], device=like.device))
+
+
+def targets_of(labels: torch.Tensor, input_ids: torch.Tensor,
+               config: VictorLlavaConfig | VictorLlavaNextConfig) -> torch.Tensor:
     """HF `labels` (input positions, unshifted) -> the target of each input slot, shifted in the input's own
     coordinates, before the drop: a slot followed by an image or register slot predicts nothing, as in megavictor's
     training. (Shifting after the drop would make, with no registers, the last text token before an image predict
@@ -310,21 +370,23 @@ def targets_of(labels: torch.Tensor, input_ids: torch.Tensor, config: VictorLlav
     return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
 
 
-class VictorLlavaForConditionalGeneration(LlavaForConditionalGeneration):
-    """LLaVA with Victor registers; `generate()` works as for llava-hf models, with the processor's inputs.
+class VictorGenerationMixin:
+    """LLaVA with Victor registers, on top of the stock `*ForConditionalGeneration` that follows this mixin in the
+    bases; `generate()` works as for llava-hf models, with the processor's inputs.
 
     Logits (and the loss) cover the slots that survive the drop: `kept_index` maps them to input positions.
     Labels follow the HF convention (input positions, unshifted); image and register slots never carry a loss.
-    Packed rows (`cu_seqlens`, see `VictorLlavaModel.forward_packed`) take `shift_labels` instead: the target of
+    Packed rows (`cu_seqlens`, see `VictorDecoderMixin.forward_packed`) take `shift_labels` instead: the target of
     each input slot (already shifted, -100 where none, always at image slots), so that no sample predicts the next
     one's first token.
     """
 
-    config_class = VictorLlavaConfig
+    pretrained_class: type  # the stock class's base, whose `__init__` builds no model
+    model_class: type  # the Victor model
 
-    def __init__(self, config: VictorLlavaConfig) -> None:
-        LlavaPreTrainedModel.__init__(self, config)
-        self.model = VictorLlavaModel(config)
+    def __init__(self, config: VictorLlavaConfig | VictorLlavaNextConfig) -> None:
+        self.pretrained_class.__init__(self, config)
+        self.model = self.model_class(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
@@ -345,6 +407,7 @@ class VictorLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         cu_seqlens: Optional[torch.Tensor] = None,
         shift_labels: Optional[torch.LongTensor] = None,
         cache: Optional[Cache] = None,
+        image_sizes: Optional[torch.Tensor] = None,
         **kwargs: Any,
     ) -> VictorLlavaCausalLMOutputWithPast:
         kwargs.pop("cache_position", None)  # transformers 4's `generate` passes it; the cache knows its lengths
@@ -352,7 +415,7 @@ class VictorLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                          position_ids=position_ids, past_key_values=cache if cache is not None else past_key_values,
                          inputs_embeds=inputs_embeds, vision_feature_layer=vision_feature_layer,
                          vision_feature_select_strategy=vision_feature_select_strategy, use_cache=use_cache,
-                         cu_seqlens=cu_seqlens, **kwargs)
+                         cu_seqlens=cu_seqlens, image_sizes=image_sizes, **kwargs)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(out.last_hidden_state[:, keep, :])
         loss = None
@@ -366,4 +429,17 @@ class VictorLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                           kept_index=out.kept_index)
 
 
-__all__ = ["VictorCache", "VictorLlavaForConditionalGeneration", "VictorLlavaModel"]
+class VictorLlavaForConditionalGeneration(VictorGenerationMixin, LlavaForConditionalGeneration):
+    config_class = VictorLlavaConfig
+    pretrained_class = LlavaPreTrainedModel
+    model_class = VictorLlavaModel
+
+
+class VictorLlavaNextForConditionalGeneration(VictorGenerationMixin, LlavaNextForConditionalGeneration):
+    config_class = VictorLlavaNextConfig
+    pretrained_class = LlavaNextPreTrainedModel
+    model_class = VictorLlavaNextModel
+
+
+__all__ = ["VictorCache", "VictorLlavaForConditionalGeneration", "VictorLlavaModel",
+           "VictorLlavaNextForConditionalGeneration", "VictorLlavaNextModel"]

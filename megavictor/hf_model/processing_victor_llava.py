@@ -1,6 +1,7 @@
 """Processor of a Victor LLaVA model (standalone: imports only transformers, so it ships with exports).
 
-A `LlavaProcessor` whose `<image>` expands to the image's visual tokens followed by `num_registers` register
+A `LlavaProcessor` (or for anyres images a `LlavaNextProcessor`) whose `<image>` expands to the image's visual
+tokens (under anyres its whole run: base view, tile rows and their newlines) followed by `num_registers` register
 tokens: the slot order megavictor trains on (`megavictor.model.batch.expand_sample`), so its output goes straight
 into `model.generate(**inputs)`.
 """
@@ -9,12 +10,14 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from transformers import LlavaProcessor
+from transformers import LlavaNextProcessor, LlavaProcessor
 from transformers.feature_extraction_utils import BatchFeature
 
 
-class VictorLlavaProcessor(LlavaProcessor):
-    # LlavaProcessor's arguments are spelled out: ProcessorMixin saves exactly the `__init__` parameters.
+class VictorProcessorMixin:
+    """The registers after each `<image>`, on top of the stock processor that follows this mixin in the bases."""
+
+    # The stock processors' arguments are spelled out: ProcessorMixin saves exactly the `__init__` parameters.
     def __init__(self, image_processor: Any = None, tokenizer: Any = None, patch_size: Optional[int] = None,
                  vision_feature_select_strategy: Optional[str] = None, chat_template: Optional[str] = None,
                  image_token: str = "<image>", num_additional_image_tokens: int = 0, num_registers: int = 0,
@@ -28,11 +31,19 @@ class VictorLlavaProcessor(LlavaProcessor):
     def __call__(self, images: Any = None, text: Optional[str | list[str]] = None, audio: Any = None,
                  videos: Any = None, **kwargs: Any) -> BatchFeature:
         if images is not None and text is not None and self.num_registers:
-            # LlavaProcessor then expands each `<image>` in place, so the registers land right after its tokens.
+            # The stock processor then expands each `<image>` in place, so the registers land right after its tokens.
             registers = self.register_token * self.num_registers
             texts = [text] if isinstance(text, str) else text
             text = [t.replace(self.image_token, self.image_token + registers) for t in texts]
         return super().__call__(images=images, text=text, audio=audio, videos=videos, **kwargs)
 
 
-__all__ = ["VictorLlavaProcessor"]
+class VictorLlavaProcessor(VictorProcessorMixin, LlavaProcessor):
+    """LLaVA-1.5's: each image V visual tokens, then the registers."""
+
+
+class VictorLlavaNextProcessor(VictorProcessorMixin, LlavaNextProcessor):
+    """LLaVA-NeXT's (anyres): each image its own count of visual tokens, then the registers."""
+
+
+__all__ = ["VictorLlavaNextProcessor", "VictorLlavaProcessor"]
