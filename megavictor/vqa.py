@@ -3,15 +3,18 @@
 Each record's first question is rendered with the training chat template up to where the answer starts; the
 model answers greedily (until eos or `--max-new-tokens`) and the answer must match the reference exactly
 (case and surrounding space ignored). `chance` is the accuracy of always giving the most common answer to each
-question text of the split, the floor a model that ignores the image can reach.
+question text of the split, the floor a model that ignores the image can reach. With LLaVA-NeXT anyres images
+(`vision.image_grid_pinpoints`) each image is tiled as training tiles it (`load_anyres`) and takes its own number of
+visual slots.
 
 Decoding uses a KV cache (`megavictor.kv_cache`, on the plain-PyTorch twin of the model); `--no-kv-cache`
 re-runs the whole prefix through the megatron model at every token instead, which gives the same answers.
 Overrides after the arguments change the checkpoint's config for inference, e.g. `peer.fastv_layer=1` to apply
 FastV training-free to a baseline checkpoint.
 
-`--hf DIR` answers the same questions with an exported model (`megavictor convert to-hf`) through transformers
-alone: its processor on the rendered prompt text and the encoded images, then `generate()` greedily.
+`--hf DIR` answers the same questions with an exported model (`megavictor convert to-hf`: LLaVA or LLaVA-NeXT, Victor
+or stock) through transformers alone: its processor on the rendered prompt text and the encoded images, then
+`generate()` greedily.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import io
 import json
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,7 +33,7 @@ import torch
 
 from megavictor.config import Config, PipelineSplit, with_overrides
 from megavictor.data.collate import Sample, collate_rows, expand_sample
-from megavictor.data.images import load_image
+from megavictor.data.images import load_anyres, load_image
 from megavictor.data.manifest import load_manifest
 from megavictor.data.reader import ShardReader
 from megavictor.data.tokenizer import IMAGE_TOKEN, ChatTokenizer, load_tokenizer, render
@@ -57,17 +60,24 @@ def load_questions(cfg: Config, data_path: str | Path, split: str, limit: int | 
     reader = ShardReader(data_path, manifest.split_shards(split))
     n = len(reader) if limit is None else min(limit, len(reader))
     questions = []
+    anyres = cfg.vision.anyres()
     for _, raw in reader.read(range(n)):
         record = json.loads(raw["json"])
-        images = [load_image(raw[member], cfg.vision.image_size, cfg.data.image_aspect_ratio)
-                  for member in record["images"]]
         first_turns = record["conversations"][:2]
-        sample = chat.sample(first_turns, images)
+        if anyres is None:
+            sample = chat.sample(first_turns, [load_image(raw[member], cfg.vision.image_size,
+                                                          cfg.data.image_aspect_ratio) for member in record["images"]])
+        else:  # LLaVA-NeXT: each image's views, and its size and visual slots for the feature gather
+            tiled = [load_anyres(raw[member], anyres) for member in record["images"]]
+            sample = replace(chat.sample(first_turns, [views for views, _ in tiled]),
+                             image_sizes=[size for _, size in tiled],
+                             image_tokens=[anyres.layout(*size).tokens for _, size in tiled])
         start = sample.trainable.index(True)
         text, spans = render(first_turns, chat.prompt_format, chat.tokenizer.eos_token, chat.system)
         questions.append(Question(
             key=raw["__key__"], text=first_turns[0]["value"].replace("<image>", "").strip(),
-            prompt=Sample(sample.tokens[:start], [False] * start, images), answer=first_turns[1]["value"].strip(),
+            prompt=replace(sample, tokens=sample.tokens[:start], trainable=[False] * start),
+            answer=first_turns[1]["value"].strip(),
             # without the space before the answer: it belongs to the answer's first token (SentencePiece, BPE)
             prompt_text=text[:spans[0][0]].rstrip(" "), turn=first_turns[0]["value"],
             image_bytes=[raw[member] for member in record["images"]]))
@@ -92,8 +102,8 @@ def greedy_generate(logits_fn: LogitsFn, cfg: Config, prompts: list[Sample], max
     generated: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     for _ in range(max_new_tokens):
-        rows = [[expand_sample(Sample(p.tokens + g, p.trainable + [True] * len(g), p.images), v, r, pad_id)]
-                for p, g in zip(prompts, generated)]
+        rows = [[expand_sample(replace(p, tokens=p.tokens + g, trainable=p.trainable + [True] * len(g)), v, r,
+                               pad_id)] for p, g in zip(prompts, generated)]
         batch = collate_rows(rows, seq_length, pad_id)
         plan = build_drop_plan(batch, cfg, packed=uses_packed_attention(cfg))
         logits = logits_fn(batch, plan)
@@ -170,14 +180,14 @@ def hf_prompt(processor: Any, question: Question) -> str:
 
 
 def check_hf_export(model_dir: str | Path) -> None:
-    """`--hf` names a LLaVA export (stock or Victor) whose weight files are whole: one line otherwise, before
+    """`--hf` names a LLaVA or LLaVA-NeXT export (stock or Victor) whose weight files are whole: one line otherwise, before
     transformers (whose errors name neither the flag nor the fix) loads anything."""
     from safetensors import SafetensorError, safe_open
 
     from megavictor.hf.convert import hf_config_dict
 
     config = hf_config_dict(model_dir, "--hf", ("model_type",))
-    if config["model_type"] not in ("llava", "victor_llava"):
+    if config["model_type"] not in ("llava", "victor_llava", "llava_next", "victor_llava_next"):
         raise UserError(f"--hf {model_dir} holds a {config['model_type']!r} model, not a LLaVA export; export one "
                         "with `megavictor convert to-hf`")
     files = sorted(Path(model_dir).glob("*.safetensors"))
@@ -195,7 +205,9 @@ def check_hf_export(model_dir: str | Path) -> None:
 
 
 def hf_config(model_dir: str | Path, data_path: str | Path) -> Config:
-    """What `load_questions` needs for an exported model: its tokenizer and image size (prompt format: v1)."""
+    """What `load_questions` needs for an exported model: its tokenizer and image size (prompt format: v1). A
+    LLaVA-NeXT export's images are loaded at one tile's size: only the prompt text and the encoded images reach its
+    processor."""
     from transformers import AutoConfig
 
     cfg = Config()
