@@ -153,6 +153,45 @@ def test_bench_infer(capsys: pytest.CaptureFixture[str]) -> None:
     assert out["flop_bound"] > 1
 
 
+def test_bench_infer_anyres(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """`--anyres`: a Victor LLaVA-NeXT export against the stock LlavaNext, the prompts' images cycling through five
+    aspect ratios (each its own visual count), left-padded to the longest prompt; `--hf` serves a NeXT export's
+    weights the same way."""
+    from megavictor.benchmarks.common import anyres_image_sizes, bench_config
+    from megavictor.benchmarks.infer import export_pair
+
+    grids = ["vision.image_grid_pinpoints=[[32,64],[64,32],[64,64],[96,32],[32,96]]"]
+    cfg = bench_config(None, [*TINY, *grids, "data.image_aspect_ratio=anyres", "data.text_length=8"])
+    expected = [cfg.vision.anyres().layout(h, w).tokens for h, w in anyres_image_sizes(cfg)]
+    assert len(set(expected)) >= 3
+    common = ["--batch", "6", "--prompt-tokens", "8", "--long-tokens", "3", "--repeats", "1", "--long-repeats", "1"]
+    out = last_json(capsys, ["infer", "--anyres", *common, *TINY, *grids])
+    assert_pinned_json("infer", out)
+    assert out["anyres"] and out["visual_per_image"] == expected + expected[:1]
+    assert out["prompt_slots"] == {"victor": max(expected) + 8 + 8, "baseline": max(expected) + 8}
+    assert out["flop_bound"] > 1 and positive(out["speedup"]) and positive(out["decode_speedup"])
+    dirs = export_pair(cfg, tmp_path)
+    served = last_json(capsys, ["infer", "--hf", str(dirs["victor"]), *common])
+    assert served["anyres"] and served["visual_per_image"] == out["visual_per_image"]
+    assert served["flop_bound"] == out["flop_bound"]
+
+
+def test_generate_flops_of_a_mix_pad_every_row_to_the_longest_survivor() -> None:
+    """After the drop the exported model's rows are as long as the one with the fewest visual slots (right-aligned
+    survivors); without a mix the count is `rows` times one prompt's."""
+    from megavictor.benchmarks.common import bench_config
+    from megavictor.model.flops import generate_flops
+
+    victor, baseline = bench_config(None, TINY), bench_config(None, [*TINY, "victor.enabled=false"])
+    prompt = 120 + 8 + 8
+    assert generate_flops(victor, [70, 120], prompt, 4) == generate_flops(victor, [70, 70], prompt, 4)
+    assert generate_flops(victor, [70, 120], prompt, 4) > generate_flops(victor, [120, 120], prompt, 4)
+    assert generate_flops(baseline, [70, 120], prompt, 4) == generate_flops(baseline, [120, 120], prompt, 4)
+    assert generate_flops(victor, [16] * 3, 32, 4) == pytest.approx(3 * generate_flops(victor, [16], 32, 4))
+    more_views = generate_flops(victor, [70, 120], prompt, 4, views=9) - generate_flops(victor, [70, 120], prompt, 4)
+    assert more_views > 0
+
+
 def test_bench_pipeline(capsys: pytest.CaptureFixture[str]) -> None:
     out = last_json(capsys, ["pipeline", "--repeats", "1", "--warmup", "0", "--micro-batches", "2", *TINY])
     assert_pinned_json("pipeline", out)
@@ -183,12 +222,16 @@ def test_bench_infer_on_an_hf_export(capsys: pytest.CaptureFixture[str], tmp_pat
     """`--hf DIR`: a Victor export against the same weights run as a stock LLaVA."""
     from megavictor.benchmarks.common import bench_config
     from megavictor.benchmarks.infer import export_pair
+    from megavictor.errors import UserError
 
     dirs = export_pair(bench_config(None, TINY + ["data.text_length=8"]), tmp_path)
     out = last_json(capsys, ["infer", "--hf", str(dirs["victor"]), "--batch", "2", "--prompt-tokens", "8",
                              "--long-tokens", "3", "--repeats", "1", "--long-repeats", "1"])
     assert out["source"] == str(dirs["victor"])
     assert out["flop_bound"] > 1 and positive(out["speedup"]) and positive(out["decode_speedup"])
+    assert not out["anyres"] and out["visual_per_image"] == [16, 16]
+    with pytest.raises(UserError, match="has no anyres grids"):
+        main(["infer", "--anyres", "--hf", str(dirs["victor"])])
 
 
 def test_accuracy_mean_and_sample_std() -> None:
@@ -235,3 +278,4 @@ def test_bench_accuracy_sweep_over_seeds(capsys: pytest.CaptureFixture[str], dig
     assert by_name["R8_k1"]["flop_bound"] > 1 and by_name["R0_k1"]["flop_bound"] > by_name["R8_k1"]["flop_bound"]
     assert by_name["avgpool_R4"]["flop_bound"] > by_name["R0_k1"]["flop_bound"]  # the LLM never sees the image
     assert Path(out["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+

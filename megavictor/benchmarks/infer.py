@@ -7,6 +7,13 @@ are exported by `megavictor.hf.convert.to_hf` from a random-weight `ReferenceVLM
 CPU width (32 layers, 576 visual tokens, R=8, k=3). With `--hf DIR` (a Victor export), the baseline is the same
 weights loaded as a stock LLaVA (the registers unused).
 
+`--anyres`: LLaVA-NeXT-7B's token shape at CPU width instead (`VictorLlavaNextForConditionalGeneration` against the
+stock `LlavaNextForConditionalGeneration`; a LLaVA-NeXT export given to `--hf` is served the same way). The prompts'
+images cycle through `ANYRES_IMAGE_MIX`'s five aspect ratios (2328-2928 visual tokens at v1.6's grids), so the
+prompts differ in length and are left-padded to the longest, as `generate()` pads a batch; the padding is computed
+(and counted in the FLOPs) by both models, and after Victor's drop every row keeps as many slots as the one with the
+fewest visual tokens (its registers, text and padding).
+
 Serving is greedy decoding with the KV cache, timed in two parts: the prefill (one forward over the prompts, ViT
 included, logits of the last slot only) and the decode steps (one forward per new token). The 2-token setting is
 the prefill plus one decode step, the 128-token setting the prefill plus 127; Victor and the baseline alternate
@@ -27,7 +34,16 @@ from typing import Any
 
 import torch
 
-from megavictor.benchmarks.common import CPU_LLAVA15, add_threads_option, bench_config, median, print_table, variant
+from megavictor.benchmarks.common import (
+    CPU_LLAVA15,
+    CPU_LLAVA_NEXT,
+    add_threads_option,
+    anyres_image_sizes,
+    bench_config,
+    median,
+    print_table,
+    variant,
+)
 from megavictor.config import Config, load_config, with_overrides
 from megavictor.errors import UserError
 from megavictor.model.flops import generate_flops
@@ -52,8 +68,12 @@ def export_pair(cfg: Config, out: Path, seed: int = 0, tokenizer_dir: Path | Non
 
 
 def export_shape(config: Any) -> Config:
-    """A Victor export's HF config (`config.json`, as transformers loads it) as megavictor's config, for FLOPs."""
+    """A Victor export's HF config (`config.json`, as transformers loads it) as megavictor's config, for FLOPs (and a
+    LLaVA-NeXT export's grids, for its prompts' visual counts)."""
     text, vision = config.text_config, config.vision_config
+    pinpoints = getattr(config, "image_grid_pinpoints", None)
+    anyres = [] if pinpoints is None else [f"vision.image_grid_pinpoints={json.dumps(pinpoints)}",
+                                           "data.image_aspect_ratio=anyres"]
     return load_config(None, [
         f"model.num_layers={text.num_hidden_layers}", f"model.hidden_size={text.hidden_size}",
         f"model.ffn_hidden_size={text.intermediate_size}", f"model.num_attention_heads={text.num_attention_heads}",
@@ -62,44 +82,70 @@ def export_shape(config: Any) -> Config:
         f"vision.num_layers={vision.num_hidden_layers}", f"vision.hidden_size={vision.hidden_size}",
         f"vision.ffn_hidden_size={vision.intermediate_size}", f"vision.num_attention_heads={vision.num_attention_heads}",
         "vision.freeze=true", f"victor.num_registers={config.num_registers}", f"victor.drop_layer={config.drop_layer}",
-        "data.seq_length=100000", "log.wandb=false"])
+        "data.seq_length=100000", "log.wandb=false", *anyres])
 
 
 def load_models(dirs: dict[str, Path]) -> dict[str, torch.nn.Module]:
-    from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration
+    """The Victor export through its remote code, the baseline as the stock class its config names."""
+    from transformers import AutoModelForImageTextToText
 
     return {"victor": AutoModelForImageTextToText.from_pretrained(dirs["victor"], trust_remote_code=True).eval(),
-            "baseline": LlavaForConditionalGeneration.from_pretrained(dirs["baseline"]).eval()}
+            "baseline": AutoModelForImageTextToText.from_pretrained(dirs["baseline"]).eval()}
 
 
 def baseline_from_victor(victor_dir: Path) -> torch.nn.Module:
-    """A Victor export's weights as a stock LLaVA (no registers, no drop)."""
-    from transformers import AutoConfig, LlavaConfig, LlavaForConditionalGeneration
+    """A Victor export's weights as a stock LLaVA or LLaVA-NeXT (no registers, no drop)."""
+    from transformers import (
+        AutoConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+    )
 
     vcfg = AutoConfig.from_pretrained(victor_dir, trust_remote_code=True).to_dict()
+    anyres = vcfg.get("image_grid_pinpoints") is not None
     for key in ("num_registers", "drop_layer", "register_token_id", "auto_map", "architectures", "model_type"):
         vcfg.pop(key, None)
-    config = LlavaConfig(**vcfg)
-    model = LlavaForConditionalGeneration.from_pretrained(victor_dir, config=config)
+    config = (LlavaNextConfig if anyres else LlavaConfig)(**vcfg)
+    stock = LlavaNextForConditionalGeneration if anyres else LlavaForConditionalGeneration
+    model = stock.from_pretrained(victor_dir, config=config)
     vocab = model.get_input_embeddings().weight.shape[0]
     if config.image_token_id >= vocab:  # the stock model looks the image id up before overwriting it
         model.resize_token_embeddings(config.image_token_id + 1)
     return model.eval()
 
 
-def prompts(model: torch.nn.Module, batch: int, text: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """`batch` prompts of one image (V image slots, then R register slots for Victor) and `text` text tokens."""
+def prompts(model: torch.nn.Module, shape: Config, batch: int, text: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """`batch` prompts of one image (its visual slots, then R register slots for Victor) and `text` text tokens.
+
+    `shape` is the export's shape (`export_shape`). Under anyres prompt i's image has `anyres_image_sizes`' size
+    i mod 5: its own visual count and tiles (pixel values [batch, most tiles, 3, S, S], zero past an image's own,
+    and `image_sizes`); the prompts are left-padded to the longest."""
     c = model.config
     g = torch.Generator().manual_seed(seed)
-    v = (c.vision_config.image_size // c.vision_config.patch_size) ** 2
     r = getattr(c, "num_registers", 0) if getattr(c, "drop_layer", None) is not None else 0
+    size, spec = shape.vision.image_size, shape.vision.anyres()
     vocab = min(c.text_config.vocab_size, c.image_token_id)
     words = torch.randint(3, vocab, (batch, text), generator=g)
-    ids = torch.cat([torch.full((batch, v), c.image_token_id),
-                     torch.full((batch, r), c.register_token_id if r else 0), words], dim=1)
-    size = c.vision_config.image_size
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-            "pixel_values": torch.randn(batch, 3, size, size, generator=g)}
+    registers = torch.full((r,), c.register_token_id if r else 0)
+    if spec is None:
+        ids = torch.cat([torch.full((batch, shape.vision.num_visual_tokens), c.image_token_id),
+                         registers.expand(batch, r), words], dim=1)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                "pixel_values": torch.randn(batch, 3, size, size, generator=g)}
+    mix = anyres_image_sizes(shape)
+    sizes = [mix[i % len(mix)] for i in range(batch)]
+    layouts = [spec.layout(h, w) for h, w in sizes]
+    rows = [torch.cat([torch.full((layout.tokens,), c.image_token_id), registers, row_words])
+            for layout, row_words in zip(layouts, words)]
+    longest = max(len(row) for row in rows)
+    ids = torch.stack([torch.cat([row.new_zeros(longest - len(row)), row]) for row in rows])
+    mask = torch.stack([torch.arange(longest) >= longest - len(row) for row in rows]).long()
+    pixels = torch.zeros(batch, max(layout.tiles for layout in layouts), 3, size, size)
+    for i, layout in enumerate(layouts):
+        pixels[i, :layout.tiles] = torch.randn(layout.tiles, 3, size, size, generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "image_sizes": torch.tensor(sizes)}
 
 
 @torch.inference_mode()
@@ -124,6 +170,9 @@ def serve(model: torch.nn.Module, inputs: dict[str, torch.Tensor], new_tokens: i
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megavictor bench infer", description=__doc__.splitlines()[0])
     parser.add_argument("--hf", help="a Victor HF export (default: export random-weight models of the paper's shape)")
+    parser.add_argument("--anyres", action="store_true",
+                        help="without --config or --hf: LLaVA-NeXT-7B's anyres token shape at CPU width (up to 2928 "
+                             "visual tokens per image, a mix of five aspect ratios)")
     add_serving_options(parser)
     parser.add_argument("overrides", nargs="*", help="dotted overrides for the exported models (not with --hf)")
     return parser
@@ -161,21 +210,27 @@ def main(argv: list[str]) -> int:
             source = args.hf
         else:
             cfg = bench_config(args.config, [f"data.text_length={args.prompt_tokens}"] + args.overrides,
-                               CPU_LLAVA15)
+                               CPU_LLAVA_NEXT if args.anyres else CPU_LLAVA15)
             models = load_models(export_pair(cfg, Path(tmp)))
             source = "random-weight exports (to_hf of ReferenceVLM)"
-    inputs = {name: prompts(m, args.batch, args.prompt_tokens) for name, m in models.items()}
-
-    # FLOPs from the exported shape, as megavictor's config sees it.
+    # The exported shape as megavictor's config sees it: the prompts' visual counts and the FLOPs.
     tc = models["victor"].config
     shape = export_shape(tc)
-    visual = shape.vision.num_visual_tokens
-    flops = {name: {n: generate_flops(variant(shape, name == "victor", args.prompt_tokens), args.batch, visual,
-                                      inputs[name]["input_ids"].shape[1], n) for n in (2, args.long_tokens)}
+    spec = shape.vision.anyres()
+    if args.anyres and spec is None:
+        raise UserError(f"infer --anyres: {args.hf or args.config} has no anyres grids (vision.image_grid_pinpoints); "
+                        "drop --anyres, or give a LLaVA-NeXT export or recipe")
+    inputs = {name: prompts(m, shape, args.batch, args.prompt_tokens) for name, m in models.items()}
+    visual = (inputs["victor"]["input_ids"] == tc.image_token_id).sum(dim=1).tolist()
+    views = args.batch if spec is None else sum(spec.layout(h, w).tiles
+                                                 for h, w in inputs["victor"]["image_sizes"].tolist())
+    prompt_slots = {name: inputs[name]["input_ids"].shape[1] for name in models}
+    flops = {name: {n: generate_flops(variant(shape, name == "victor", args.prompt_tokens), visual,
+                                      prompt_slots[name], n, views) for n in (2, args.long_tokens)}
              for name in models}
 
-    serve(models["victor"], prompts(models["victor"], 2, 8), 2)  # warm-up, small
-    serve(models["baseline"], prompts(models["baseline"], 2, 8), 2)
+    serve(models["victor"], prompts(models["victor"], shape, 2, 8), 2)  # warm-up, small
+    serve(models["baseline"], prompts(models["baseline"], shape, 2, 8), 2)
     runs: dict[str, dict[str, list[float]]] = {n: {"prefill": [], "first_decode": [], "decode": [], "long": []}
                                                for n in models}
     for i in range(max(args.repeats, args.long_repeats)):
@@ -214,8 +269,11 @@ def main(argv: list[str]) -> int:
         "batch": args.batch, "prompt_text_tokens": args.prompt_tokens, "long_tokens": args.long_tokens,
         "repeats": args.repeats, "long_repeats": args.long_repeats, "threads": args.threads, "source": source,
         "seconds": {n: {k: round(x, 4) for k, x in r.items()} for n, r in res.items()},
+        "anyres": spec is not None, "visual_per_image": visual, "prompt_slots": prompt_slots,
     }
-    print(f"HF serving: batch {args.batch}, {visual} visual + {args.prompt_tokens} text tokens per prompt, "
+    image = (f"anyres images of {min(visual)}-{max(visual)} visual tokens (left-padded to {prompt_slots['baseline']} "
+             "slots)" if spec else f"{visual[0]} visual tokens")
+    print(f"HF serving: batch {args.batch}, {image} + {args.prompt_tokens} text tokens per prompt, "
           f"{tc.text_config.num_hidden_layers} layers, hidden {tc.text_config.hidden_size}, R={tc.num_registers}, "
           f"k={tc.drop_layer}; {source}")
     print_table("", ["", "prefill s", "decode s/token", "2-token s", f"{args.long_tokens}-token s",

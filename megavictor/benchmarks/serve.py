@@ -82,7 +82,7 @@ def main(argv: list[str]) -> int:
     visual = shape.vision.num_visual_tokens
     prompt_slots = {"victor": visual + shape.victor.num_registers + args.prompt_tokens,
                     "baseline": visual + args.prompt_tokens}
-    flops = {name: {n: generate_flops(variant(shape, name == "victor", args.prompt_tokens), args.batch, visual,
+    flops = {name: {n: generate_flops(variant(shape, name == "victor", args.prompt_tokens), [visual] * args.batch,
                                       prompt_slots[name], n) for n in (2, args.long_tokens)} for name in served}
     v, b = served["victor"], served["baseline"]
     speedup = b["seconds_2"] / v["seconds_2"]

@@ -6,6 +6,8 @@ kept share), and a frozen ViT runs forward only.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from megavictor.config import Config
 from megavictor.model.batch import KIND_VISUAL, VictorBatch
 from megavictor.model.peers import removed_visual, shortened_from
@@ -74,12 +76,18 @@ def rows_train_flops(cfg: Config, long: int, visual_per_row: list[int], images: 
     return total + vision_flops(cfg, images, train=True)
 
 
-def generate_flops(cfg: Config, rows: int, visual: int, prompt: int, new_tokens: int) -> float:
-    """Forward FLOPs of `generate` with a KV cache: `rows` prompts of `prompt` slots holding `visual` visual
-    slots each (one image per prompt), a prefill that computes logits for the last slot only, then
-    `new_tokens - 1` single-token decode steps."""
-    short = prompt - removed_visual(cfg, visual)
+def generate_flops(cfg: Config, visual: Sequence[int], prompt: int, new_tokens: int, views: int | None = None) -> float:
+    """Forward FLOPs of batched `generate` with a KV cache: one row per prompt, each padded to `prompt` slots and
+    holding `visual[i]` visual slots (one image per prompt: V each, or under anyres each image's own count), a
+    prefill that computes logits for the last slot only, then `new_tokens - 1` single-token decode steps. `views`:
+    the ViT inputs (anyres: each image's tiles and base view; default one per prompt).
+
+    After the drop every row is as long as the one that keeps the most slots (the exported model's `keep_index`
+    right-aligns them: the prompt with the fewest visual slots keeps the most padding), so a mix of visual counts
+    costs more than their mean."""
+    rows = len(visual)
+    short = max(prompt - removed_visual(cfg, v) for v in visual)
     total = rows * decoder_flops(cfg, prompt, short, factor=1.0, head_tokens=1)
     for t in range(1, new_tokens):
         total += rows * decoder_flops(cfg, 1, 1, factor=1.0, context_long=prompt + t, context_short=short + t)
-    return total + vision_flops(cfg, rows, train=False)
+    return total + vision_flops(cfg, rows if views is None else views, train=False)
