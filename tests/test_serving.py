@@ -206,3 +206,21 @@ def test_refuses_what_it_cannot_serve(exports: dict[str, Path]) -> None:
                          capture_output=True, text=True, timeout=600, env=serving_venv.clean_env())
     assert run.returncode != 0
     assert "Victor models need vLLM's hybrid KV cache manager" in run.stderr
+
+
+def test_refuses_a_victor_llava_next_export(tmp_path: Path) -> None:
+    """A Victor LLaVA-NeXT export (anyres images), which the plugin does not serve: no engine, and the error names the
+    export class and what to run instead. Without the plugin's refusal vLLM would take it to its Transformers backend
+    (measured: "Resolved architecture: TransformersMultiModalForCausalLM"), which knows nothing of the drop."""
+    from megavictor.model.reference import ReferenceVLM
+    from tests.fixtures import ANYRES, tiny_config
+
+    cfg = tiny_config(ANYRES)
+    out = to_hf(cfg, ReferenceVLM(cfg).state_dict(), tmp_path / "victor_next")
+    run = subprocess.run([str(serving_python()), "-c", "from vllm import LLM; LLM(model=__import__('sys').argv[1], "
+                          "trust_remote_code=True)", str(out)],
+                         capture_output=True, text=True, timeout=600, env=serving_venv.clean_env())
+    assert run.returncode != 0
+    assert "Resolved architecture: VictorLlavaNextForConditionalGeneration" in run.stdout + run.stderr  # vLLM's log
+    assert ("megavictor's vLLM plugin does not serve VictorLlavaNextForConditionalGeneration (LLaVA-NeXT anyres images)"
+            in run.stderr)

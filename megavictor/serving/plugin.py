@@ -4,6 +4,8 @@ vLLM calls `register` in every process it starts, before it reads a model's conf
 class under the architecture name the export's config.json carries, the short KV cache spec, and a config hook that
 picks the scheduler (and on CPU the worker) the model needs and refuses what it cannot serve, naming the reason
 (vLLM reports it as a config validation error).
+
+A Victor LLaVA-NeXT export (anyres images) is refused the same way: the plugin serves LLaVA-1.5 exports only.
 """
 
 from __future__ import annotations
@@ -12,6 +14,11 @@ import os
 from typing import Any
 
 ARCHITECTURE = "VictorLlavaForConditionalGeneration"
+NEXT_ARCHITECTURE = "VictorLlavaNextForConditionalGeneration"
+NEXT_REFUSAL = (f"megavictor's vLLM plugin does not serve {NEXT_ARCHITECTURE} (LLaVA-NeXT anyres images) yet: it "
+                "serves VictorLlavaForConditionalGeneration (LLaVA-1.5) exports only; run this export with "
+                "transformers (`generate`, trust_remote_code=True), or serve the baseline's stock "
+                "LlavaNextForConditionalGeneration export")
 
 
 class VictorConfigHook:
@@ -60,6 +67,20 @@ class VictorConfigHook:
             parallel.worker_cls = "megavictor.serving.worker.VictorCPUWorker"
 
 
+class VictorLlavaNextRefusal:
+    """The config hook of Victor LLaVA-NeXT exports: refuses them while vLLM builds the model config, before
+    anything is loaded. Its per-image visual counts (tiles, unpadding, newlines) would need the LLaVA-NeXT processor
+    and vision path under the drop, which `model.py` does not have."""
+
+    @staticmethod
+    def verify_and_update_model_config(model_config: Any) -> None:
+        raise ValueError(NEXT_REFUSAL)
+
+    @staticmethod
+    def verify_and_update_config(vllm_config: Any) -> None:
+        raise ValueError(NEXT_REFUSAL)
+
+
 def register() -> None:
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
@@ -69,4 +90,10 @@ def register() -> None:
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, "megavictor.serving.model:VictorLlavaForConditionalGeneration")
     MODELS_CONFIG_MAP[ARCHITECTURE] = VictorConfigHook
+    # Unregistered, the NeXT architecture would go to vLLM's Transformers backend (the export ships remote code),
+    # which knows nothing of the drop. Registered, it resolves to this plugin, whose hook refuses it; the class named
+    # is only inspected, never built.
+    if NEXT_ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(NEXT_ARCHITECTURE, "megavictor.serving.model:VictorLlavaForConditionalGeneration")
+    MODELS_CONFIG_MAP[NEXT_ARCHITECTURE] = VictorLlavaNextRefusal
     register_spec()
