@@ -210,8 +210,6 @@ def short_length(batch: VictorBatch, cfg: Config) -> int:
     return -(-int((~visual).sum(dim=1).max()) // align) * align
 
 
-
-
 def rope_frequencies(m: ModelConfig, device: torch.device | str = "cpu") -> torch.Tensor:
     """The decoder's RoPE inverse frequencies, base^(-2i/head_dim); with `model.rope_scaling=llama3` scaled as
     Llama 3.1 does (transformers' `_compute_llama3_parameters`): low frequencies divided by the factor, high ones
