@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 DEMO_STAGE1 = Path(__file__).resolve().parents[1] / "configs" / "demo_stage1.yaml"
+HIRES_STAGE1 = DEMO_STAGE1.with_name("hires_stage1.yaml")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,15 +38,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="skip images with more pixels (default 4e7)")
 
     digits = sub.add_parser("digits", help="the embedded handwritten-digit grids (captions + VQA) + tokenizer")
-    digits.add_argument("--out", type=Path, default=Path("data/digits"), help="output folder (default data/digits)")
+    digits.add_argument("--out", type=Path, default=None,
+                        help="output folder (default data/digits, with --hires data/digits_hires)")
     digits.add_argument("--seed", type=int, default=0, help="seed of the scan split and the grids (default 0)")
-    digits.add_argument("--grid", type=int, default=2, choices=(2, 4),
+    digits.add_argument("--grid", type=int, default=None, choices=(2, 4),
                         help="cells per image side: 2 (4 cells, the demo default) or 4 (16 cells, 8x8 digits)")
+    digits.add_argument("--hires", action="store_true",
+                        help="the anyres task: 32x64 to 96x32 px canvases of native 8x8 digits in 16-px cells, "
+                             "questions by row and column (no --grid)")
     digits.add_argument("--maxcount", type=int, default=1000, help="samples per shard at most (default 1000)")
     digits.add_argument("--restart", action="store_true", help="discard an interrupted run in --out, do not resume")
-    digits.add_argument("--vision-config", type=Path, default=DEMO_STAGE1,
+    digits.add_argument("--vision-config", type=Path, default=None,
                         help="config whose vision tower is pretrained into OUT/vision_encoder.safetensors "
-                             "(default: the demo's configs/demo_stage1.yaml)")
+                             "(default: the demo's configs/demo_stage1.yaml, with --hires configs/hires_stage1.yaml)")
     digits.add_argument("--vision-steps", type=int, default=600,
                         help="vision pretraining steps of 64 images (default 600, ~30 s on 2 cores; 0: skip)")
     mix = sub.add_parser("mix", help="a small LLaVA-mix-shaped set (text-only, 1-3 images, aspect 1:3..3:1, "
@@ -97,9 +102,12 @@ def main(argv: list[str] | None = None) -> int:
             from data_prep.digits import prep_digits
             from data_prep.vision_encoder import ensure_vision_encoder
 
-            prep_digits(args.out, maxcount=args.maxcount, seed=args.seed, restart=args.restart, grid=args.grid)
+            out = args.out or Path("data/digits_hires" if args.hires else "data/digits")
+            prep_digits(out, maxcount=args.maxcount, seed=args.seed, restart=args.restart, grid=args.grid,
+                        hires=args.hires)
             if args.vision_steps > 0:
-                ensure_vision_encoder(args.out, args.vision_config, args.vision_steps, args.seed)
+                vision_config = args.vision_config or (HIRES_STAGE1 if args.hires else DEMO_STAGE1)
+                ensure_vision_encoder(out, vision_config, args.vision_steps, args.seed)
     except (PrepError, UserError) as exc:
         print(f"megavictor prep {args.kind}: error: {exc}", file=sys.stderr)
         return 2  # a user error: one line, as every megavictor verb

@@ -9,6 +9,13 @@ reading order ("two, seven"); answers are one word so exact match is meaningful.
 70/15/15 into train/val/test pools and each split draws only from its pool, so no scan leaks across splits.
 Training VQA records have 1-3 turns (LLaVA v1 multi-turn); val/test have one, so each record is one exact-match
 question.
+
+`--hires` (issue #31, LLaVA-NeXT anyres): a task where resolution matters. Each image is one of `HIRES_CANVASES`
+(32x64, 64x32, 64x64, 96x32, 32x96 pixels, height x width), a grid of 16-px cells holding scans at their native 8x8,
+centred; 2 to half the cells hold a digit. Every VQA question asks for the digit in a cell ("row 5 column 2"), and
+captions list the digits in reading order. One 32-px view of such an image (LLaVA-1.5's pad-and-resize) shrinks a
+digit to 4 px (2.7 px for 96x32); the anyres grids of `configs/hires_stage*.yaml`, whose pinpoints are exactly these
+canvases, cut it into native 32-px tiles of 2x2 cells. Records carry `grid: [rows, cols]`.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ from megavictor.data.tokenizer import IMAGE_TOKEN, PROMPT_FORMATS, render
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 IMAGE_SIZE = 32
 GRIDS = (2, 4)  # cells per side that `prep digits --grid` offers
+HIRES_CELL = 16  # pixels per cell side of `--hires` images; a native 8x8 scan sits in the middle
+HIRES_CANVASES = ((32, 64), (64, 32), (64, 64), (96, 32), (32, 96))  # (height, width): hires_stage*.yaml's grids
 CORNERS = ["the top left", "the top right", "the bottom left", "the bottom right"]
 TOKENIZER_DIR = "tokenizer"
 VOCAB_LIMIT = 512  # ModelConfig.vocab_size's default
@@ -70,27 +79,43 @@ def grid_of(digits: list[int | None]) -> int:
     return grid
 
 
+def row_column(pos: int, cols: int) -> str:
+    """A cell's name by its 1-based row and column, `pos` counted in reading order over `cols` columns."""
+    row, col = divmod(pos, cols)
+    return f"row {row + 1} column {col + 1}"
+
+
 def cell_name(pos: int, grid: int) -> str:
-    row, col = divmod(pos, grid)
-    return CORNERS[pos] if grid == 2 else f"row {row + 1} column {col + 1}"
+    return CORNERS[pos] if grid == 2 else row_column(pos, grid)
 
 
-def grid_image(scans: np.ndarray, cells: list[int | None]) -> bytes:
-    """PNG bytes of a 32x32 RGB grid; `cells[i]` (reading order) is a scan index or None for an empty cell."""
-    grid = grid_of(cells)
-    size = IMAGE_SIZE // grid
-    canvas = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+def draw_grid(scans: np.ndarray, cells: list[int | None], cols: int, cell: int, digit_side: int) -> bytes:
+    """PNG bytes of an RGB grid of `cols` columns of `cell`-px cells (as many rows as `cells` fills); `cells[i]`
+    (reading order) is a scan index or None for an empty (black) cell. A scan is resized to `digit_side` px unless
+    that is its native 8 and centred in its cell."""
+    rows = len(cells) // cols
+    canvas = np.zeros((rows * cell, cols * cell), dtype=np.uint8)
+    offset = (cell - digit_side) // 2
     for pos, scan in enumerate(cells):
         if scan is None:
             continue
         digit = Image.fromarray((scans[scan] * (255 / 16)).round().astype(np.uint8))
-        if digit.size != (size, size):
-            digit = digit.resize((size, size), Image.Resampling.BILINEAR)
-        row, col = divmod(pos, grid)
-        canvas[size * row:size * row + size, size * col:size * col + size] = np.asarray(digit)
+        if digit.size != (digit_side, digit_side):
+            digit = digit.resize((digit_side, digit_side), Image.Resampling.BILINEAR)
+        top, left = cell * (pos // cols) + offset, cell * (pos % cols) + offset
+        canvas[top:top + digit_side, left:left + digit_side] = np.asarray(digit)
     out = io.BytesIO()
     Image.fromarray(np.stack([canvas] * 3, axis=-1)).save(out, format="PNG")
     return out.getvalue()
+
+
+def record_image(scans: np.ndarray, record: dict[str, Any]) -> bytes:
+    """PNG bytes of a record's grid: a `--hires` canvas (native scans in 16-px cells), else a 32x32 square whose
+    cells the scans fill."""
+    if "grid" in record:
+        return draw_grid(scans, record["scans"], record["grid"][1], HIRES_CELL, 8)
+    grid = grid_of(record["scans"])
+    return draw_grid(scans, record["scans"], grid, IMAGE_SIZE // grid, IMAGE_SIZE // grid)
 
 
 def questions(digits: list[int | None]) -> list[tuple[str, str]]:
@@ -105,51 +130,72 @@ def questions(digits: list[int | None]) -> list[tuple[str, str]]:
     return qa
 
 
+def hires_questions(digits: list[int | None], cols: int) -> list[tuple[str, str]]:
+    """A `--hires` grid's questions: only the digit of each occupied cell, the one thing a resized view loses (a
+    count survives the resize, so it would dilute what the task measures)."""
+    return [(f"What is the digit in {row_column(i, cols)}?", str(d)) for i, d in enumerate(digits) if d is not None]
+
+
 def split_records(spec: SplitSpec, labels: np.ndarray, pool: np.ndarray, seed: int,
-                  grid: int = 2) -> list[dict[str, Any]]:
-    """The split's records (grid cells as scan indices + conversation); deterministic in (split, seed, grid)."""
+                  grid: int = 2, hires: bool = False) -> list[dict[str, Any]]:
+    """The split's records (grid cells as scan indices + conversation); deterministic in (split, seed, grid, hires)."""
     rng = np.random.default_rng([seed, SPLITS.index(spec)])
-    low, high = (1, 4) if grid == 2 else (3, 8)  # digits per image
     records = []
     for i in range(spec.size):
-        cells: list[int | None] = [None] * grid ** 2
-        for pos in rng.choice(grid ** 2, size=int(rng.integers(low, high + 1)), replace=False):
+        if hires:
+            height, width = HIRES_CANVASES[int(rng.integers(len(HIRES_CANVASES)))]
+            rows, cols = height // HIRES_CELL, width // HIRES_CELL
+            low, high = 2, rows * cols // 2  # digits per image
+        else:
+            rows = cols = grid
+            low, high = (1, 4) if grid == 2 else (3, 8)
+        cells: list[int | None] = [None] * (rows * cols)
+        for pos in rng.choice(rows * cols, size=int(rng.integers(low, high + 1)), replace=False):
             cells[int(pos)] = int(pool[rng.integers(len(pool))])
         digits = [None if c is None else int(labels[c]) for c in cells]
         if spec.kind == "caption":
             conversations = [{"from": "human", "value": "<image>\nWhich digits are shown?"},
                              {"from": "gpt", "value": ", ".join(NAMES[d] for d in digits if d is not None)}]
         else:
-            qa = questions(digits)
+            qa = hires_questions(digits, cols) if hires else questions(digits)
             picks = rng.choice(len(qa), size=min(len(qa), int(rng.integers(1, spec.max_turns + 1))), replace=False)
             conversations = []
             for turn, k in enumerate(picks):
                 question, answer = qa[int(k)]
                 conversations += [{"from": "human", "value": ("<image>\n" if turn == 0 else "") + question},
                                   {"from": "gpt", "value": answer}]
-        records.append({"id": f"{spec.name}-{i:05d}", "conversations": conversations, "images": ["png"],
-                        "digits": digits, "scans": cells})
+        record = {"id": f"{spec.name}-{i:05d}", "conversations": conversations, "images": ["png"],
+                  "digits": digits, "scans": cells}
+        records.append(dict(record, grid=[rows, cols]) if hires else record)
     return records
 
 
 def shard_sample(index: int, record: dict[str, Any], scans: np.ndarray) -> dict[str, Any]:
     """The tar sample of a record: {__key__, png, json} (the layout `megavictor prep llava` writes too)."""
-    return {"__key__": f"{index:06d}", "png": grid_image(scans, record["scans"]),
+    return {"__key__": f"{index:06d}", "png": record_image(scans, record),
             "json": json.dumps(record, sort_keys=True).encode("utf-8")}
 
 
-def prep_digits(out: Path, maxcount: int = 1000, seed: int = 0, restart: bool = False, grid: int = 2) -> None:
+def prep_digits(out: Path, maxcount: int = 1000, seed: int = 0, restart: bool = False, grid: int | None = None,
+                hires: bool = False) -> None:
+    """Write the shards, tokenizer and index of the digits data: `grid` cells per side (default 2), or the `hires`
+    canvases (which have their own cells: no `grid` with them)."""
     data = load_digits()
     scans, labels = data.images, data.target
     pools = source_pools(labels, seed)
+    if hires and grid is not None:
+        raise PrepError(f"--grid {grid} does not apply to --hires (its images have {HIRES_CELL}-px cells, as many "
+                        "as each canvas holds)")
+    grid = 2 if grid is None else grid
     if grid not in GRIDS:
         raise PrepError(f"--grid {grid}: the digits grids have {' or '.join(map(str, GRIDS))} cells per side")
-    grid_key = "" if grid == 2 else f"grid={grid}/"  # grid 2 keeps the fingerprint of data written before --grid
+    # grid 2 keeps the fingerprint of data written before --grid; --hires has its own canvases, not --grid's
+    grid_key = "hires/" if hires else "" if grid == 2 else f"grid={grid}/"
     writer = ShardSetWriter(out, fingerprint=f"digits/v1/{grid_key}seed={seed}/maxcount={maxcount}",
                             maxcount=maxcount, maxsize=1 << 40, restart=restart)
     corpus: list[str] = []
     for spec in SPLITS:
-        records = split_records(spec, labels, pools[spec.pool], seed, grid)
+        records = split_records(spec, labels, pools[spec.pool], seed, grid, hires)
         corpus += [render(r["conversations"], fmt, SPECIAL_TOKENS["eos_token"])[0].replace(IMAGE_TOKEN, " ")
                    for r in records for fmt in PROMPT_FORMATS]
         start = writer.start_index(spec.name)
@@ -157,8 +203,9 @@ def prep_digits(out: Path, maxcount: int = 1000, seed: int = 0, restart: bool = 
             indices = tqdm(range(start, len(records)), desc=spec.name, unit=" samples")
             writer.write_split(spec.name, ((i, shard_sample(i, records[i], scans)) for i in indices))
     build_word_tokenizer(corpus, out / TOKENIZER_DIR, VOCAB_LIMIT)
-    manifest = writer.finish(source={"kind": "digits", "dataset": "sklearn.datasets.load_digits", "seed": seed, "grid": grid,
-                                     "pools": {k: len(v) for k, v in pools.items()}}, tokenizer=TOKENIZER_DIR)
+    shape = {"grid": None, "hires": True} if hires else {"grid": grid}
+    manifest = writer.finish(source={"kind": "digits", "dataset": "sklearn.datasets.load_digits", "seed": seed,
+                                     **shape, "pools": {k: len(v) for k, v in pools.items()}}, tokenizer=TOKENIZER_DIR)
     build_index(out)
     counts = {s.name: sum(e.samples for e in manifest.shards if e.split == s.name) for s in SPLITS}
     print(f"wrote {len(manifest.shards)} shards to {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))

@@ -5,7 +5,8 @@ through a tiny from-scratch LLM learns visual tokens the LLM cannot read within 
 features linearly decodable only from whole cells, not from the tokens an attention head averages). So the
 prep step pretrains the tower the way CLIP features behave: every patch token is trained to predict the digit
 of its grid cell (or "empty") and which cell it lies in, with linear heads on the last layer's patch outputs.
-Only `caption_train` images (train-pool scans) are used; held-out accuracy on `caption_val` is reported.
+Only `caption_train` images (train-pool scans) are used; held-out accuracy on `caption_val` is reported. `--hires`
+data trains it on each canvas's native 32-px tiles (2x2 cells each), the views anyres shows it.
 
 The tower's weights go to `<data>/vision_encoder.safetensors` under the full model's names (`vision.*`), what
 `vision.init_from` reads; `<data>/vision_encoder.json` records the vision config, steps and accuracy.
@@ -13,13 +14,15 @@ The tower's weights go to `<data>/vision_encoder.safetensors` under the full mod
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from data_prep.digits import grid_of
+from data_prep.digits import HIRES_CELL, grid_of
+from data_prep.shards import PrepError
 from megavictor.config import Config, load_config
 from megavictor.data.manifest import VISION_ENCODER_FILE
 
@@ -29,7 +32,9 @@ LR = 2e-3
 
 
 def _split_images(data: Path, split: str, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """All images of a split [N, 3, S, S] and their grids' digits [N, cells] (EMPTY for an empty cell)."""
+    """All training views of a split [N, 3, S, S] and their cells' digits [N, cells] (EMPTY for an empty cell): each
+    32x32 image, or each `--hires` canvas cut into its native S-px tiles (what the anyres tiles show the ViT: a CLIP
+    is trained at its own resolution, not on images shrunk below it)."""
     from megavictor.data.images import load_image
     from megavictor.data.manifest import load_manifest
     from megavictor.data.reader import ShardReader
@@ -38,9 +43,38 @@ def _split_images(data: Path, split: str, image_size: int) -> tuple[torch.Tensor
     images, digits = [], []
     for _, raw in reader.read(range(len(reader))):
         record = json.loads(raw["json"])
-        images.append(load_image(raw["png"], image_size))
-        digits.append([EMPTY if d is None else d for d in record["digits"]])
+        cells = [EMPTY if d is None else d for d in record["digits"]]
+        if "grid" in record:
+            for view, view_cells in hires_tiles(raw["png"], record["grid"], cells, image_size):
+                images.append(view)
+                digits.append(view_cells)
+        else:
+            images.append(load_image(raw["png"], image_size))
+            digits.append(cells)
     return torch.stack(images), torch.tensor(digits)
+
+
+def hires_tiles(png: bytes, grid: list[int], cells: list[int], tile: int) -> list[tuple[torch.Tensor, list[int]]]:
+    """A `--hires` canvas of grid = [rows, cols] cells cut into native tile x tile views (row-major, as the anyres
+    tiles of a canvas that is its own pinpoint), each with its cells' entries of `cells` in reading order."""
+    from PIL import Image
+
+    from megavictor.data.images import normalize, to_rgb
+
+    rows, cols = grid
+    per_tile = tile // HIRES_CELL
+    if tile % HIRES_CELL or rows % per_tile or cols % per_tile:
+        raise PrepError(f"vision.image_size={tile}: a --hires tile must hold whole {HIRES_CELL}-px cells and tile "
+                        f"every canvas ({rows * HIRES_CELL}x{cols * HIRES_CELL} px); use 32")
+    with Image.open(io.BytesIO(png)) as opened:
+        canvas = normalize(to_rgb(opened))
+    views = []
+    for top in range(0, rows, per_tile):
+        for left in range(0, cols, per_tile):
+            y, x = top * HIRES_CELL, left * HIRES_CELL
+            views.append((canvas[:, y:y + tile, x:x + tile].contiguous(),
+                          [cells[(top + r) * cols + left + c] for r in range(per_tile) for c in range(per_tile)]))
+    return views
 
 
 def cell_of_patch(cfg: Config, grid: int) -> torch.Tensor:

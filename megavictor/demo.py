@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from megavictor.config import load_config
@@ -18,9 +19,10 @@ from megavictor.data.manifest import MANIFEST_NAME, VISION_ENCODER_FILE
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def ensure_digits(path: Path) -> None:
-    """Prepare the digits shards and the pretrained vision tower if either is missing (prep resumes); index digits
-    data prepared before the length index existed (the demo's own data: a few seconds)."""
+def ensure_digits(path: Path, prep_args: Sequence[str] = ()) -> None:
+    """Prepare the digits shards and the pretrained vision tower if either is missing (prep resumes; `prep_args`
+    are further `prep digits` flags, e.g. `--hires`); index digits data prepared before the length index existed
+    (the demo's own data: a few seconds)."""
     from megavictor.cli import main as megavictor
     from megavictor.data.index import INDEX_NAME
 
@@ -31,7 +33,7 @@ def ensure_digits(path: Path) -> None:
         if not (path / INDEX_NAME).is_file() and prep(["index", "--data", str(path)]) != 0:
             raise SystemExit(f"megavictor demo: indexing the digits data in {path} failed")
         return
-    if prep(["digits", "--out", str(path)]) != 0:
+    if prep(["digits", "--out", str(path), *prep_args]) != 0:
         raise SystemExit(f"megavictor demo: preparing the digits data in {path} failed")
 
 

@@ -50,6 +50,16 @@ def digits_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def hires_digits_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`prep digits --hires` (the anyres task), prepared once per session, its ViT pretrained for a few steps only
+    (enough for `bench accuracy --hires` to run, not to read digits)."""
+    from data_prep.cli import main
+
+    return built_once(tmp_path_factory, "digits_hires",
+                      lambda out: _prep(main, ["digits", "--hires", "--out", str(out), "--vision-steps", "3"]))
+
+
+@pytest.fixture(scope="session")
 def mix_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The LLaVA-mix-shaped set (`megavictor prep mix`: text-only, 1-3 images, aspect 1:3..3:1, multi-turn; splits
     train 400 / val 64 / test 64), prepared once per session through `prep llava` (via the CLI entry point)."""

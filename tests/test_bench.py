@@ -279,3 +279,36 @@ def test_bench_accuracy_sweep_over_seeds(capsys: pytest.CaptureFixture[str], dig
     assert by_name["avgpool_R4"]["flop_bound"] > by_name["R0_k1"]["flop_bound"]  # the LLM never sees the image
     assert Path(out["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+
+def test_bench_accuracy_hires(capsys: pytest.CaptureFixture[str], hires_digits_data: Path, digits_data: Path,
+                              tmp_path: Path) -> None:
+    """`--hires` on a 2-step budget, one seed, a 2-layer LLM: the anyres baseline, the baseline on one 32-px view and
+    Victor R=8 at anyres, trained and scored on the same test questions; the single view takes 16 visual tokens per
+    image (the anyres views 52-88), so its rows pack more samples. The task and the data must agree (one line)."""
+    from megavictor.benchmarks.accuracy import main as accuracy
+    from megavictor.errors import UserError
+    from tests.test_interface import BENCH_JSON_FIELDS, BENCH_RECORD_FIELDS
+
+    out = last_json(capsys, ["accuracy", "--hires", "--seeds", "1", "--run-dir", str(tmp_path), "--data",
+                             str(hires_digits_data), "--eval-limit", "24", "train.max_steps=2", "log.wandb=false",
+                             "model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64",
+                             "model.num_attention_heads=2", "data.seq_length=256"])
+    no_r0 = {"no_register_accuracy", "no_register_accuracy_std"}  # --hires has no R=0 variant (as --variants)
+    assert BENCH_JSON_FIELDS["accuracy"] - no_r0 <= set(out) and not no_r0 & set(out)
+    assert all(BENCH_RECORD_FIELDS["accuracy"][1] <= set(r) for r in out["results"])
+    assert (out["hires"], out["recipe"], out["seeds"], out["drop_layer"]) == (True, "hires", [1234], 1)
+    by_name = {r["name"]: r for r in out["results"]}
+    assert list(by_name) == ["baseline", "baseline_single", "R8_k1"]
+    assert {r["questions"] for r in out["results"]} == {24}
+    assert (out["single_view_accuracy"], out["victor_accuracy"]) == (by_name["baseline_single"]["accuracy"],
+                                                                     by_name["R8_k1"]["accuracy"])
+    assert by_name["baseline_single"]["train_samples"] > by_name["baseline"]["train_samples"] > 0
+    assert by_name["baseline_single"]["flop_bound"] > by_name["R8_k1"]["flop_bound"] > 1
+    single = json.loads((tmp_path / "baseline_single" / "seed1234" / "stage2" / "config.json").read_text())
+    assert single["vision"]["image_grid_pinpoints"] is None and single["data"]["image_aspect_ratio"] == "pad"
+    with pytest.raises(UserError, match="holds the 32-px digits"):
+        accuracy(["--hires", "--data", str(digits_data), "--run-dir", str(tmp_path / "wrong")])
+    with pytest.raises(UserError, match="holds the --hires digits"):
+        accuracy(["--data", str(hires_digits_data), "--run-dir", str(tmp_path / "wrong")])
+    with pytest.raises(UserError, match="--recipe demo does not apply to --hires"):
+        accuracy(["--hires", "--recipe", "demo"])

@@ -157,6 +157,84 @@ def test_digits_prep_pretrains_the_demo_vision_tower(digits_data: Path) -> None:
         vision_tower_state(digits_data / "vision_encoder.safetensors", wrong)
 
 
+def test_digits_hires_canvases_cells_answers_and_index(hires_digits_data: Path) -> None:
+    """`--hires`: every image is one of the canvases, each exactly a pinpoint of configs/hires_stage*.yaml (anyres
+    cuts it into native tiles, nothing resized), and the index holds its size; an occupied cell holds its scan at
+    its native 8x8, centred in 16 px, an empty one is black; every VQA question asks for one cell's digit, with that
+    digit as the answer; 2 to half the cells are occupied; every canvas occurs in every split."""
+    from sklearn.datasets import load_digits
+
+    from data_prep.cli import HIRES_STAGE1
+    from data_prep.digits import HIRES_CANVASES, HIRES_CELL
+    from megavictor.config import load_config
+    from megavictor.data.index import load_index
+    from megavictor.hf_model.anyres import select_best_resolution
+
+    pins = tuple(tuple(p) for p in load_config(HIRES_STAGE1).vision.image_grid_pinpoints)
+    assert pins == tuple(tuple(p) for p in load_config(HIRES_STAGE1.with_name("hires_stage2.yaml"))
+                         .vision.image_grid_pinpoints) == HIRES_CANVASES
+    assert load_manifest(hires_digits_data).source["hires"] is True
+    assert check_manifest_matches_tars(hires_digits_data) == {s.name: s.size for s in SPLITS}
+    native = (load_digits().images * (255 / 16)).round().astype(np.uint8)
+    index = load_index(hires_digits_data, None, "v1", "", need_sizes=True)
+    for split in ("caption_val", "vqa_val", "vqa_test"):
+        records, split_index, canvases = _records(hires_digits_data, split), index.split(split), set()
+        assert [r["id"] for r, _ in records] == split_index.ids.tolist()
+        for i, (record, image) in enumerate(records):
+            height, width = image.shape[:2]
+            canvases.add((height, width))
+            assert split_index.image_sizes(i) == [(height, width)]
+            assert select_best_resolution(height, width, pins) == (height, width)  # the grid hit: its own size
+            rows, cols = record["grid"]
+            assert (rows * HIRES_CELL, cols * HIRES_CELL) == (height, width)
+            assert 2 <= sum(d is not None for d in record["digits"]) <= rows * cols // 2
+            for pos, (scan, digit) in enumerate(zip(record["scans"], record["digits"])):
+                top, left = HIRES_CELL * (pos // cols), HIRES_CELL * (pos % cols)
+                cell = image[top:top + HIRES_CELL, left:left + HIRES_CELL, 0]
+                if scan is None:
+                    assert digit is None and cell.max() == 0
+                else:
+                    expected = np.zeros((HIRES_CELL, HIRES_CELL), dtype=np.uint8)
+                    expected[4:12, 4:12] = native[scan]
+                    assert np.array_equal(cell, expected)
+            if split.startswith("vqa"):
+                human, gpt = record["conversations"]
+                numbered = re.fullmatch(r"<image>\nWhat is the digit in row (\d) column (\d)\?", human["value"])
+                assert numbered, human["value"]
+                assert gpt["value"] == str(record["digits"][(int(numbered[1]) - 1) * cols + int(numbered[2]) - 1])
+        assert canvases == set(HIRES_CANVASES)
+
+
+def test_digits_hires_vision_tiles_are_the_native_cells(hires_digits_data: Path) -> None:
+    """The hires ViT pretrains on each canvas's 32-px tiles (row-major, 2x2 cells each), labelled by their cells."""
+    import torch
+
+    from data_prep.digits import HIRES_CELL
+    from data_prep.vision_encoder import EMPTY, hires_tiles
+    from megavictor.data.images import load_anyres
+    from megavictor.hf_model.anyres import AnyresSpec
+
+    shard = load_manifest(hires_digits_data).split_shards("caption_val")[0]
+    for sample in list(tar_samples(hires_digits_data / shard.name).values())[:20]:
+        record = json.loads(sample["json"])
+        cells = [EMPTY if d is None else d for d in record["digits"]]
+        tiles = hires_tiles(sample["png"], record["grid"], cells, 32)
+        rows, cols = record["grid"]
+        assert len(tiles) == rows * cols // 4
+        views, _ = load_anyres(sample["png"], AnyresSpec(((rows * HIRES_CELL, cols * HIRES_CELL),), 32, 8))
+        for (tile, labels), view in zip(tiles, views[1:], strict=True):  # the anyres tiles after the base view
+            assert torch.equal(tile, view)
+            for q, label in enumerate(labels):  # an empty cell of the tile is black (CLIP-normalised zero)
+                cell = tile[:, 16 * (q // 2):16 * (q // 2) + 16, 16 * (q % 2):16 * (q % 2) + 16]
+                assert (label == EMPTY) == bool(torch.allclose(cell, cell.flatten(1)[:, :1, None]))
+
+
+def test_digits_hires_refuses_a_grid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert megavictor_main(["prep", "digits", "--hires", "--grid", "4", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--grid 4 does not apply to --hires" in err[0]
+
+
 # ----------------------------------------------------------------------------------------------- LLaVA
 
 BAD_TEXT = "@@NOT-UTF8@@"

@@ -43,7 +43,8 @@ VERB_FLAGS: dict[tuple[str, ...], set[str]] = {
     ("prep", "llava"): {"--json", "--images", "--out", "--split", "--maxcount", "--maxsize", "--workers", "--strict",
                         "--restart", "--tokenizer", "--system-prompt", "--max-slots", "--image-slots",
                         "--min-image-side", "--max-image-pixels"},
-    ("prep", "digits"): {"--out", "--seed", "--grid", "--maxcount", "--restart", "--vision-config", "--vision-steps"},
+    ("prep", "digits"): {"--out", "--seed", "--grid", "--maxcount", "--restart", "--vision-config", "--vision-steps",
+                         "--hires"},
     ("prep", "mix"): {"--out", "--samples", "--eval-samples", "--seed", "--text-only-fraction",
                       "--multi-image-fraction"},
     ("prep", "index"): {"--data", "--tokenizer", "--system-prompt"},
@@ -57,7 +58,7 @@ VERB_FLAGS: dict[tuple[str, ...], set[str]] = {
                          "--threads"},
     ("bench", "pipeline"): {"--config", "--repeats", "--warmup", "--rows", "--micro-batches", "--length-buckets"},
     ("bench", "accuracy"): {"--quick", "--seeds", "--recipe", "--variants", "--run-dir", "--data", "--eval-limit",
-                            "--plot", "--replot"},
+                            "--plot", "--replot", "--hires"},
 }
 
 # The verbs that take trailing `section.key=value` config overrides (a positional `overrides`, nargs="*").
@@ -319,7 +320,7 @@ BENCH_JSON_FIELDS: dict[str, set[str]] = {
     # baseline/victor/no_register accuracies: when the sweep has baseline, R8_k<k> and R0_k<k> (--quick and the full)
     "accuracy": {"results", "seeds", "drop_layer", "num_layers", "quick", "baseline_accuracy", "baseline_accuracy_std",
                  "victor_accuracy", "victor_accuracy_std", "no_register_accuracy", "no_register_accuracy_std",
-                 "chance", "plot", "run_dir", "recipe"},
+                 "chance", "plot", "run_dir", "recipe", "hires"},  # --hires adds single_view_accuracy(_std)
 }
 
 # verb -> (field holding records, the fields of each record): by text length for train, by variant for accuracy.
@@ -334,7 +335,7 @@ BENCH_RECORD_FIELDS: dict[str, tuple[str, set[str]]] = {
     "accuracy": ("results", {
         "name", "method", "enabled", "num_registers", "drop_layer", "accuracy", "accuracy_std", "accuracies", "seeds",
         "chance", "tokens_per_s", "eval_s", "flops", "train_speedup", "infer_speedup", "flop_bound",
-        "ratio_to_bound"}),
+        "ratio_to_bound", "questions", "train_samples"}),
 }
 
 
