@@ -74,16 +74,22 @@ def imported(sources: dict[str, Path], victor: bool, overrides: tuple[str, ...] 
     return cfg, state
 
 
-@pytest.fixture(scope="module")
-def victor(sources: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The Victor model exported with the tokenizer, loaded back through remote code, and its ReferenceVLM twin."""
-    cfg, state = imported(sources, victor=True)
-    out = to_hf(cfg, state, tmp_path_factory.mktemp("victor_export"), tokenizer_dir=sources["llm"])
+def victor_export(sources: dict[str, Path], out: Path, overrides: tuple[str, ...] | list[str] = ()) -> dict:
+    """The Victor model (with `overrides`) exported with the tokenizer into `out`, loaded back through remote code,
+    and its ReferenceVLM twin."""
+    cfg, state = imported(sources, victor=True, overrides=overrides)
+    out = to_hf(cfg, state, out, tokenizer_dir=sources["llm"])
     reference = ReferenceVLM(cfg).eval()
     reference.load_state_dict(state)
     return {"cfg": cfg, "dir": out, "reference": reference,
             "model": AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True).eval(),
             "processor": AutoProcessor.from_pretrained(out, trust_remote_code=True)}
+
+
+@pytest.fixture(scope="module")
+def victor(sources: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The Victor model exported with the tokenizer, loaded back through remote code, and its ReferenceVLM twin."""
+    return victor_export(sources, tmp_path_factory.mktemp("victor_export"))
 
 
 def reference_greedy(ref: ReferenceVLM, sample: Sample, steps: int, eos: int) -> tuple[list[int], torch.Tensor]:
@@ -310,13 +316,7 @@ def test_batched_left_padded_generation_equals_one_by_one(victor: dict) -> None:
 def victor_next(sources: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The Victor model with anyres images exported with the tokenizer (`VictorLlavaNextForConditionalGeneration`),
     loaded back through remote code, and its ReferenceVLM twin."""
-    cfg, state = imported(sources, victor=True, overrides=ANYRES)
-    out = to_hf(cfg, state, tmp_path_factory.mktemp("victor_next_export"), tokenizer_dir=sources["llm"])
-    reference = ReferenceVLM(cfg).eval()
-    reference.load_state_dict(state)
-    return {"cfg": cfg, "dir": out, "reference": reference,
-            "model": AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True).eval(),
-            "processor": AutoProcessor.from_pretrained(out, trust_remote_code=True)}
+    return victor_export(sources, tmp_path_factory.mktemp("victor_next_export"), ANYRES)
 
 
 def test_victor_next_processor_and_logits_match_training(victor_next: dict) -> None:
