@@ -41,6 +41,7 @@ setup(
         "submitit>=1.5.4,<1.6",  # SLURM / local job submission (megavictor launch)
         "wandb",  # offline by default (WANDB_MODE=offline); `wandb sync` uploads a run later
         "matplotlib",  # `megavictor bench accuracy`'s accuracy-vs-speedup plot
+        "scipy",  # `bench accuracy`'s t intervals over seeds (scikit-learn needs it anyway)
     ],
     extras_require={
         # train.engine=deepspeed. Its sdist builds no ops at install (none are used: torch's AdamW, gloo on CPU).

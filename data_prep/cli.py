@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     digits.add_argument("--hires", action="store_true",
                         help="the anyres task: 32x64 to 96x32 px canvases of native 8x8 digits in 16-px cells, "
                              "questions by row and column (no --grid)")
+    digits.add_argument("--test-samples", type=int, default=None,
+                        help="questions in vqa_test (default 2500: one run's exact-match noise <= 1 point, as "
+                             "`bench accuracy` needs; the first 500 are the same at every size)")
     digits.add_argument("--maxcount", type=int, default=1000, help="samples per shard at most (default 1000)")
     digits.add_argument("--restart", action="store_true", help="discard an interrupted run in --out, do not resume")
     digits.add_argument("--vision-config", type=Path, default=None,
@@ -99,12 +102,13 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"wrote {build_index(args.data, args.tokenizer, args.system_prompt)}")
         else:
-            from data_prep.digits import prep_digits
+            from data_prep.digits import TEST_SAMPLES, prep_digits
             from data_prep.vision_encoder import ensure_vision_encoder
 
             out = args.out or Path("data/digits_hires" if args.hires else "data/digits")
+            test_samples = TEST_SAMPLES if args.test_samples is None else args.test_samples
             prep_digits(out, maxcount=args.maxcount, seed=args.seed, restart=args.restart, grid=args.grid,
-                        hires=args.hires)
+                        hires=args.hires, test_samples=test_samples)
             if args.vision_steps > 0:
                 vision_config = args.vision_config or (HIRES_STAGE1 if args.hires else DEMO_STAGE1)
                 ensure_vision_encoder(out, vision_config, args.vision_steps, args.seed)

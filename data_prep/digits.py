@@ -60,8 +60,13 @@ SPLITS = [
     SplitSpec("caption_val", "val", 500, "caption", 1),
     SplitSpec("vqa_train", "train", 4000, "vqa", 3),
     SplitSpec("vqa_val", "val", 500, "vqa", 1),
-    SplitSpec("vqa_test", "test", 500, "vqa", 1),
+    SplitSpec("vqa_test", "test", 2500, "vqa", 1),  # TEST_SAMPLES
 ]
+# The test split's default size: the fidelity protocol (`bench accuracy`) needs one run's exact-match noise at most
+# about 1 point, sqrt(p (1 - p) / n) <= 0.01 at the worst case p = 0.5, so n >= 2500. The first 500 records are the
+# 500 that the split held before (each split draws from its own generator, record by record).
+TEST_SAMPLES = 2500
+TEST_SPLIT = "vqa_test"
 
 
 def source_pools(labels: np.ndarray, seed: int) -> dict[str, np.ndarray]:
@@ -137,11 +142,12 @@ def hires_questions(digits: list[int | None], cols: int) -> list[tuple[str, str]
 
 
 def split_records(spec: SplitSpec, labels: np.ndarray, pool: np.ndarray, seed: int,
-                  grid: int = 2, hires: bool = False) -> list[dict[str, Any]]:
-    """The split's records (grid cells as scan indices + conversation); deterministic in (split, seed, grid, hires)."""
+                  grid: int = 2, hires: bool = False, size: int | None = None) -> list[dict[str, Any]]:
+    """The split's records (grid cells as scan indices + conversation); deterministic in (split, seed, grid, hires).
+    `size` (default the spec's) only cuts or extends the same sequence: record i is the same for every size."""
     rng = np.random.default_rng([seed, SPLITS.index(spec)])
     records = []
-    for i in range(spec.size):
+    for i in range(spec.size if size is None else size):
         if hires:
             height, width = HIRES_CANVASES[int(rng.integers(len(HIRES_CANVASES)))]
             rows, cols = height // HIRES_CELL, width // HIRES_CELL
@@ -177,25 +183,30 @@ def shard_sample(index: int, record: dict[str, Any], scans: np.ndarray) -> dict[
 
 
 def prep_digits(out: Path, maxcount: int = 1000, seed: int = 0, restart: bool = False, grid: int | None = None,
-                hires: bool = False) -> None:
+                hires: bool = False, test_samples: int = TEST_SAMPLES) -> None:
     """Write the shards, tokenizer and index of the digits data: `grid` cells per side (default 2), or the `hires`
-    canvases (which have their own cells: no `grid` with them)."""
+    canvases (which have their own cells: no `grid` with them); `test_samples` questions in `vqa_test`."""
     data = load_digits()
     scans, labels = data.images, data.target
     pools = source_pools(labels, seed)
     if hires and grid is not None:
         raise PrepError(f"--grid {grid} does not apply to --hires (its images have {HIRES_CELL}-px cells, as many "
                         "as each canvas holds)")
+    if test_samples < 1:
+        raise PrepError(f"--test-samples {test_samples} must be >= 1")
     grid = 2 if grid is None else grid
     if grid not in GRIDS:
         raise PrepError(f"--grid {grid}: the digits grids have {' or '.join(map(str, GRIDS))} cells per side")
     # grid 2 keeps the fingerprint of data written before --grid; --hires has its own canvases, not --grid's
     grid_key = "hires/" if hires else "" if grid == 2 else f"grid={grid}/"
-    writer = ShardSetWriter(out, fingerprint=f"digits/v1/{grid_key}seed={seed}/maxcount={maxcount}",
+    # the test split's size is in the fingerprint (a resume never mixes sizes); the default's is the v2 data set
+    size_key = "" if test_samples == TEST_SAMPLES else f"test={test_samples}/"
+    writer = ShardSetWriter(out, fingerprint=f"digits/v2/{grid_key}{size_key}seed={seed}/maxcount={maxcount}",
                             maxcount=maxcount, maxsize=1 << 40, restart=restart)
     corpus: list[str] = []
     for spec in SPLITS:
-        records = split_records(spec, labels, pools[spec.pool], seed, grid, hires)
+        records = split_records(spec, labels, pools[spec.pool], seed, grid, hires,
+                                test_samples if spec.name == TEST_SPLIT else None)
         corpus += [render(r["conversations"], fmt, SPECIAL_TOKENS["eos_token"])[0].replace(IMAGE_TOKEN, " ")
                    for r in records for fmt in PROMPT_FORMATS]
         start = writer.start_index(spec.name)

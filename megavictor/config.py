@@ -45,6 +45,14 @@ class VictorMask(enum.StrEnum):
     TEXT_BLIND = "text_blind"  # text may not attend visual tokens in layers < k (VoCo-LLaMA-style ablation)
 
 
+class PruneMethod(enum.StrEnum):
+    """The training-free pre-LLM selections of `peer.prune` (`megavictor.model.visual_select`)."""
+
+    RANDOM = "random"  # B of each image's visual tokens, uniformly at random
+    DIVPRUNE = "divprune"  # DivPrune: greedy max-min cosine diversity over the projected tokens
+    VISIONZIP = "visionzip"  # VisionZip: the ViT [CLS]'s most attended tokens plus merged contextual ones
+
+
 class PipelineSplit(enum.StrEnum):
     EVEN = "even"
     BALANCED = "balanced"  # per-stage layer counts from the cost model (megavictor.model.pipeline_split)
@@ -197,9 +205,25 @@ class PeerConfig:
     # victor.enabled=false; set at inference only (`megavictor eval ... peer.fastv_layer=K`) it is training-free.
     fastv_layer: int | None = None
     fastv_keep: float = 0.5
+    # PyramidDrop (Xing et al., CVPR 2025): FastV's ranking at several layers. From `pyramid_layers[i]` on each image
+    # keeps its `pyramid_keep[i]` visual tokens (of those the previous stage kept) that the last instruction tokens
+    # attend most in the layer before; the count shrinks stage by stage. Needs victor.enabled=false.
+    pyramid_layers: list[int] | None = None
+    pyramid_keep: list[int] | None = None
     # A fixed compressor: each image's visual tokens average-pooled (over the patch grid) to this many tokens, which
     # fill the register slots; with victor.drop_layer=0 the LLM never sees the visual tokens themselves.
     avg_pool_to: int | None = None
+    # Training-free selections (set at evaluation, on a checkpoint trained without them): each image's visual tokens
+    # reduced to `prune_to` tokens (random, DivPrune or VisionZip), which fill the register slots like the average
+    # pool's (victor.enabled=true victor.num_registers=prune_to victor.drop_layer=0).
+    prune: PruneMethod | None = None
+    prune_to: int | None = None
+
+    @property
+    def reads_attention(self) -> bool:
+        """Whether a peer ranks visual tokens by attention probabilities (FastV, PyramidDrop), which only megatron's
+        local attention exposes."""
+        return self.fastv_layer is not None or self.pyramid_layers is not None
 
 
 @dataclass
@@ -584,36 +608,65 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
 
 
 def _validate_peer(cfg: Config) -> None:
-    """FastV ranks by layer K-1's attention probabilities (megatron's local attention, one pipeline stage, no
-    Victor drop); the average pool fills the register slots, so it needs exactly that many and the drop at 0."""
+    """FastV and PyramidDrop rank by the attention probabilities of the layer before each drop (megatron's local
+    attention, one pipeline stage, no Victor drop); the average pool and the training-free selections
+    (`peer.prune`) fill the register slots, so they need exactly that many and the drop at 0."""
     pe, vi, t, p = cfg.peer, cfg.victor, cfg.train, cfg.parallel
     n_layers, visual = cfg.model.num_layers, cfg.vision.num_visual_tokens
-    used = [key for key, value in (("peer.fastv_layer", pe.fastv_layer), ("peer.avg_pool_to", pe.avg_pool_to))
-            if value is not None]
-    _require(len(used) <= 1, "peer.fastv_layer and peer.avg_pool_to are alternatives: set one of them")
+    used = [key for key, value in (("peer.fastv_layer", pe.fastv_layer), ("peer.pyramid_layers", pe.pyramid_layers),
+                                   ("peer.avg_pool_to", pe.avg_pool_to), ("peer.prune", pe.prune)) if value is not None]
+    _require(len(used) <= 1, f"{' and '.join(used)} are alternatives: set one of them")
+    _require((pe.prune is None) == (pe.prune_to is None),
+             f"peer.prune={pe.prune} and peer.prune_to={pe.prune_to} go together: set both (the method and the tokens "
+             "it keeps per image) or neither")
     _require(not used or t.engine == Engine.MEGATRON,
              f"{used[0] if used else ''} needs train.engine=megatron (the peers have no HF implementation)")
     _require(0 < pe.fastv_keep <= 1, f"peer.fastv_keep={pe.fastv_keep} must be in (0, 1]")
     if pe.fastv_layer is not None:
         k = pe.fastv_layer
         _require(1 <= k < n_layers, f"peer.fastv_layer={k} must be in [1, model.num_layers={n_layers})")
-        _require(not vi.enabled, f"peer.fastv_layer={k} replaces the Victor drop: set victor.enabled=false")
-        _require(p.pp == 1, f"peer.fastv_layer={k} needs parallel.pp=1 (the kept slots are chosen during the "
+    _validate_pyramid(pe, n_layers, visual)
+    ranked = next((f"{key}={value}" for key, value in (("peer.fastv_layer", pe.fastv_layer),
+                                                       ("peer.pyramid_layers", pe.pyramid_layers))
+                   if value is not None), None)
+    if ranked is not None:
+        _require(not vi.enabled, f"{ranked} replaces the Victor drop: set victor.enabled=false")
+        _require(p.pp == 1, f"{ranked} needs parallel.pp=1 (the kept slots are chosen during the "
                             "forward; later pipeline stages could not know them)")
         _require(t.attention_backend in (None, AttentionBackend.LOCAL),
-                 f"peer.fastv_layer={k} needs train.attention_backend=local (it reads the attention probabilities)")
-    if pe.avg_pool_to is not None:
-        r = pe.avg_pool_to
-        _require(1 <= r <= visual, f"peer.avg_pool_to={r} must be in [1, {visual}] (the visual tokens per image)")
+                 f"{ranked} needs train.attention_backend=local (it reads the attention probabilities)")
+    for key, r in (("peer.avg_pool_to", pe.avg_pool_to), ("peer.prune_to", pe.prune_to)):
+        if r is None:
+            continue
+        _require(1 <= r <= visual, f"{key}={r} must be in [1, {visual}] (the visual tokens per image)")
         _require(vi.enabled and vi.num_registers == r and vi.drop_layer == 0,
-                 f"peer.avg_pool_to={r} fills the register slots: set victor.enabled=true victor.num_registers={r} "
+                 f"{key}={r} fills the register slots: set victor.enabled=true victor.num_registers={r} "
                  "victor.drop_layer=0")
+
+
+def _validate_pyramid(pe: PeerConfig, n_layers: int, visual: int) -> None:
+    """PyramidDrop's stages: one kept count per drop layer, the layers ascending inside the decoder (layer 0 has
+    no earlier attention to rank by), the counts shrinking from fewer than an image's visual tokens to at least one."""
+    layers, keep = pe.pyramid_layers, pe.pyramid_keep
+    if layers is None or keep is None:
+        _require(layers is None and keep is None,
+                 f"peer.pyramid_layers={layers} and peer.pyramid_keep={keep} go together: set both (the drop layers "
+                 "and the visual tokens each image keeps from each of them) or neither")
+        return
+    _require(len(layers) > 0 and len(layers) == len(keep),
+             f"peer.pyramid_layers={layers} and peer.pyramid_keep={keep} must be non-empty lists of one length (a "
+             "kept count per drop layer)")
+    _require(all(1 <= k < n_layers for k in layers) and all(a < b for a, b in zip(layers, layers[1:])),
+             f"peer.pyramid_layers={layers} must ascend strictly, each in [1, model.num_layers={n_layers})")
+    _require(keep[0] < visual and keep[-1] >= 1 and all(a > b for a, b in zip(keep, keep[1:])),
+             f"peer.pyramid_keep={keep} must decrease strictly, from below vision.num_visual_tokens={visual} "
+             "(the visual tokens per image) to at least 1")
 
 
 def _validate_anyres(cfg: Config) -> None:
     """LLaVA-NeXT's anyres: the grids and the data setting go together; the peers that assume one square grid of
-    visual tokens per image (FastV's per-image ranking, the average pool) and the DeepSpeed engine (whose HF model
-    is LLaVA-1.5's) are not built for it yet."""
+    visual tokens per image (FastV's per-image ranking, the average pool, the `peer.prune` selections) and the
+    DeepSpeed engine (whose HF model is LLaVA-1.5's) are not built for it yet."""
     v, d, pe, t = cfg.vision, cfg.data, cfg.peer, cfg.train
     pins = v.image_grid_pinpoints
     anyres = d.image_aspect_ratio == ImageAspectRatio.ANYRES
@@ -628,7 +681,8 @@ def _validate_anyres(cfg: Config) -> None:
         _require(len(pin) == 2 and all(side > 0 and side % v.image_size == 0 for side in pin),
                  f"vision.image_grid_pinpoints[{i}]={pin} must be [height, width], each a positive multiple of "
                  f"vision.image_size={v.image_size} (a grid of whole tiles)")
-    for key, value in (("peer.fastv_layer", pe.fastv_layer), ("peer.avg_pool_to", pe.avg_pool_to)):
+    for key, value in (("peer.fastv_layer", pe.fastv_layer), ("peer.pyramid_layers", pe.pyramid_layers),
+                       ("peer.avg_pool_to", pe.avg_pool_to), ("peer.prune", pe.prune)):
         _require(value is None, f"{key}={value} is not supported with anyres images (it assumes one square grid of "
                                 "visual tokens per image): remove vision.image_grid_pinpoints or the peer")
     _require(t.engine == Engine.MEGATRON, f"train.engine={t.engine} does not train anyres images yet: use "

@@ -2,7 +2,8 @@
 
 The prompts are prefilled once, one per row, under the same drop plan as training: layers < k cache keys and
 values of every prompt slot, layers >= k only of the slots that survive the drop (registers and text; FastV's kept
-visual slots), exactly as the exported HF model's `VictorCache`. Each new token then runs through every layer as a
+visual slots; under PyramidDrop each stage's layers those of their own stage), exactly as the exported HF model's
+`VictorCache`. Each new token then runs through every layer as a
 single slot at its row's next original position, attending the cached slots of its own prompt (not the row's
 padding, not the drop's fillers; under `victor.mask: text_blind` not the visual slots) and the tokens generated
 before it. Without the cache (`megavictor eval --no-kv-cache`) every step re-runs the whole prefix; both give the
@@ -34,14 +35,15 @@ class _Side:
         return ~self.attendable[:, None, None, :]
 
 
-def _sides(plan: DropPlan, kinds: torch.Tensor, text_blind: bool) -> tuple[_Side, _Side]:
-    """What a generated (text) token may attend on each side of the drop: its own prompt's slots (each row's first
-    packed sample), without the visual ones under `text_blind` (layers < k only; after the drop none are left)."""
+def _sides(plan: DropPlan, kinds: torch.Tensor, text_blind: bool) -> list[_Side]:
+    """What a generated (text) token may attend in each of the plan's views (`DropPlan.views`: before the drop, after
+    each drop): its own prompt's slots (each row's first packed sample), without the visual ones under `text_blind`
+    (layers < k only; after the drop none are left)."""
     prompt = plan.long.segments[:, :1]
     long = plan.long.segments == prompt
     if text_blind:
         long &= kinds != KIND_VISUAL
-    return _Side(long), _Side(plan.short.segments == prompt)
+    return [_Side(long), *(_Side(view.segments == prompt) for view in plan.views[1:])]
 
 
 @torch.no_grad()
@@ -60,7 +62,7 @@ def greedy_generate_cached(model: ReferenceVLM, cfg: Config, prompts: list[Sampl
     column = (plan.keep_index == last[:, None]).int().argmax(dim=1)
     logits = model.output_layer(hidden[torch.arange(len(rows)), column])
     text_blind = cfg.victor.enabled and cfg.victor.mask == VictorMask.TEXT_BLIND
-    long, short = _sides(plan, batch.kinds, text_blind)
+    sides = _sides(plan, batch.kinds, text_blind)
     position = batch.position_ids[torch.arange(len(rows)), last]
     m = cfg.model
 
@@ -75,10 +77,9 @@ def greedy_generate_cached(model: ReferenceVLM, cfg: Config, prompts: list[Sampl
             break
         position = position + 1
         rope = rope_angles(position[:, None], m).transpose(0, 1)  # [B, 1, 1, head_dim]
-        masks = long.grow(), short.grow()
+        masks = [side.grow() for side in sides]
         x = model.embedding.word_embeddings(torch.where(done, pad_id, tokens)[:, None])
         for index, layer in enumerate(layers):
-            dropped = plan.drop_layer is not None and index >= plan.drop_layer
-            x = layer(x, masks[dropped], rope, cache[index])
+            x = layer(x, masks[plan.stage_of(index)], rope, cache[index])
         logits = model.output_layer(model.decoder.final_layernorm(x))[:, 0]
     return generated

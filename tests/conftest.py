@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 DIGITS_MAXCOUNT = 170  # small shards: every split has several, and counts that do not divide by 4 readers
 VISION_STEPS = 200  # the demo's vision pretraining, shortened (the default 600 steps take ~30 s)
+TEST_SAMPLES = 500  # vqa_test questions: the default 2500 (the fidelity protocol's) makes each full eval 5x longer
 TEXT_HEAVY_MIX = ["mix", "--samples", "120", "--eval-samples", "16", "--text-only-fraction", "0.6", "--seed", "1"]
 
 
@@ -44,7 +45,7 @@ def digits_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     def prep(out: Path) -> None:
         assert main(["digits", "--out", str(out), "--maxcount", str(DIGITS_MAXCOUNT),
-                     "--vision-steps", str(VISION_STEPS)]) == 0
+                     "--vision-steps", str(VISION_STEPS), "--test-samples", str(TEST_SAMPLES)]) == 0
 
     return built_once(tmp_path_factory, "digits", prep)
 
@@ -56,7 +57,8 @@ def hires_digits_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from data_prep.cli import main
 
     return built_once(tmp_path_factory, "digits_hires",
-                      lambda out: _prep(main, ["digits", "--hires", "--out", str(out), "--vision-steps", "3"]))
+                      lambda out: _prep(main, ["digits", "--hires", "--out", str(out), "--vision-steps", "3",
+                                                "--test-samples", str(TEST_SAMPLES)]))
 
 
 @pytest.fixture(scope="session")

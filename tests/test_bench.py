@@ -242,6 +242,51 @@ def test_accuracy_mean_and_sample_std() -> None:
     assert mean_std([0.25]) == (0.25, 0.0)
 
 
+def test_accuracy_paired_difference_is_a_t_interval_over_seeds() -> None:
+    """Per-seed differences (0.02, 0.02, 0.05, -0.01): mean 0.02, sample std sqrt(0.0006), t(0.975, 3) = 3.182."""
+    from megavictor.benchmarks.accuracy import paired_difference
+
+    diff = paired_difference([0.60, 0.62, 0.65, 0.61], [0.58, 0.60, 0.60, 0.62])
+    half = 3.182446 * 0.0006 ** 0.5 / 2
+    assert diff["mean"] == pytest.approx(0.02)
+    assert (diff["ci95_low"], diff["ci95_high"]) == (pytest.approx(0.02 - half), pytest.approx(0.02 + half))
+    assert paired_difference([0.7], [0.5]) == {"mean": pytest.approx(0.2), "ci95_low": None, "ci95_high": None}
+
+
+def test_accuracy_variants_of_one_seed_are_paired(digits_data: Path, tmp_path: Path) -> None:
+    """The paired protocol: at one seed, the baseline, Victor R=8 and R=0 start from the same values of every
+    parameter they share and draw the training samples in the same order; another seed changes both."""
+    import torch
+
+    from megavictor.benchmarks.accuracy import BASELINE, Task, victor
+    from megavictor.config import load_config
+    from megavictor.data.training_data import SplitData
+    from megavictor.demo import CONFIGS
+    from megavictor.distributed import ParallelDims
+    from megavictor.model.reference import ReferenceVLM
+
+    def setup(variant, seed: int) -> tuple[dict[str, torch.Tensor], list[int]]:
+        task = Task(variant, seed, tmp_path, digits_data, "fidelity", (), None)
+        cfg = load_config(CONFIGS / "fidelity_stage2.yaml", [f"data.path={digits_data}", *task.training_overrides()])
+        params = dict(ReferenceVLM(cfg).named_parameters())
+        dims = ParallelDims(world=1, rank=0, tp=1, pp=1, dp=1, tp_rank=0, pp_rank=0, dp_rank=0)
+        order = SplitData(cfg, cfg.data.train_split, dims, shuffle=True, epochs=None).order.epoch_order(0)
+        return params, order
+
+    (base, base_order), (r8, r8_order), (r0, r0_order) = (setup(v, 1234) for v in (BASELINE, victor(8, 1),
+                                                                                     victor(0, 1)))
+    assert "registers" in r8 and "registers" not in base
+    for other in (r8, r0):
+        shared = base.keys() & other.keys()
+        assert len(shared) == len(base) > 10
+        assert all(torch.equal(base[name], other[name]) for name in shared)
+    assert base_order == r8_order == r0_order
+    next_seed, next_order = setup(BASELINE, 1235)
+    assert next_order != base_order
+    assert not torch.equal(next_seed["decoder.layers.0.self_attention.linear_qkv.weight"],
+                           base["decoder.layers.0.self_attention.linear_qkv.weight"])
+
+
 def test_bench_accuracy_sweep_over_seeds(capsys: pytest.CaptureFixture[str], digits_data: Path,
                                          tmp_path: Path) -> None:
     """`bench accuracy` on a 2-step budget and 2 seeds, the fidelity recipe cut to 2 layers: Victor R=8 and R=0,
@@ -253,13 +298,18 @@ def test_bench_accuracy_sweep_over_seeds(capsys: pytest.CaptureFixture[str], dig
     from megavictor.benchmarks.accuracy import variants
 
     assert [v.name for v in variants(1, quick=True)] == ["baseline", "R8_k1", "R0_k1"]
-    out = last_json(capsys, ["accuracy", "--seeds", "2", "--run-dir", str(tmp_path), "--data", str(digits_data),
-                             "--variants", "R8_k1,R0_k1,fastv_free_K1,avgpool_R4", "--eval-limit", "48",
-                             "train.max_steps=2", "data.seq_length=128", "log.wandb=false", "model.num_layers=2"])
+    sweep = {v.name: v for v in variants(1, quick=False)}
+    assert {f"{peer}_B{b}" for peer in ("random", "divprune", "visionzip", "pdrop") for b in (8, 16, 32)} <= set(sweep)
+    assert sweep["pdrop_B16"].train[1:] == ("peer.pyramid_layers=[1,3,5]", "peer.pyramid_keep=[16,8,4]")
+    out = last_json(capsys, ["accuracy", "--seeds", "2", "--jobs", "2", "--run-dir", str(tmp_path), "--data",
+                             str(digits_data), "--variants", "R8_k1,R0_k1,fastv_free_K1,avgpool_R4,divprune_B8",
+                             "--eval-limit", "48", "train.max_steps=2", "data.seq_length=128", "log.wandb=false",
+                             "model.num_layers=2"])
     assert_pinned_json("accuracy", out)
+    assert out["test_questions"] == 48 and out["jobs"] == 2 and out["wall_s"] > 0
     assert (out["seeds"], out["drop_layer"], out["num_layers"]) == ([1234, 1235], 1, 2)
     by_name = {r["name"]: r for r in out["results"]}
-    assert list(by_name) == ["baseline", "R0_k1", "R8_k1", "fastv_free_K1", "avgpool_R4"]
+    assert list(by_name) == ["baseline", "R0_k1", "R8_k1", "fastv_free_K1", "avgpool_R4", "divprune_B8"]
     for r in out["results"]:
         accuracies = [json.loads((tmp_path / r["name"] / f"seed{s}" / "eval.json").read_text())["accuracy"]
                       for s in out["seeds"]]
@@ -267,6 +317,15 @@ def test_bench_accuracy_sweep_over_seeds(capsys: pytest.CaptureFixture[str], dig
         assert r["accuracy"] == pytest.approx(statistics.fmean(accuracies))
         assert r["accuracy_std"] == pytest.approx(statistics.stdev(accuracies))
         assert positive(r["train_speedup"]) and positive(r["infer_speedup"]) and positive(r["flops"])
+        assert (tmp_path / r["name"] / "seed1234" / "bench.log").is_file()  # a worker's output, not interleaved
+    diffs = {name: [a - b for a, b in zip(by_name["R8_k1"]["accuracies"], by_name[name]["accuracies"])]
+             for name in ("baseline", "R0_k1")}
+    for field, name in (("victor_minus_baseline", "baseline"), ("victor_minus_no_register", "R0_k1")):
+        low, mean, high = out[field]["ci95_low"], out[field]["mean"], out[field]["ci95_high"]
+        assert mean == pytest.approx(statistics.fmean(diffs[name])) and low <= mean <= high
+        t_975 = math.tan(math.pi * 0.475)  # Student's t at one degree of freedom (Cauchy): 12.706
+        assert high - mean == pytest.approx(t_975 * abs(diffs[name][0] - diffs[name][1]) / 2, abs=1e-9)
+    assert out["victor_minus_baseline"] == by_name["R8_k1"]["minus_baseline"]
     for field, name in (("baseline_accuracy", "baseline"), ("victor_accuracy", "R8_k1"),
                         ("no_register_accuracy", "R0_k1")):
         assert (out[field], out[f"{field}_std"]) == (by_name[name]["accuracy"], by_name[name]["accuracy_std"])
@@ -274,10 +333,18 @@ def test_bench_accuracy_sweep_over_seeds(capsys: pytest.CaptureFixture[str], dig
                                .splitlines()[0])["loss"] for s in out["seeds"]]
     assert first_losses[0] != first_losses[1], "the seeds must differ (initialisation, data order)"
     assert by_name["baseline"]["train_speedup"] == 1.0 and by_name["fastv_free_K1"]["train_speedup"] == 1.0
-    assert not (tmp_path / "fastv_free_K1" / "seed1234" / "stage2").exists()  # evaluated, not trained
+    for free in ("fastv_free_K1", "divprune_B8"):  # evaluated on the baseline's checkpoints, not trained
+        assert not (tmp_path / free / "seed1234" / "stage2").exists() and by_name[free]["train_speedup"] == 1.0
     assert by_name["R8_k1"]["flop_bound"] > 1 and by_name["R0_k1"]["flop_bound"] > by_name["R8_k1"]["flop_bound"]
     assert by_name["avgpool_R4"]["flop_bound"] > by_name["R0_k1"]["flop_bound"]  # the LLM never sees the image
     assert Path(out["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from megavictor.benchmarks.accuracy import main as accuracy
+    from megavictor.errors import UserError
+
+    with pytest.raises(UserError, match="its test split vqa_test holds 500 questions; the paired protocol needs at "
+                                        "least 2000"):  # the session's digits hold 500: refused before any training
+        accuracy(["--quick", "--data", str(digits_data), "--run-dir", str(tmp_path / "small")])
+    assert not (tmp_path / "small").exists()
 
 
 def test_bench_accuracy_hires(capsys: pytest.CaptureFixture[str], hires_digits_data: Path, digits_data: Path,
@@ -289,11 +356,11 @@ def test_bench_accuracy_hires(capsys: pytest.CaptureFixture[str], hires_digits_d
     from megavictor.errors import UserError
     from tests.test_interface import BENCH_JSON_FIELDS, BENCH_RECORD_FIELDS
 
-    out = last_json(capsys, ["accuracy", "--hires", "--seeds", "1", "--run-dir", str(tmp_path), "--data",
+    out = last_json(capsys, ["accuracy", "--hires", "--seeds", "1", "--jobs", "1", "--run-dir", str(tmp_path), "--data",
                              str(hires_digits_data), "--eval-limit", "24", "train.max_steps=2", "log.wandb=false",
                              "model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64",
                              "model.num_attention_heads=2", "data.seq_length=256"])
-    no_r0 = {"no_register_accuracy", "no_register_accuracy_std"}  # --hires has no R=0 variant (as --variants)
+    no_r0 = {"no_register_accuracy", "no_register_accuracy_std", "victor_minus_no_register"}  # --hires: no R=0
     assert BENCH_JSON_FIELDS["accuracy"] - no_r0 <= set(out) and not no_r0 & set(out)
     assert all(BENCH_RECORD_FIELDS["accuracy"][1] <= set(r) for r in out["results"])
     assert (out["hires"], out["recipe"], out["seeds"], out["drop_layer"]) == (True, "hires", [1234], 1)

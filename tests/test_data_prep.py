@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 import data_prep.llava
-from data_prep.digits import SPLITS
+from data_prep.digits import SPLITS, TEST_SAMPLES, TEST_SPLIT
 from megavictor.cli import main as megavictor_main
 from megavictor.data.manifest import load_manifest
 from megavictor.data.tokenizer import load_tokenizer
@@ -58,8 +58,31 @@ def checksums(root: Path) -> list[tuple[str, str]]:
 # ----------------------------------------------------------------------------------------------- digits
 
 
+def fixture_sizes() -> dict[str, int]:
+    """The splits' sizes in the session's digits data sets (their test split cut to conftest's TEST_SAMPLES)."""
+    from tests.conftest import TEST_SAMPLES as FIXTURE_TEST_SAMPLES
+
+    return {s.name: FIXTURE_TEST_SAMPLES if s.name == TEST_SPLIT else s.size for s in SPLITS}
+
+
+def test_the_test_split_is_large_enough_for_one_point_of_noise_and_any_size_extends_the_same_records() -> None:
+    """2500 test questions by default: one run's exact-match noise sqrt(p (1 - p) / n) is at most 1 point; a smaller
+    or larger `--test-samples` cuts or extends the same sequence of records (the first 500 are those of every size)."""
+    from sklearn.datasets import load_digits
+
+    from data_prep.digits import source_pools, split_records
+
+    spec = next(s for s in SPLITS if s.name == TEST_SPLIT)
+    assert spec.size == TEST_SAMPLES == 2500 and (0.25 / spec.size) ** 0.5 <= 0.01
+    labels = load_digits().target
+    pool = source_pools(labels, 0)[spec.pool]
+    small, default = split_records(spec, labels, pool, 0, size=500), split_records(spec, labels, pool, 0)
+    assert len(small) == 500 and len(default) == 2500 and default[:500] == small
+    assert len({json.dumps(r, sort_keys=True) for r in default}) > 2000  # mostly distinct questions
+
+
 def test_digits_manifest_matches_tar_contents(digits_data: Path) -> None:
-    assert check_manifest_matches_tars(digits_data) == {s.name: s.size for s in SPLITS}
+    assert check_manifest_matches_tars(digits_data) == fixture_sizes()
     assert {s.name for s in SPLITS} >= {"caption_train", "caption_val", "vqa_train", "vqa_val", "vqa_test"}
     tokenizer = load_tokenizer(digits_data / load_manifest(digits_data).tokenizer)
     assert len(tokenizer) <= 512
@@ -128,9 +151,10 @@ def test_digits_grid4_answers_match_the_image(tmp_path: Path) -> None:
 
 def test_digits_prep_is_byte_identical_on_rerun(digits_data: Path, tmp_path: Path) -> None:
     from tests.conftest import DIGITS_MAXCOUNT
+    from tests.conftest import TEST_SAMPLES as FIXTURE_TEST_SAMPLES
 
     assert megavictor_main(["prep", "digits", "--out", str(tmp_path), "--maxcount", str(DIGITS_MAXCOUNT),
-                            "--vision-steps", "0"]) == 0
+                            "--vision-steps", "0", "--test-samples", str(FIXTURE_TEST_SAMPLES)]) == 0
     assert checksums(tmp_path) == checksums(digits_data)
     for f in (digits_data / "tokenizer").iterdir():
         assert (tmp_path / "tokenizer" / f.name).read_bytes() == f.read_bytes()
@@ -174,7 +198,7 @@ def test_digits_hires_canvases_cells_answers_and_index(hires_digits_data: Path) 
     assert pins == tuple(tuple(p) for p in load_config(HIRES_STAGE1.with_name("hires_stage2.yaml"))
                          .vision.image_grid_pinpoints) == HIRES_CANVASES
     assert load_manifest(hires_digits_data).source["hires"] is True
-    assert check_manifest_matches_tars(hires_digits_data) == {s.name: s.size for s in SPLITS}
+    assert check_manifest_matches_tars(hires_digits_data) == fixture_sizes()
     native = (load_digits().images * (255 / 16)).round().astype(np.uint8)
     index = load_index(hires_digits_data, None, "v1", "", need_sizes=True)
     for split in ("caption_val", "vqa_val", "vqa_test"):

@@ -44,7 +44,7 @@ VERB_FLAGS: dict[tuple[str, ...], set[str]] = {
                         "--restart", "--tokenizer", "--system-prompt", "--max-slots", "--image-slots",
                         "--min-image-side", "--max-image-pixels"},
     ("prep", "digits"): {"--out", "--seed", "--grid", "--maxcount", "--restart", "--vision-config", "--vision-steps",
-                         "--hires"},
+                         "--hires", "--test-samples"},
     ("prep", "mix"): {"--out", "--samples", "--eval-samples", "--seed", "--text-only-fraction",
                       "--multi-image-fraction"},
     ("prep", "index"): {"--data", "--tokenizer", "--system-prompt"},
@@ -58,7 +58,7 @@ VERB_FLAGS: dict[tuple[str, ...], set[str]] = {
                          "--threads"},
     ("bench", "pipeline"): {"--config", "--repeats", "--warmup", "--rows", "--micro-batches", "--length-buckets"},
     ("bench", "accuracy"): {"--quick", "--seeds", "--recipe", "--variants", "--run-dir", "--data", "--eval-limit",
-                            "--plot", "--replot", "--hires"},
+                            "--plot", "--replot", "--hires", "--jobs"},
 }
 
 # The verbs that take trailing `section.key=value` config overrides (a positional `overrides`, nargs="*").
@@ -193,7 +193,11 @@ CONFIG_KEYS: dict[str, object] = {
     "victor.mask": "causal",
     "peer.fastv_layer": 1,
     "peer.fastv_keep": 0.5,
+    "peer.pyramid_layers": [1, 2],
+    "peer.pyramid_keep": [8, 4],
     "peer.avg_pool_to": 8,
+    "peer.prune": "divprune",
+    "peer.prune_to": 8,
     "parallel.tp": 1,
     "parallel.pp": 1,
     "parallel.pp_split": "even",
@@ -264,7 +268,11 @@ CONFIG_KEYS: dict[str, object] = {
 # Settings a pinned value needs beside it to pass validation.
 CONFIG_COMPANIONS: dict[str, list[str]] = {
     "peer.fastv_layer": ["victor.enabled=false"],
+    "peer.pyramid_layers": ["victor.enabled=false", "peer.pyramid_keep=[8,4]"],
+    "peer.pyramid_keep": ["victor.enabled=false", "peer.pyramid_layers=[1,2]"],
     "peer.avg_pool_to": ["victor.drop_layer=0"],
+    "peer.prune": ["peer.prune_to=8", "victor.drop_layer=0"],
+    "peer.prune_to": ["peer.prune=divprune", "victor.drop_layer=0"],
     "vision.image_grid_pinpoints": ["data.image_aspect_ratio=anyres"],
 }
 
@@ -320,7 +328,8 @@ BENCH_JSON_FIELDS: dict[str, set[str]] = {
     # baseline/victor/no_register accuracies: when the sweep has baseline, R8_k<k> and R0_k<k> (--quick and the full)
     "accuracy": {"results", "seeds", "drop_layer", "num_layers", "quick", "baseline_accuracy", "baseline_accuracy_std",
                  "victor_accuracy", "victor_accuracy_std", "no_register_accuracy", "no_register_accuracy_std",
-                 "chance", "plot", "run_dir", "recipe", "hires"},  # --hires adds single_view_accuracy(_std)
+                 "chance", "plot", "run_dir", "recipe", "hires", "victor_minus_baseline", "victor_minus_no_register",
+                 "test_questions", "jobs", "wall_s"},  # --hires adds single_view_accuracy(_std)
 }
 
 # verb -> (field holding records, the fields of each record): by text length for train, by variant for accuracy.
@@ -335,7 +344,7 @@ BENCH_RECORD_FIELDS: dict[str, tuple[str, set[str]]] = {
     "accuracy": ("results", {
         "name", "method", "enabled", "num_registers", "drop_layer", "accuracy", "accuracy_std", "accuracies", "seeds",
         "chance", "tokens_per_s", "eval_s", "flops", "train_speedup", "infer_speedup", "flop_bound",
-        "ratio_to_bound", "questions", "train_samples"}),
+        "ratio_to_bound", "questions", "train_samples", "minus_baseline"}),
 }
 
 

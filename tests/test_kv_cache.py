@@ -29,7 +29,10 @@ VARIANTS = {
     "baseline": ["victor.enabled=false"],
     "text_blind": ["victor.mask=text_blind", "victor.drop_layer=1"],
     "fastv": ["victor.enabled=false", "peer.fastv_layer=2"],
+    "pyramid": ["victor.enabled=false", "peer.pyramid_layers=[1,2,3]", "peer.pyramid_keep=[8,4,2]"],  # 3 drops
     "avg_pool": ["victor.num_registers=4", "victor.drop_layer=0", "peer.avg_pool_to=4"],
+    **{method: ["victor.num_registers=4", "victor.drop_layer=0", f"peer.prune={method}", "peer.prune_to=4"]
+       for method in ("random", "divprune", "visionzip")},
     "anyres_victor": ANYRES,  # LLaVA-NeXT images of three grids: each prompt's own visual count and sizes
     "anyres_baseline": ["victor.enabled=false", *ANYRES],
 }

@@ -23,7 +23,7 @@ def parity_rank(overrides_per_case: list[list[str]]) -> list[dict]:
     from megavictor.distributed import init_from_config
     from megavictor.engines.megatron import bucketed_short_length, forward_backward
     from megavictor.model.batch import KIND_VISUAL
-    from megavictor.model.peers import removed_visual, shortened_from
+    from megavictor.model.peers import removed_in_layer, removed_visual, shortened_from
     from megavictor.model.pipeline_split import layers_per_stage
     from megavictor.model.reference import ReferenceVLM
     from megavictor.model.sharding import first_layer, full_name, shard, shard_into
@@ -71,11 +71,13 @@ def parity_rank(overrides_per_case: list[list[str]]) -> list[dict]:
                 missing.append(name)
                 continue
             grad_errors[full] = _rel(param.grad, shard(full, ref_grads[full].grad, dims.tp_rank, dims.tp))
+        removed = [removed_visual(cfg, int((b.kinds == KIND_VISUAL).sum())) for b in batches]
         results.append(dict(
             overrides=overrides, layers=layers, is_last=dims.is_last_stage, loss=loss_sum,
             ref_loss=float(ref_loss), grad_errors=grad_errors, missing=missing, seen_lengths=seen_lengths,
-            seq_length=cfg.data.seq_length, drop_layer=shortened_from(cfg),
-            removed_per_batch=[removed_visual(cfg, int((b.kinds == KIND_VISUAL).sum())) for b in batches],
+            seq_length=cfg.data.seq_length, drop_layer=shortened_from(cfg), removed_per_batch=removed,
+            removed_per_layer={index: [removed_in_layer(cfg, index, r) for r in removed]
+                               for index in range(cfg.model.num_layers)},
             sp=cfg.parallel.tp if cfg.parallel.sequence_parallel else 1, bucket=bucketed_short_length(cfg, batches),
             recompute_full=cfg.train.recompute == "full",
             trainable=sum(p.requires_grad for p in model.parameters())))
@@ -93,12 +95,12 @@ def check(all_ranks: list[list[dict]]) -> None:
             worst = max(case["grad_errors"].items(), key=lambda kv: kv[1], default=("-", 0.0))
             assert worst[1] <= REL_TOL, f"{label}: gradient of {worst[0]} off by {worst[1]:.2e} (relative)"
             # The drop is real: layers >= k attend over the sequence without its visual slots (FastV: without the
-            # half it does not keep).
+            # half it does not keep; PyramidDrop: without what each stage has dropped by then).
             for layer, lengths in case["seen_lengths"].items():
                 dropped = case["drop_layer"] is not None and layer >= case["drop_layer"]
                 # Under sequence parallelism each rank holds 1/tp of the sequence, the short one aligned to tp.
                 sp = case["sp"]
-                expected = [-(-(case["seq_length"] - (v if dropped else 0)) // sp) for v in case["removed_per_batch"]]
+                expected = [-(-(case["seq_length"] - v) // sp) for v in case["removed_per_layer"][layer]]
                 if dropped and case["bucket"] is not None:  # the step's bucket, the same for all micro-batches
                     expected = [case["bucket"] // sp for _ in expected]
                 if case["recompute_full"]:  # a recomputed layer runs again in backward
@@ -121,6 +123,8 @@ FULL = ["train.recompute=full"]
                                         ["victor.mask=text_blind"], ["train.llava_stage=1"],
                                         ["model.num_query_groups=2"], ["train.recompute=selective"],
                                         ["victor.enabled=false", "peer.fastv_layer=2"],
+                                        ["victor.enabled=false", "peer.pyramid_layers=[1,2,3]",
+                                         "peer.pyramid_keep=[8,4,2]"],
                                         ["victor.num_registers=4", "victor.drop_layer=0", "peer.avg_pool_to=4"],
                                         ANYRES, [*ANYRES, "victor.enabled=false"]],
                  id="tp2"),
@@ -134,9 +138,11 @@ FULL = ["train.recompute=full"]
                                                    [*ANYRES, "victor.drop_layer=2"]],
                  id="pp2"),
     # tp x pp in one launch of 4 ranks: with sequence parallelism, without it (every tensor-parallel rank sends the
-    # whole short sequence), and full recompute (uniform and block); k inside stage 0, at the boundary and inside
-    # stage 1 of the even split [2, 2].
-    pytest.param([*SP, "parallel.pp=2"], 4, VICTOR_K + [[*k, "parallel.sequence_parallel=false"] for k in VICTOR_K] + [
+    # whole sequence: the short one when k=2 is at the boundary, the long one when k=3 is inside stage 1; k=1 and the
+    # baseline send the same shapes as those two), and full recompute (uniform and block); k inside stage 0, at the
+    # boundary and inside stage 1 of the even split [2, 2].
+    pytest.param([*SP, "parallel.pp=2"], 4, VICTOR_K + [[*k, "parallel.sequence_parallel=false"]
+                                                       for k in VICTOR_K[1:3]] + [
         ["victor.drop_layer=1", *FULL], ["victor.drop_layer=2", *FULL, "train.recompute_method=block"],
         ["victor.drop_layer=3", *FULL, "train.recompute_num_layers=2"], [*ANYRES, "victor.drop_layer=1"]],
                  id="tp2xpp2-sp-recompute"),

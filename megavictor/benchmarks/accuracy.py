@@ -10,30 +10,49 @@ split, KV cache) in RUN_DIR/<variant>/seed<S>, once per seed: seed S sets both `
   sweep R in {0, 1, 2, 4, 8, 16} at k, and R=8 at the other k in {1, 2, 3};
 - the peers (`megavictor.model.peers`): `text_blind_R8_k<k>` (VoCo-LLaMA-style mask), `fastv_K<k>` (FastV
   trained), `fastv_free_K<k>` (the baseline's checkpoints evaluated with FastV: training-free), `avgpool_R<r>`
-  (visual tokens average-pooled to r before the LLM), r in {1, 2, 4, 8, 16}.
+  (visual tokens average-pooled to r before the LLM), r in {1, 2, 4, 8, 16};
+- the 2025 peers at budgets B in {8, 16, 32} retained visual tokens per image (`PEER_BUDGETS`): `random_B<b>`,
+  `divprune_B<b>`, `visionzip_B<b>` (training-free selections before the LLM, `megavictor.model.visual_select`, on
+  the baseline's checkpoints) and `pdrop_B<b>` (PyramidDrop trained: B tokens from layer k, halved at k + 2, k + 4).
 
 `--hires` (issue #31): the high-resolution digits task (`megavictor prep digits --hires`: canvases of 32x64 to 96x32
 px whose 8x8 digits one 32-px view shrinks to 2.7-4 px) with `configs/hires_stage{1,2}.yaml` (the fidelity recipe's
 LLM, k=1, on LLaVA-NeXT anyres images) and three variants: `baseline` (anyres), `baseline_single` (the baseline on one
 32-px view per image, LLaVA-1.5's pad) and `R8_k1` (Victor, anyres). Its JSON adds `single_view_accuracy`.
 
-`--quick`: baseline, R=8 and R=0 over 2 seeds. Each accuracy is the mean over seeds with its sample standard
-deviation (`*_std`); `train_speedup` = the variant's mean median stage-2 `tokens_per_s` (text + visual tokens, from
-its metrics.jsonl) over the baseline's; `infer_speedup` = the baseline's mean greedy-evaluation wall time over the
-variant's. Variants run one after another, so unlike `bench train` machine noise is not cancelled: run it on an
+The paired protocol (issue #32): seed S is one pair of conditions for every variant (the same initial values of
+the parameters variants share, the same data order; see `Task`), so each variant's per-seed accuracies pair with the
+baseline's. Each accuracy is the mean over seeds with its sample standard deviation (`*_std`), and each variant's
+`minus_baseline` is the paired mean difference from the baseline with its 95% confidence interval (Student's t
+over seeds); the JSON names two pairs, `victor_minus_baseline` (R=8 - baseline) and `victor_minus_no_register`
+(R=8 - R=0), each `{mean, ci95_low, ci95_high}`, in accuracy units (0.01 = one point). The test split must hold at
+least 2000 questions (`test_questions`: one run's exact-match noise about 1 point or less), unless `--eval-limit`.
+`--quick`: baseline, R=8 and R=0 over the 4 seeds 1234-1237.
+
+`--jobs N` (default 2 on two or more cores) runs N trainings side by side, each in a process of its own with
+cores/N torch threads and its output in RUN_DIR/<variant>/seed<S>/bench.log. `train_speedup` = the variant's mean
+median stage-2 `tokens_per_s` (text + visual tokens, from its metrics.jsonl) over the baseline's; `infer_speedup` =
+the baseline's mean greedy-evaluation wall time over the variant's. Runs are not interleaved like `bench train`'s,
+and with N > 1 each shares the machine with another run, so the speedups carry machine noise: run it on an otherwise
 idle machine. `flops` = analytic training FLOPs of one sample (one image + `data.text_length` text tokens; under
 anyres the mean over images of each pinpoint's shape; the training-free FastV is trained as the baseline),
 `train_samples` = the mean number of samples stage 2 trained on (rows are packed to `data.seq_length`, so a variant
 with fewer slots per sample sees more samples in the same steps), `flop_bound` = the baseline's over the variant's, and
-`ratio_to_bound` = train_speedup / flop_bound. The plot: accuracy against training FLOPs per sample, error bars
-one standard deviation (`--replot` redraws it from RUN_DIR/accuracy.json).
+`ratio_to_bound` = train_speedup / flop_bound. `wall_s` = the benchmark's wall time, data preparation included. The
+plot: accuracy against training FLOPs per sample, error bars one standard deviation (`--replot` redraws it from
+RUN_DIR/accuracy.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import multiprocessing
+import os
 import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,12 +66,17 @@ from megavictor.model.peers import removed_visual
 
 WARMUP_STEPS = 5  # stage-2 steps left out of the tokens/s median (first-step allocation, caches)
 FIRST_SEED = 1234  # the recipes' seed: seed list [1234, 1235, ...], so the first seed is the plain demo run
+QUICK_SEEDS = 4  # --quick: seeds 1234-1237, fixed before any result of the paired protocol was seen
+# One run's exact-match noise sqrt(p (1 - p) / n) must stay about 1 point or less: n >= 2000 (1.1 points at the worst
+# case p = 0.5; `prep digits` writes 2500 test questions, 1.0 point). Fewer only with --eval-limit, on purpose.
+MIN_TEST_QUESTIONS = 2000
 
 
 @dataclass(frozen=True)
 class Variant:
     name: str
-    method: str  # baseline | victor | text_blind | fastv | fastv_free | avg_pool
+    method: str  # baseline | single_view | victor | text_blind | fastv | fastv_free | avg_pool | random | divprune |
+    # visionzip | pyramid_drop
     train: tuple[str, ...] = ()  # overrides of the training recipe
     inference: tuple[str, ...] = ()  # overrides applied only at evaluation
     trained_as: str | None = None  # evaluate this variant's checkpoints instead of training (training-free)
@@ -69,6 +93,10 @@ BASELINE = Variant("baseline", "baseline", ("victor.enabled=false",))
 SINGLE_VIEW = Variant("baseline_single", "single_view", ("victor.enabled=false", "data.image_aspect_ratio=pad",
                                                          "vision.image_grid_pinpoints=null"))
 HIRES_RECIPE = "hires"  # configs/hires_stage{1,2}.yaml
+# Retained visual tokens per image of the 2025 peers. The literature compares at 64 of LLaVA-1.5's 576 (11%); our
+# images have 64 visual tokens, where 64 would keep them all: 8 is that 11% regime, 16 and 32 are looser budgets.
+PEER_BUDGETS = (8, 16, 32)
+PRUNE_METHODS = ("random", "divprune", "visionzip")
 
 
 def victor(r: int, k: int, method: str = "victor") -> Variant:
@@ -78,8 +106,27 @@ def victor(r: int, k: int, method: str = "victor") -> Variant:
                                   *extra), num_registers=r, drop_layer=k)
 
 
-def variants(k: int, quick: bool, hires: bool = False) -> list[Variant]:
-    """The sweep at drop layer k (see the module docstring)."""
+def pruned(method: str, b: int) -> Variant:
+    """A training-free selection of `b` visual tokens per image before the LLM, on the baseline's checkpoints."""
+    return Variant(f"{method}_B{b}", method, inference=("victor.enabled=true", f"victor.num_registers={b}",
+                                                        "victor.drop_layer=0", f"peer.prune={method}",
+                                                        f"peer.prune_to={b}"),
+                   trained_as=BASELINE.name, num_registers=b, drop_layer=0)
+
+
+def pyramid_drop(b: int, k: int, num_layers: int) -> Variant:
+    """PyramidDrop trained at budget `b`: `b` visual tokens per image from Victor's k on, then half as many every
+    two layers (the paper's lambda = 0.5; stages at k, k + 2, k + 4 inside the model)."""
+    layers = [layer for layer in (k, k + 2, k + 4) if layer < num_layers]
+    keep = [max(1, b >> i) for i in range(len(layers))]
+    return Variant(f"pdrop_B{b}", "pyramid_drop", ("victor.enabled=false",
+                                                   f"peer.pyramid_layers=[{','.join(map(str, layers))}]",
+                                                   f"peer.pyramid_keep=[{','.join(map(str, keep))}]"),
+                   drop_layer=k)
+
+
+def variants(k: int, quick: bool, hires: bool = False, num_layers: int = 8) -> list[Variant]:
+    """The sweep at drop layer k of a `num_layers`-layer LLM (see the module docstring)."""
     if hires:
         return [BASELINE, SINGLE_VIEW, victor(8, k)]
     if quick:
@@ -93,7 +140,9 @@ def variants(k: int, quick: bool, hires: bool = False) -> list[Variant]:
                     drop_layer=k),
             *(Variant(f"avgpool_R{r}", "avg_pool", ("victor.enabled=true", f"victor.num_registers={r}",
                                                       "victor.drop_layer=0", f"peer.avg_pool_to={r}"),
-                      num_registers=r, drop_layer=0) for r in (1, 2, 4, 8, 16))]
+                      num_registers=r, drop_layer=0) for r in (1, 2, 4, 8, 16)),
+            *(pruned(method, b) for method in PRUNE_METHODS for b in PEER_BUDGETS),
+            *(pyramid_drop(b, k, num_layers) for b in PEER_BUDGETS)]
 
 
 def sample_flops(cfg: Config) -> float:
@@ -127,20 +176,92 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def run_variant(variant: Variant, run_dir: Path, data: Path, recipe: str, seeds: list[int],
-                overrides: list[str], eval_limit: int | None = None) -> dict:
-    """Train (unless training-free) and evaluate `variant` once per seed; per-seed values and their means."""
-    per_seed = []
-    for seed in seeds:
-        seeded = [*variant.train, *overrides, f"train.seed={seed}", f"data.seed={seed}"]
-        out = run_dir / variant.name / f"seed{seed}"
-        trained = run_dir / variant.trained_as / f"seed{seed}" if variant.trained_as else out
-        if variant.trained_as is None:
-            train_llava_stages(out, data, seeded, recipe)
-        result = evaluate_run(trained, data, out, list(variant.inference), eval_limit)
-        per_seed.append({"seed": seed, "accuracy": result["accuracy"], "chance": result["chance"], "n": result["n"],
-                         "tokens_per_s": stage2_tokens_per_s(trained), "eval_s": result["eval_s"],
-                         "train_samples": stage2_samples(trained)})
+@dataclass(frozen=True)
+class Task:
+    """One variant at one seed. Seed S sets `train.seed` (the initial values, a function of each parameter's name and
+    the seed: every variant starts from the same values of the parameters it shares with another) and `data.seed`
+    (the epoch permutation: every variant draws the samples in the same order; its packer fills rows by its own
+    sample lengths), so the variants of one seed are paired."""
+
+    variant: Variant
+    seed: int
+    run_dir: Path
+    data: Path
+    recipe: str
+    overrides: tuple[str, ...]
+    eval_limit: int | None
+
+    @property
+    def out(self) -> Path:
+        return self.run_dir / self.variant.name / f"seed{self.seed}"
+
+    def training_overrides(self) -> list[str]:
+        """The variant's settings, the user's overrides, then the seed."""
+        return [*self.variant.train, *self.overrides, f"train.seed={self.seed}", f"data.seed={self.seed}"]
+
+    @property
+    def trained(self) -> Path:
+        """The run whose checkpoints are scored: this one, or for a training-free variant the one it evaluates."""
+        source = self.variant.trained_as
+        return self.out if source is None else self.run_dir / source / f"seed{self.seed}"
+
+
+def run_task(task: Task) -> dict:
+    """Train (unless training-free) and score one variant at one seed; the per-seed record."""
+    if task.variant.trained_as is None:
+        train_llava_stages(task.out, task.data, task.training_overrides(), task.recipe)
+    result = evaluate_run(task.trained, task.data, task.out, list(task.variant.inference), task.eval_limit)
+    return {"seed": task.seed, "accuracy": result["accuracy"], "chance": result["chance"], "n": result["n"],
+            "tokens_per_s": stage2_tokens_per_s(task.trained), "eval_s": result["eval_s"],
+            "train_samples": stage2_samples(task.trained)}
+
+
+def run_task_in_worker(task: Task, threads: int) -> dict:
+    """`run_task` in a worker process of its own (megatron's parallel state is per process) with `threads` torch
+    threads; its output goes to OUT/bench.log, since runs side by side would interleave theirs."""
+    import torch
+
+    torch.set_num_threads(threads)
+    task.out.mkdir(parents=True, exist_ok=True)
+    with open(task.out / "bench.log", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        return run_task(task)
+
+
+def run_tasks(tasks: list[Task], jobs: int) -> dict[tuple[str, int], dict]:
+    """Run `tasks`, `jobs` at a time (each in a fresh process with cores / jobs threads; one job: in this process, one
+    after another); per-seed records by (variant name, seed)."""
+    if jobs == 1:
+        return {(t.variant.name, t.seed): run_task(t) for t in tasks}
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    done: dict[tuple[str, int], dict] = {}
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=context, max_tasks_per_child=1) as pool:
+        futures = {pool.submit(run_task_in_worker, t, threads): t for t in tasks}
+        for future in futures:  # in submission order; a failed run raises here with its own message
+            task = futures[future]
+            done[(task.variant.name, task.seed)] = record = future.result()
+            print(f"{task.variant.name} seed {task.seed}: accuracy {record['accuracy']:.3f} "
+                  f"(log {task.out / 'bench.log'})", flush=True)
+    return done
+
+
+def paired_difference(a: list[float], b: list[float]) -> dict[str, float | None]:
+    """Mean over seeds of the per-seed difference a - b and its 95% confidence interval (Student's t over the seeds,
+    n - 1 degrees of freedom). Paired: whatever a seed's initial values and data order do to both variants alike
+    cancels. One seed gives no interval (None)."""
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return {"mean": mean, "ci95_low": None, "ci95_high": None}
+    from scipy.stats import t
+
+    half = float(t.ppf(0.975, len(diffs) - 1)) * statistics.stdev(diffs) / len(diffs) ** 0.5
+    return {"mean": mean, "ci95_low": mean - half, "ci95_high": mean + half}
+
+
+def summarise(variant: Variant, per_seed: list[dict], recipe: str, overrides: list[str]) -> dict:
+    """A variant's result: per-seed values, their mean and sample std, and its analytic FLOPs per sample."""
+    seeds = [s["seed"] for s in per_seed]
     train_overrides = list(BASELINE.train if variant.trained_as else variant.train) + list(overrides)
     cfg = load_config(CONFIGS / f"{recipe}_stage2.yaml", train_overrides)
     accuracy, accuracy_std = mean_std([s["accuracy"] for s in per_seed])
@@ -151,6 +272,17 @@ def run_variant(variant: Variant, run_dir: Path, data: Path, recipe: str, seeds:
             "train_samples": statistics.fmean(s["train_samples"] for s in per_seed),
             "tokens_per_s": statistics.fmean(s["tokens_per_s"] for s in per_seed),
             "eval_s": statistics.fmean(s["eval_s"] for s in per_seed), "flops": sample_flops(cfg)}
+
+
+def run_sweep(sweep: list[Variant], seeds: list[int], jobs: int, run_dir: Path, data: Path, recipe: str,
+              overrides: list[str], eval_limit: int | None) -> list[dict]:
+    """Every variant at every seed: the trained ones first (seed by seed, so a stopped sweep has whole seeds), then
+    the training-free ones, which score the checkpoints of the variant they name."""
+    tasks = {(v.name, seed): Task(v, seed, run_dir, data, recipe, tuple(overrides), eval_limit)
+             for seed in seeds for v in sweep}
+    records = run_tasks([t for t in tasks.values() if t.variant.trained_as is None], jobs)
+    records |= run_tasks([t for t in tasks.values() if t.variant.trained_as is not None], jobs)
+    return [summarise(v, [records[(v.name, seed)] for seed in seeds], recipe, overrides) for v in sweep]
 
 
 def ensure_digits_task(data: Path, hires: bool) -> None:
@@ -167,8 +299,10 @@ def ensure_digits_task(data: Path, hires: bool) -> None:
 
 
 def add_speedups(results: list[dict]) -> None:
+    """Each variant against the baseline: speedups, FLOP bound, and the paired accuracy difference over seeds."""
     base = next(r for r in results if r["name"] == BASELINE.name)
     for r in results:
+        r["minus_baseline"] = paired_difference(r["accuracies"], base["accuracies"])
         r["train_speedup"] = r["tokens_per_s"] / base["tokens_per_s"]
         r["infer_speedup"] = base["eval_s"] / r["eval_s"]
         r["flop_bound"] = base["flops"] / r["flops"]
@@ -176,7 +310,8 @@ def add_speedups(results: list[dict]) -> None:
 
 
 COLORS = {"baseline": "tab:gray", "single_view": "tab:olive", "victor": "tab:blue", "text_blind": "tab:purple",
-          "fastv": "tab:orange", "fastv_free": "tab:brown", "avg_pool": "tab:green"}
+          "fastv": "tab:orange", "fastv_free": "tab:brown", "avg_pool": "tab:green", "random": "tab:pink",
+          "divprune": "tab:cyan", "visionzip": "gold", "pyramid_drop": "black"}
 
 
 def plot(results: list[dict], path: Path, title: str) -> None:
@@ -192,9 +327,9 @@ def plot(results: list[dict], path: Path, title: str) -> None:
         if points:
             ax.errorbar([r["flops"] / 1e6 for r in points], [r["accuracy"] for r in points],
                         yerr=[r["accuracy_std"] for r in points], fmt="o", color=color, capsize=3, label=method)
-    for r in results:  # the training-free FastV sits on the baseline's FLOPs: its label goes below
+    for r in results:  # the training-free peers sit on the baseline's training FLOPs: their labels go below
         ax.annotate(r["name"], (r["flops"] / 1e6, r["accuracy"]), textcoords="offset points",
-                    xytext=(4, -10 if r["method"] == "fastv_free" else 4), fontsize=7)
+                    xytext=(4, -10 if r["method"] in ("fastv_free", *PRUNE_METHODS) else 4), fontsize=7)
     ax.axhline(results[0]["chance"], color="tab:red", linestyle=":", label="chance")
     ax.set_xlabel("training FLOPs per sample (MFLOP, analytic)")
     ax.set_ylabel("test accuracy (exact match)")
@@ -210,18 +345,37 @@ def report(results: list[dict], recipe_cfg: Config, seeds: list[int], quick: boo
     k, n = recipe_cfg.victor.drop_layer, recipe_cfg.model.num_layers
     out: dict = {"results": results, "seeds": seeds, "drop_layer": k, "num_layers": n, "quick": quick,
                  "hires": hires}
-    for field, name in (("baseline_accuracy", BASELINE.name), ("victor_accuracy", f"R8_k{k}"),
-                        ("no_register_accuracy", f"R0_k{k}"), ("single_view_accuracy", SINGLE_VIEW.name)):
+    victor_name, no_register_name = f"R8_k{k}", f"R0_k{k}"
+    for field, name in (("baseline_accuracy", BASELINE.name), ("victor_accuracy", victor_name),
+                        ("no_register_accuracy", no_register_name), ("single_view_accuracy", SINGLE_VIEW.name)):
         if name in by_name:
             out[field], out[f"{field}_std"] = by_name[name]["accuracy"], by_name[name]["accuracy_std"]
-    out["chance"] = results[0]["chance"]
+    for field, other in (("victor_minus_baseline", BASELINE.name), ("victor_minus_no_register", no_register_name)):
+        if victor_name in by_name and other in by_name:
+            out[field] = paired_difference(by_name[victor_name]["accuracies"], by_name[other]["accuracies"])
+    out["chance"], out["test_questions"] = results[0]["chance"], results[0]["questions"]
     return out
+
+
+def check_test_split(data: Path, split: str, eval_limit: int | None) -> None:
+    """Refuse a test split too small for the protocol (one line), unless --eval-limit asks for fewer on purpose."""
+    if eval_limit is not None:
+        return
+    n = sum(shard.samples for shard in load_manifest(data).split_shards(split))
+    if n < MIN_TEST_QUESTIONS:
+        raise UserError(f"--data {data}: its test split {split} holds {n} questions; the paired protocol needs at "
+                        f"least {MIN_TEST_QUESTIONS} (one run's exact-match noise <= about 1 point): prepare the "
+                        "digits again (`megavictor prep digits --out NEW_DIR`: 2500) or pass --eval-limit N to score "
+                        "fewer on purpose")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megavictor bench accuracy", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="baseline, R=8 and R=0 only")
-    parser.add_argument("--seeds", type=int, help="seeds per variant (default: 2 with --quick, else 3)")
+    parser.add_argument("--quick", action="store_true", help="baseline, R=8 and R=0 only, 4 paired seeds")
+    parser.add_argument("--seeds", type=int, help=f"seeds per variant (default: {QUICK_SEEDS} with --quick, else 3)")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="runs side by side, each in its own process with cores/jobs torch threads (default "
+                             "min(2, cores); 1: one after another in this process)")
     parser.add_argument("--recipe", choices=("fidelity", "demo"), default=None,
                         help="configs/<recipe>_stage{1,2}.yaml (default: fidelity, k/L = 1/8)")
     parser.add_argument("--hires", action="store_true",
@@ -256,13 +410,17 @@ def main(argv: list[str]) -> int:
         plot(json.loads(saved.read_text())["results"], plot_path, title)
         print(json.dumps({"plot": str(plot_path)}))
         return 0
-    n_seeds = args.seeds or (2 if args.quick else 3)
+    n_seeds = args.seeds or (QUICK_SEEDS if args.quick else 3)
     if n_seeds < 1:
         raise UserError(f"--seeds {n_seeds} must be >= 1")
+    if args.jobs < 1:
+        raise UserError(f"--jobs {args.jobs} must be >= 1")
     seeds = [FIRST_SEED + i for i in range(n_seeds)]
     data = Path(args.data or ("data/digits_hires" if args.hires else "data/digits"))
+    start = time.perf_counter()
     ensure_digits_task(data, args.hires)
-    sweep = variants(recipe_cfg.victor.drop_layer, args.quick, args.hires)
+    check_test_split(data, recipe_cfg.data.test_split, args.eval_limit)
+    sweep = variants(recipe_cfg.victor.drop_layer, args.quick, args.hires, recipe_cfg.model.num_layers)
     if args.variants:
         wanted = set(args.variants.split(","))
         unknown = wanted - {v.name for v in sweep}
@@ -270,7 +428,7 @@ def main(argv: list[str]) -> int:
             raise UserError(f"--variants: unknown {', '.join(sorted(unknown))} (known: "
                             f"{', '.join(v.name for v in sweep)})")
         sweep = [v for v in sweep if v.name in wanted or v is BASELINE]
-    results = [run_variant(v, run_dir, data, recipe, seeds, args.overrides, args.eval_limit) for v in sweep]
+    results = run_sweep(sweep, seeds, args.jobs, run_dir, data, recipe, args.overrides, args.eval_limit)
     add_speedups(results)
     plot(results, plot_path, title)
     print_table(f"{task}, {recipe} recipe, seeds {seeds}, chance {results[0]['chance']:.3f}, "
@@ -281,8 +439,14 @@ def main(argv: list[str]) -> int:
                   "-" if r["drop_layer"] is None else r["drop_layer"], r["accuracy"], r["accuracy_std"],
                   r["tokens_per_s"], r["train_samples"], r["train_speedup"], r["flop_bound"], r["infer_speedup"]]
                  for r in results])
+    points = lambda x: "-" if x is None else f"{100 * x:+.1f}"  # noqa: E731
+    print_table("paired difference from the baseline over seeds (accuracy points, 95% CI: t over seeds)",
+                ["variant", "mean", "ci95 low", "ci95 high"],
+                [[r["name"], *(points(r["minus_baseline"][key]) for key in ("mean", "ci95_low", "ci95_high"))]
+                 for r in results if r["name"] != BASELINE.name])
     out = report(results, recipe_cfg, seeds, args.quick, args.hires)
-    out.update(plot=str(plot_path), run_dir=str(run_dir), recipe=recipe)
+    out.update(plot=str(plot_path), run_dir=str(run_dir), recipe=recipe, jobs=args.jobs,
+               wall_s=time.perf_counter() - start)
     (run_dir / "accuracy.json").write_text(json.dumps(out, indent=2))
     print(json.dumps(out))
     return 0

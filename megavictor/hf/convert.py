@@ -686,7 +686,8 @@ def to_hf(cfg: Config, full_state: dict[str, Tensor], out_dir: str | Path, token
     vi = cfg.victor
     if vi.enabled and vi.mask != VictorMask.CAUSAL:
         raise ConversionError(f"victor.mask={vi.mask!r} has no HF implementation (only causal)")
-    for key, value in (("peer.fastv_layer", cfg.peer.fastv_layer), ("peer.avg_pool_to", cfg.peer.avg_pool_to)):
+    for key, value in (("peer.fastv_layer", cfg.peer.fastv_layer), ("peer.pyramid_layers", cfg.peer.pyramid_layers),
+                       ("peer.avg_pool_to", cfg.peer.avg_pool_to), ("peer.prune", cfg.peer.prune)):
         if value is not None:
             raise ConversionError(f"{key}={value} has no HF implementation (megatron engine and eval only)")
     out = Path(out_dir)

@@ -3,12 +3,14 @@
 One `DropPlan` is built per micro-batch by one pure function, `build_drop_plan`, from slot metadata alone (kinds,
 positions, labels, packed boundaries) and the config, so every pipeline stage builds the same plan without
 receiving activations' metadata, and the megatron model, its reference twin and greedy evaluation share it.
-FastV (`peer.fastv_layer`) is the one exception: which visual slots survive depends on layer K-1's attention, so
-its plan leaves the short side open (`ranking`) until the model calls `DropPlan.rank` with those probabilities. Layers
-< k see the `long` view (all slots); layers >= k the `short` view (registers, text, padding), gathered with the
-convention shared with the exported HF model (`megavictor.hf_model.victor_drop.keep_index`: survivors right-aligned,
-fillers on the left). Every view carries its complete attention inputs: the mask, the original (pre-drop)
-positions and their RoPE angles, the packed-sample segments, and the labels of the slots it holds.
+FastV (`peer.fastv_layer`) and PyramidDrop (`peer.pyramid_layers`) are the exception: which visual slots survive
+a drop at layer K depends on layer K-1's attention, so their plan leaves each drop's view open (`ranking`) until the
+model calls `DropPlan.rank` with those probabilities. Layers < k see the `long` view (all slots); from each drop
+(`DropStage`: Victor's and FastV's one, PyramidDrop's several) on, the layers see the view of the previous one's
+survivors (Victor: registers, text, padding), gathered with the convention shared with the exported HF model
+(`megavictor.hf_model.victor_drop.keep_index`: survivors right-aligned, fillers on the left); `short` is the last.
+Every view carries its complete attention inputs: the mask, the original (pre-drop) positions and their RoPE angles,
+the packed-sample segments, and the labels of the slots it holds.
 
 A plan built `packed` (Transformer Engine's THD attention, `uses_packed_attention`) describes each view by
 sequence boundaries instead of a mask (`PackedView`: cu_seqlens, per-token RoPE angles) and builds no [S, S] mask:
@@ -83,31 +85,76 @@ class SequenceView:
         return self.position_ids.shape[1]
 
 
-@dataclass
-class FastVRanking:
-    """What FastV needs to choose each image's surviving visual slots once layer K-1's attention is known."""
+# (the previous view's dropped slots [B, S_prev], its indices into the long view) -> (view, index, keep_index)
+NextView = Callable[[torch.Tensor, torch.Tensor], tuple[SequenceView, torch.Tensor, torch.Tensor]]
 
-    queries: torch.Tensor  # [B, S] column of the slot whose attention ranks each slot (its sample's query)
-    visual: torch.Tensor  # [B, S] bool
-    visual_tokens: int  # per image
-    keep: int  # visual slots kept per image
-    short_side: Callable[[torch.Tensor], tuple[SequenceView, torch.Tensor]]  # dropped [B, S] -> (short, keep_index)
+
+@dataclass
+class DropStage:
+    """One drop: from decoder layer `layer` on, the decoder runs on `view`, the slots `index` of the previous stage's
+    view (of the long view for the first stage), which are the long view's slots `keep_index`.
+
+    Victor's stage is complete when the plan is built; a ranked stage (FastV, PyramidDrop) has only `keep` until
+    `DropPlan.rank`, called in layer `layer` - 1, fills in the rest.
+    """
+
+    layer: int
+    keep: int | None = None  # visual slots each image keeps from `layer` on (ranked stages)
+    view: SequenceView | None = None
+    index: torch.Tensor | None = None  # [B, S_i] indices into the previous stage's view
+    keep_index: torch.Tensor | None = None  # [B, S_i] indices into the long view
+
+
+@dataclass
+class AttentionRanking:
+    """What the ranked drops (FastV, PyramidDrop) need to choose each image's surviving visual slots once the
+    attention of the layer before a drop is known."""
+
+    visual: torch.Tensor  # [B, S] bool: the long view's visual slots
+    visual_tokens: int  # per image, in the long view
+    every_turn: bool  # rank by every turn's last instruction slot (PyramidDrop), not only the first turn's (FastV)
+    next_view: NextView
 
 
 @dataclass
 class DropPlan:
-    """Per-micro-batch Victor plan; `drop_layer` is None when nothing is dropped (baseline or no visual slots).
-
-    Under FastV, `drop_layer` is K and `short` / `keep_index` are None until `rank` is called (in layer K-1).
-    """
+    """Per-micro-batch Victor plan: the long view and the drops (`stages`, by ascending layer; none for the baseline
+    or a micro-batch without visual slots). Under FastV and PyramidDrop a stage's view is None until `rank` is
+    called in the layer before it."""
 
     long: SequenceView
-    short: SequenceView | None
-    keep_index: torch.Tensor | None  # [B, S'] indices into the long sequence of the slots that survive
-    drop_layer: int | None
+    stages: tuple[DropStage, ...] = ()
     image_slots: ImageSlots | None = None  # where the first stage puts visual tokens and registers
-    ranking: FastVRanking | None = None
+    ranking: AttentionRanking | None = None
     packed: bool = False  # THD attention: the decoder's hidden states are [B*S, 1, H] instead of [S, B, H]
+
+    @property
+    def drop_layer(self) -> int | None:
+        """The first layer that runs on fewer slots; None when nothing is dropped."""
+        return self.stages[0].layer if self.stages else None
+
+    @property
+    def short(self) -> SequenceView | None:
+        """The view of the layers after the last drop (the long view when nothing is dropped; None until ranked)."""
+        return self.stages[-1].view if self.stages else self.long
+
+    @property
+    def keep_index(self) -> torch.Tensor | None:
+        """[B, S'] indices into the long sequence of the slots of `short`."""
+        return self.stages[-1].keep_index if self.stages else _identity(self.long)
+
+    @property
+    def views(self) -> list[SequenceView | None]:
+        """The long view, then each drop's: layer `i` runs on `views[stage_of(i)]`."""
+        return [self.long, *(stage.view for stage in self.stages)]
+
+    def stage_of(self, layer_index: int) -> int:
+        """How many drops happen at or before layer `layer_index`."""
+        return sum(stage.layer <= layer_index for stage in self.stages)
+
+    def drops_in(self, layer_index: int) -> bool:
+        """Whether layer `layer_index` gathers the survivors of a drop (`drop`) before it attends."""
+        return any(stage.layer == layer_index for stage in self.stages)
 
     def to(self, device: torch.device | str) -> "DropPlan":
         """The plan on `device`, every tensor copied without blocking the host (from pinned memory when the target
@@ -115,39 +162,50 @@ class DropPlan:
         return _on_device(self, torch.device(device))
 
     def ranks_in(self, layer_index: int) -> bool:
-        """Whether `layer_index` is the layer whose attention probabilities `rank` needs (FastV's K-1)."""
-        return self.ranking is not None and layer_index == self.drop_layer - 1
+        """Whether `layer_index` is a layer whose attention probabilities `rank` needs (the layer before a ranked
+        drop that is still open)."""
+        return self.ranking is not None and any(stage.layer == layer_index + 1 and stage.view is None
+                                                for stage in self.stages)
 
     def rank(self, head_mean_probs: torch.Tensor) -> None:
-        """FastV: keep each image's `keep` visual slots that receive the most attention from their sample's query
-        in `head_mean_probs` [B, S, S] (attention probabilities averaged over heads), and close the short side."""
+        """Close the next open drop: of the visual slots the previous view holds, each image keeps the stage's `keep`
+        that receive the most attention from their sample's query slots (`ranking_queries`; several: their mean) in
+        `head_mean_probs` [B, S, S] (the layer's attention probabilities averaged over heads)."""
         r = self.ranking
-        received = head_mean_probs.detach().gather(1, r.queries[:, None, :]).squeeze(1)  # [B, S]
-        scores = received[r.visual].view(-1, r.visual_tokens)
-        kept = torch.zeros_like(scores, dtype=torch.bool).scatter(1, scores.topk(r.keep, dim=1).indices, True)
-        dropped = torch.zeros_like(r.visual)
-        dropped[r.visual] = ~kept.flatten()
-        self.short, self.keep_index = r.short_side(dropped)
-        self.ranking = None
+        n = next(i for i, stage in enumerate(self.stages) if stage.view is None)
+        view, before = self.views[n], self.stages[n - 1].keep_index if n else _identity(self.long)
+        held = r.visual.gather(1, before)  # the images' visual slots in this view, and the previous drop's fillers
+        visual = held & ~view.ghost
+        weights = (view.segments[:, :, None] == view.segments[:, None, :]) & ranking_queries(
+            view.segments, view.labels, r.every_turn)[:, :, None]  # [B, query, key]
+        received = (head_mean_probs.detach() * weights).sum(dim=1) / weights.sum(dim=1)  # [B, S]
+        scores = received[visual].view(-1, self.stages[n - 1].keep if n else r.visual_tokens)
+        stage = self.stages[n]
+        kept = torch.zeros_like(scores, dtype=torch.bool).scatter(1, scores.topk(stage.keep, dim=1).indices, True)
+        dropped = held & view.ghost
+        dropped[visual] = ~kept.flatten()
+        stage.view, stage.index, stage.keep_index = r.next_view(dropped, before)
 
     def view_for_layer(self, layer_index: int) -> SequenceView:
-        if self.drop_layer is not None and layer_index >= self.drop_layer:
-            if self.short is None:
-                raise RuntimeError(f"FastV: layer {layer_index} runs before layer {self.drop_layer - 1} ranked the "
-                                   "visual slots (DropPlan.rank)")
-            return self.short
-        return self.long
+        n = self.stage_of(layer_index)
+        view = self.views[n]
+        if view is None:
+            raise RuntimeError(f"layer {layer_index} runs before layer {self.stages[n - 1].layer - 1} ranked the "
+                               "visual slots (DropPlan.rank)")
+        return view
 
-    def drop(self, hidden_states: torch.Tensor, seq_dim: int = 0) -> torch.Tensor:
-        """Gather the surviving slots along `seq_dim` of the decoder's hidden states ([S, B, H], or [B*S, 1, H]
-        when packed) or of batch-first [B, S, H] ones (`seq_dim=1`).
+    def drop(self, hidden_states: torch.Tensor, seq_dim: int = 0, layer_index: int | None = None) -> torch.Tensor:
+        """Gather the slots that survive the drop at layer `layer_index` (default: the first drop) along `seq_dim` of
+        the decoder's hidden states ([S, B, H], or [B*S, 1, H] when packed) or of batch-first [B, S, H] ones
+        (`seq_dim=1`), which hold the previous view.
 
         The result is a fresh tensor, not a view (megatron's pipeline schedule frees stage outputs in place).
         """
-        index = self.keep_index
+        n = 0 if layer_index is None else self.stage_of(layer_index) - 1
+        index = self.stages[n].index
         if self.packed and seq_dim == 0:
             rows = torch.arange(index.shape[0], device=index.device)[:, None]
-            index = (index + rows * self.long.seq_length).reshape(1, -1)
+            index = (index + rows * self.views[n].seq_length).reshape(1, -1)
         index = index.t() if seq_dim == 0 else index
         index = index.unsqueeze(-1).expand(*index.shape, hidden_states.shape[-1])
         return torch.gather(hidden_states, seq_dim, index)
@@ -155,7 +213,7 @@ class DropPlan:
     @property
     def output_view(self) -> SequenceView:
         """The view of the last layer's output (what the loss sees)."""
-        return self.short if self.drop_layer is not None else self.long
+        return self.short
 
     def loss_mask(self) -> torch.Tensor:
         return self.output_view.labels != IGNORE_INDEX
@@ -168,6 +226,12 @@ class DropPlan:
         """The decoder's dimension order -> batch-first [B, S, ...] (the inverse of `sequence_first`)."""
         x = x.transpose(0, 1)
         return x.reshape(self.long.position_ids.shape[0], -1, *x.shape[2:]) if self.packed else x
+
+
+def _identity(view: SequenceView) -> torch.Tensor:
+    """[B, S] indices of a view's own slots."""
+    b, s = view.position_ids.shape
+    return torch.arange(s, device=view.position_ids.device).expand(b, s)
 
 
 def _on_device(value: Any, device: torch.device) -> Any:
@@ -309,40 +373,58 @@ def _view(segments: torch.Tensor, kinds: torch.Tensor, positions: torch.Tensor, 
 
 
 
-def ranking_queries(segments: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """[B, S] column of each slot's FastV query: the slot of its packed sample that predicts the sample's first
-    target (the last prompt token, as at inference), or the sample's last slot if it has no target."""
+def ranking_queries(segments: torch.Tensor, labels: torch.Tensor, every_turn: bool = False) -> torch.Tensor:
+    """[B, S] bool: the slots whose attention ranks the visual slots of their packed sample. FastV: the slot that
+    predicts the sample's first target (the last prompt token, as at inference). `every_turn` (PyramidDrop's "last
+    instruction tokens" in training): also the slot before each later answer, the last token of its turn's question.
+    A sample without targets: its last slot."""
     b, s = segments.shape
+    labelled = labels != IGNORE_INDEX
+    answer_starts = labelled.clone()
+    answer_starts[:, 1:] &= ~labelled[:, :-1] | (segments[:, 1:] != segments[:, :-1])
     flat_segments, flat = segments.flatten(), torch.arange(b * s, device=segments.device)
-    labelled = labels.flatten() != IGNORE_INDEX
     n = int(flat_segments.max()) + 1
-    first = torch.full((n,), b * s, device=segments.device).scatter_reduce(
-        0, flat_segments[labelled], flat[labelled], reduce="amin")
     last = torch.full((n,), -1, device=segments.device).scatter_reduce(0, flat_segments, flat, reduce="amax")
-    query = torch.where(first < b * s, first, last)
-    return (query[flat_segments] % s).view(b, s)
+    first = torch.full((n,), b * s, device=segments.device).scatter_reduce(
+        0, flat_segments[labelled.flatten()], flat[labelled.flatten()], reduce="amin")
+    queries = answer_starts.flatten() if every_turn else torch.zeros_like(flat, dtype=torch.bool)
+    queries[torch.where(first < b * s, first, last)] = True
+    return queries.view(b, s)
 
 
-def _short_side(dropped: torch.Tensor, segments: torch.Tensor, kinds: torch.Tensor, positions: torch.Tensor,
-                labels: torch.Tensor, align: int, min_length: int, m: ModelConfig,
-                packed: bool) -> tuple[SequenceView, torch.Tensor]:
-    """The view of the slots that survive when `dropped` [B, S] slots go, and their indices in the long view."""
+def _next_view(dropped: torch.Tensor, before: torch.Tensor, segments: torch.Tensor, kinds: torch.Tensor,
+               positions: torch.Tensor, labels: torch.Tensor, align: int, min_length: int, m: ModelConfig,
+               packed: bool) -> tuple[SequenceView, torch.Tensor, torch.Tensor]:
+    """The view of the slots of a view (`before` [B, S_prev]: its slots' indices in the long view, whose segments,
+    kinds, positions and labels are given) that survive when its `dropped` [B, S_prev] slots go; their indices in that
+    view and in the long view. A view's fillers are among its dropped slots: the next drop's fillers come from them
+    and the slots it drops, so every filler is a slot of the view before."""
     short_len = max(-(-int((~dropped).sum(dim=1).max()) // align) * align, min_length)
     index, filler = keep_index(dropped, min_length=short_len)
+    kept = before.gather(1, index)
     b, length = index.shape
     lone = segments.max() + 1 + torch.arange(b * length, device=kinds.device).view(b, length)
-    short_kinds = torch.where(filler, KIND_PAD, kinds.gather(1, index))
-    short = _view(segments=torch.where(filler, lone, segments.gather(1, index)), kinds=short_kinds,
-                  positions=positions.gather(1, index),
-                  labels=torch.where(filler, IGNORE_INDEX, labels.gather(1, index)), ghost=short_kinds == KIND_PAD,
+    short_kinds = torch.where(filler, KIND_PAD, kinds.gather(1, kept))
+    short = _view(segments=torch.where(filler, lone, segments.gather(1, kept)), kinds=short_kinds,
+                  positions=positions.gather(1, kept),
+                  labels=torch.where(filler, IGNORE_INDEX, labels.gather(1, kept)), ghost=short_kinds == KIND_PAD,
                   m=m, packed=packed)
-    return short, index
+    return short, index, kept
+
+
+def ranked_drops(cfg: Config) -> list[tuple[int, int]]:
+    """The attention-ranked drops of `cfg` as (layer, visual slots each image keeps from it on): FastV's one (its
+    `fastv_keep` share, rounded up), PyramidDrop's stages; none for Victor and the baseline."""
+    pe = cfg.peer
+    if pe.fastv_layer is not None:
+        return [(pe.fastv_layer, math.ceil(cfg.vision.num_visual_tokens * pe.fastv_keep))]
+    return list(zip(pe.pyramid_layers, pe.pyramid_keep)) if pe.pyramid_layers is not None else []
 
 
 def build_drop_plan(batch: VictorBatch, cfg: Config, packed: bool = False,
                     min_short_length: int = 0) -> DropPlan:
-    """Plan the drop for `batch` under `cfg` (victor or FastV settings, RoPE base and head size, short-length
-    alignment).
+    """Plan the drop for `batch` under `cfg` (Victor, FastV or PyramidDrop settings, RoPE base and head size,
+    short-length alignment).
 
     Rows keep different numbers of slots when they hold different numbers of images; shorter rows are filled up
     to the common length with some of their own dropped visual slots (fillers: their own segment, no label,
@@ -350,7 +432,7 @@ def build_drop_plan(batch: VictorBatch, cfg: Config, packed: bool = False,
     tp under sequence parallelism) and raised to `min_short_length` (a pipeline length bucket). `packed` builds the
     THD description of both views (`PackedView`) instead of masks.
     """
-    victor, fastv_layer, m = cfg.victor, cfg.peer.fastv_layer, cfg.model
+    victor, drops, m = cfg.victor, ranked_drops(cfg), cfg.model
     align = short_alignment(cfg)
     kinds, positions, labels = batch.kinds, batch.position_ids, batch.labels
     segments = batch.segment_ids()
@@ -358,22 +440,20 @@ def build_drop_plan(batch: VictorBatch, cfg: Config, packed: bool = False,
     text_blind = victor.enabled and victor.mask == VictorMask.TEXT_BLIND
     long = _view(segments, kinds, positions, labels, kinds == KIND_PAD, m, packed, text_blind)
     slots = image_slots(batch, victor.registers_per_image, cfg.vision.anyres())
-    if (not victor.enabled and fastv_layer is None) or not bool(visual.any()):
+    if (not victor.enabled and not drops) or not bool(visual.any()):
         if positions.shape[1] % align:
             raise ValueError(f"sequence length {positions.shape[1]} is not a multiple of {align}")
-        identity = torch.arange(positions.shape[1], device=kinds.device).expand_as(kinds)
-        return DropPlan(long=long, short=long, keep_index=identity, drop_layer=None, image_slots=slots, packed=packed)
-    short_side = partial(_short_side, segments=segments, kinds=kinds, positions=positions, labels=labels, align=align,
-                         min_length=min_short_length, m=m, packed=packed)
+        return DropPlan(long=long, image_slots=slots, packed=packed)
+    next_view = partial(_next_view, segments=segments, kinds=kinds, positions=positions, labels=labels, align=align,
+                        min_length=min_short_length, m=m, packed=packed)
     if victor.enabled:
-        short, index = short_side(visual)
-        return DropPlan(long=long, short=short, keep_index=index, drop_layer=victor.drop_layer, image_slots=slots,
-                        packed=packed)
-    v = cfg.vision.num_visual_tokens
-    ranking = FastVRanking(queries=ranking_queries(segments, labels), visual=visual, visual_tokens=v,
-                           keep=math.ceil(v * cfg.peer.fastv_keep), short_side=short_side)
-    return DropPlan(long=long, short=None, keep_index=None, drop_layer=fastv_layer, image_slots=slots, ranking=ranking,
-                    packed=packed)
+        short, index, kept = next_view(visual, _identity(long))
+        return DropPlan(long=long, stages=(DropStage(victor.drop_layer, view=short, index=index, keep_index=kept),),
+                        image_slots=slots, packed=packed)
+    ranking = AttentionRanking(visual=visual, visual_tokens=cfg.vision.num_visual_tokens,
+                               every_turn=cfg.peer.pyramid_layers is not None, next_view=next_view)
+    return DropPlan(long=long, stages=tuple(DropStage(layer, keep=keep) for layer, keep in drops), image_slots=slots,
+                    ranking=ranking, packed=packed)
 
 
 def scatter_image_slots(embeddings: torch.Tensor, slots: ImageSlots, visual: torch.Tensor | None,

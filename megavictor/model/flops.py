@@ -1,7 +1,7 @@
 """Analytic FLOP counts of the model: the bound benchmarks compare speedups with, and the numerator of MFU.
 
 They know Victor: layers < k run on every slot, layers >= k only on the slots that survive the drop (FastV: the
-kept share), and a frozen ViT runs forward only.
+kept share; PyramidDrop: each stage its own count), and a frozen ViT runs forward only.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from megavictor.config import Config
 from megavictor.model.batch import KIND_VISUAL, VictorBatch
-from megavictor.model.peers import removed_visual, shortened_from
+from megavictor.model.peers import removed_in_layer, removed_visual
 
 TRAIN_FACTOR = 3.0  # forward + backward ~ 3 forwards
 
@@ -34,7 +34,8 @@ def transformer_layer_flops(seq: float, hidden: int, ffn: int, heads: int, group
 def decoder_flops(cfg: Config, long: int, short: int, factor: float = TRAIN_FACTOR, head_tokens: int | None = None,
                   context_long: int | None = None, context_short: int | None = None) -> float:
     """FLOPs of the decoder and output layer for one row: layers < k on `long` slots, layers >= k on `short`
-    slots (the baseline passes short == long), times `factor` (3 for training, 1 for a forward).
+    slots (the baseline passes short == long), times `factor` (3 for training, 1 for a forward). Under PyramidDrop
+    `short` is what the last stage sees; the earlier stages see their share of the drop (`removed_in_layer`).
 
     `head_tokens` is how many slots reach the output layer (default `short`; generation computes only the last);
     `context_long` / `context_short` are the attention key counts (default: the row itself, full-square; decoding
@@ -43,10 +44,10 @@ def decoder_flops(cfg: Config, long: int, short: int, factor: float = TRAIN_FACT
     m = cfg.model
     groups = m.num_query_groups or m.num_attention_heads
     total = 0.0
-    first_short = shortened_from(cfg)
     for i in range(m.num_layers):
-        dropped = first_short is not None and i >= first_short
-        seq, context = (short, context_short) if dropped else (long, context_long)
+        seq = long - removed_in_layer(cfg, i, long - short)
+        context = (None if context_long is None
+                   else context_long - removed_in_layer(cfg, i, context_long - context_short))
         total += factor * transformer_layer_flops(seq, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads,
                                                   groups, gated=True, context=context)
     head = short if head_tokens is None else head_tokens

@@ -19,6 +19,7 @@ from megavictor.model.batch import VictorBatch
 from megavictor.model.drop_plan import DropPlan, build_drop_plan, gather_visual, scatter_image_slots
 from megavictor.model.peers import image_slot_fill, learned_registers, run_layer
 from megavictor.model.recipe import apply_freezing
+from megavictor.model.visual_select import TowerOutputs, tower_readout
 from megavictor.model.weight_init import initialize
 
 MASKED_SCORE = -10000.0  # megatron's attention_mask_func fill value
@@ -189,13 +190,16 @@ class ReferenceVLM(nn.Module):
         """Final-norm hidden states [B, S', H] of the slots that reach the loss; with `cache` (one empty slot per
         decoder layer), each layer also keeps its keys and values (the prefill of `megavictor.kv_cache`)."""
         x = self.embedding.word_embeddings(batch.tokens)
-        visual = None
+        visual, tower = None, None
         if batch.images.shape[0]:
-            visual = gather_visual(self.projector(self.vision(batch.images)), self.image_newline, plan.image_slots)
-        x = scatter_image_slots(x, plan.image_slots, visual, image_slot_fill(self.cfg, visual, self.registers))
+            with tower_readout(self.cfg, self.vision) as qkv:
+                features = self.vision(batch.images)
+            tower = TowerOutputs(batch.images, features, self.projector, qkv[0] if qkv else None)
+            visual = gather_visual(self.projector(features), self.image_newline, plan.image_slots)
+        x = scatter_image_slots(x, plan.image_slots, visual, image_slot_fill(self.cfg, visual, self.registers, tower))
         for index, layer in enumerate(self.decoder.layers):
-            if plan.drop_layer == index:
-                x = plan.drop(x, seq_dim=1)
+            if plan.drops_in(index):
+                x = plan.drop(x, seq_dim=1, layer_index=index)
             view = plan.view_for_layer(index)
             kv = None if cache is None else cache[index]
             x = run_layer(plan, index, layer.self_attention.softmax,

@@ -132,12 +132,12 @@ def rotary_core_attention(core_attention: type) -> type:
 class VictorTransformerLayer(TransformerLayer):
     """A decoder layer that performs the Victor drop and attends with its side of the plan.
 
-    Layer k gathers the surviving slots before attending; every layer takes its view's attention inputs from the
-    plan (`DropPlanParams`) instead of the block's arguments: the mask and RoPE angles, or for a packed plan the
-    THD parameters and per-token angles (the original, gapped positions). Under sequence parallelism layer k
-    gathers the ranks' slices of the sequence, drops, and keeps its slice of the short sequence. Under FastV, layer
-    K-1 also ranks the visual slots by its attention probabilities (`megavictor.model.peers`), which closes the
-    plan's short side for layer K.
+    Layer k (and each PyramidDrop layer) gathers the surviving slots before attending; every layer takes its view's
+    attention inputs from the plan (`DropPlanParams`) instead of the block's arguments: the mask and RoPE angles, or
+    for a packed plan the THD parameters and per-token angles (the original, gapped positions). Under sequence
+    parallelism a dropping layer gathers the ranks' slices of the sequence, drops, and keeps its slice of the shorter
+    one. Under FastV and PyramidDrop, the layer K-1 before each drop also ranks the visual slots by its attention
+    probabilities (`megavictor.model.peers`), which closes the plan's view for layer K.
     """
 
     def forward(self, hidden_states, attention_mask=None, rotary_pos_emb=None, packed_seq_params=None,
@@ -146,8 +146,8 @@ class VictorTransformerLayer(TransformerLayer):
             raise TypeError("VictorTransformerLayer needs the micro-batch's DropPlanParams as packed_seq_params")
         plan = packed_seq_params.plan
         index = self.layer_number - 1  # layer_number is global and 1-based
-        if plan.drop_layer == index:
-            hidden_states = self._drop(plan, hidden_states)
+        if plan.drops_in(index):
+            hidden_states = self._drop(plan, hidden_states, index)
         view = plan.view_for_layer(index)
         if view.packed is not None:  # THD on Transformer Engine (FastV, which reads probabilities, is local-only)
             # RoPE is applied by the core attention (`ThdParams`), not by megatron's attention.
@@ -158,13 +158,13 @@ class VictorTransformerLayer(TransformerLayer):
         return run_layer(plan, index, getattr(self.self_attention.core_attention, "scale_mask_softmax", None),
                          forward, _mean_over_tensor_parallel)
 
-    def _drop(self, plan: DropPlan, hidden_states: torch.Tensor) -> torch.Tensor:
+    def _drop(self, plan: DropPlan, hidden_states: torch.Tensor, index: int) -> torch.Tensor:
         if not self.config.sequence_parallel:
-            return plan.drop(hidden_states)
+            return plan.drop(hidden_states, layer_index=index)
         # Every rank gathers the whole sequence and drops the same slots, so the backward of the gather is each
         # rank's own slice of the gradient (no reduction: tensor_parallel_output_grad=False).
         whole = tensor_parallel.gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False)
-        return tensor_parallel.scatter_to_sequence_parallel_region(plan.drop(whole)).clone()
+        return tensor_parallel.scatter_to_sequence_parallel_region(plan.drop(whole, layer_index=index)).clone()
 
 
 def _mean_over_tensor_parallel(head_mean: torch.Tensor) -> torch.Tensor:

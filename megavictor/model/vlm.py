@@ -29,6 +29,7 @@ from megavictor.model.peers import image_slot_fill, learned_registers
 from megavictor.model.recipe import apply_freezing
 from megavictor.model.sharding import first_layer
 from megavictor.model.specs import DropPlanParams
+from megavictor.model.visual_select import TowerOutputs, tower_readout
 from megavictor.model.weight_init import initialize
 
 
@@ -95,12 +96,15 @@ class VictorVLM(MegatronModule):
         or [B*S, 1, H] packed), this rank's slice of the sequence under sequence parallelism. The ViT and the
         projector run on whole images on every tensor-parallel rank (no sequence parallelism of their own)."""
         words = self.embedding(input_ids=batch.tokens, position_ids=None)  # [S, B, H]
-        visual = None
+        visual, tower = None, None
         if batch.images.shape[0]:
-            features = self.vision(batch.images.to(words.dtype))[:, 1:]  # drop the class token
+            with tower_readout(self.cfg, self.vision) as qkv:
+                features = self.vision(batch.images.to(words.dtype))[:, 1:]  # drop the class token
+            # The ViT's layers run sequence-first: the captured q/k/v is [1 + V, N, 3 * Hv].
+            tower = TowerOutputs(batch.images, features, self.projector, qkv[0].transpose(0, 1) if qkv else None)
             visual = gather_visual(self.projector(features), self.image_newline, plan.image_slots)
         filled = scatter_image_slots(words.transpose(0, 1), plan.image_slots, visual,
-                                     image_slot_fill(self.cfg, visual, self.registers))
+                                     image_slot_fill(self.cfg, visual, self.registers, tower))
         if visual is None:
             filled = filled + self._image_path_at_zero()
         # Contiguous in sequence-first order: elementwise layers keep strides, and p2p sends need contiguous tensors.

@@ -66,7 +66,7 @@ def _softmax_kernels_available() -> bool:
 
 
 def _best_attention_backend(cfg: Config, gpu: bool) -> AttentionBackend:
-    if cfg.train.engine == Engine.DEEPSPEED or cfg.peer.fastv_layer is not None:
+    if cfg.train.engine == Engine.DEEPSPEED or cfg.peer.reads_attention:
         return AttentionBackend.LOCAL
     if cfg.train.fp8 is not None or (gpu and importlib.util.find_spec("transformer_engine") is not None):
         return AttentionBackend.TE

@@ -16,7 +16,7 @@ import signal
 import threading
 from typing import TYPE_CHECKING
 
-from megavictor.config import Config, load_config
+from megavictor.config import Config, ConfigError, load_config
 from megavictor.data.preflight import check_data_set
 from megavictor.process_lifetime import tie_forked_helpers
 from megavictor.training.cuda_expected import require_cuda_if_expected, resolve_attention_backend
@@ -34,6 +34,10 @@ def run(cfg: Config, install_signal_handlers: bool = True) -> Summary:
     next step boundary, a second SIGINT stops at once.
     Rank 0 holds the run directory's lock (`megavictor.training.run_lock`) throughout; helper processes die with
     this one."""
+    if cfg.peer.prune is not None:  # nothing to learn: the selections are for a checkpoint trained without them
+        raise ConfigError(f"peer.prune={cfg.peer.prune} is an evaluation-time switch (training-free): train without "
+                          f"it, then `megavictor eval --checkpoint RUN ... peer.prune={cfg.peer.prune} "
+                          f"peer.prune_to={cfg.peer.prune_to}`")
     if install_signal_handlers and threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGUSR2):
             signal.signal(sig, request_stop)
