@@ -116,10 +116,21 @@ def slurm_cluster() -> Iterator[Paths]:
         yield paths
 
 
+# The modules that take longest (each 1.5-9 min of one worker), longest first: xdist hands out whole groups in
+# collection order (pytest.ini: --no-loadscope-reorder), so these start first and the suite does not end on one
+# worker running a long module while the other idles. Its own default order (most tests first) put the few-but-long
+# modules last. The SLURM modules form one group.
+LONGEST_FIRST = ("test_train", "test_launch", "test_multinode", "test_serving", "test_parity", "test_gpu_defaults",
+                 "test_bench", "test_deepspeed", "test_faults", "test_peers", "test_overlap", "test_hf_cli")
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under pytest-xdist's `loadgroup` (pytest.ini), a module's tests run on one worker, so its module fixtures are
-    built once; the SLURM modules name one group ("slurm"): they share the one test cluster."""
+    built once; the SLURM modules name one group ("slurm"): they share the one test cluster. The longest modules
+    (`LONGEST_FIRST`) go first; the others keep their order."""
     for item in items:
         if item.get_closest_marker("xdist_group") is None:
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))  # stable

@@ -439,12 +439,14 @@ def main(argv: list[str]) -> int:
                   "-" if r["drop_layer"] is None else r["drop_layer"], r["accuracy"], r["accuracy_std"],
                   r["tokens_per_s"], r["train_samples"], r["train_speedup"], r["flop_bound"], r["infer_speedup"]]
                  for r in results])
-    points = lambda x: "-" if x is None else f"{100 * x:+.1f}"  # noqa: E731
-    print_table("paired difference from the baseline over seeds (accuracy points, 95% CI: t over seeds)",
-                ["variant", "mean", "ci95 low", "ci95 high"],
-                [[r["name"], *(points(r["minus_baseline"][key]) for key in ("mean", "ci95_low", "ci95_high"))]
-                 for r in results if r["name"] != BASELINE.name])
     out = report(results, recipe_cfg, seeds, args.quick, args.hires)
+    points = lambda x: "-" if x is None else f"{100 * x:+.1f}"  # noqa: E731
+    pairs = [(f"{r['name']} - baseline", r["minus_baseline"]) for r in results if r["name"] != BASELINE.name]
+    if "victor_minus_no_register" in out:
+        pairs.append(("victor_minus_no_register (R=8 - R=0)", out["victor_minus_no_register"]))
+    print_table("paired differences over seeds (accuracy points, 95% CI: t over seeds)",
+                ["pair", "mean", "ci95 low", "ci95 high"],
+                [[name, *(points(diff[key]) for key in ("mean", "ci95_low", "ci95_high"))] for name, diff in pairs])
     out.update(plot=str(plot_path), run_dir=str(run_dir), recipe=recipe, jobs=args.jobs,
                wall_s=time.perf_counter() - start)
     (run_dir / "accuracy.json").write_text(json.dumps(out, indent=2))
