@@ -193,7 +193,8 @@ def prep_llava(json_path: Path, images_dir: Path, out: Path, split: str = "train
         dupes = duplicate_ids(records)
         jobs = [(i, records[i], dupes.get(i)) for i in range(start, len(records))]
         check = functools.partial(check_record, images_dir=images_dir, limits=limits)
-        pool = multiprocessing.Pool(workers) if workers > 1 else None
+        # spawn, not fork: a fork of a process with threads (torch's, a test runner's) can deadlock in the child
+        pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
         try:
             results = pool.imap(check, jobs, chunksize=32) if pool else map(check, jobs)
             bar = tqdm(results, total=len(jobs), desc=f"prep {split}", unit=" records")
