@@ -17,10 +17,11 @@ import torch.nn.functional as F
 from megavictor.config import Config, ConfigError
 from megavictor.model.batch import KIND_REGISTER, KIND_VISUAL
 from megavictor.model.drop_plan import build_drop_plan, ranking_queries, scatter_image_slots
-from megavictor.model.peers import average_pool, captured_attention, image_slot_fill, pool_grid
+from megavictor.model.peers import average_pool, image_slot_fill, pool_grid
 from megavictor.model.reference import ReferenceVLM
-from megavictor.model.visual_select import (TowerOutputs, divprune_indices, group_means, random_indices,
-                                            select_visual, tower_readout, visionzip_counts, visionzip_groups)
+from megavictor.model.visual_select import (TowerOutputs, captured_outputs, divprune_indices, group_means,
+                                            random_indices, select_visual, tower_readout, visionzip_counts,
+                                            visionzip_groups)
 from tests.fixtures import ANYRES, packed_batches, tiny_config
 from tests.runs import STAGE2, run, train_cmd
 
@@ -36,7 +37,7 @@ def test_fastv_keeps_the_half_of_each_image_its_query_attends_most() -> None:
     base_cfg = tiny_config(["victor.enabled=false"])
     model = ReferenceVLM(cfg).eval()
     batch = packed_batches(cfg)[0]
-    with torch.no_grad(), captured_attention(model.decoder.layers[1].self_attention.softmax) as probs:
+    with torch.no_grad(), captured_outputs(model.decoder.layers[1].self_attention.softmax) as probs:
         model.load_state_dict(ReferenceVLM(base_cfg).state_dict())  # same weights either way
         ReferenceVLM.forward(model, batch, build_drop_plan(batch, base_cfg))
     plan = build_drop_plan(batch, cfg)
@@ -241,7 +242,7 @@ def test_visionzip_keeps_the_patches_the_vit_class_token_attends_most(keep: int,
     last = model.vision.decoder.layers[-1]
     inputs: list[torch.Tensor] = []
     hook = last.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
-    with torch.no_grad(), captured_attention(last.self_attention.softmax) as probs, \
+    with torch.no_grad(), captured_outputs(last.self_attention.softmax) as probs, \
             tower_readout(cfg, model.vision) as qkv:
         features = model.vision(images)
         visual = model.projector(features)

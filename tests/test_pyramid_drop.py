@@ -19,7 +19,8 @@ from megavictor.data.collate import IMAGE_PLACEHOLDER, Sample, collate_rows, exp
 from megavictor.model.batch import IGNORE_INDEX, KIND_VISUAL, VictorBatch
 from megavictor.model.drop_plan import build_drop_plan
 from megavictor.model.flops import decoder_flops, generate_flops, transformer_layer_flops
-from megavictor.model.peers import captured_attention, removed_visual
+from megavictor.model.peers import removed_visual
+from megavictor.model.visual_select import captured_outputs
 from megavictor.model.reference import KVSlot, ReferenceVLM
 from tests.fixtures import SEQ_LENGTH, packed_batches, samples, tiny_config
 from tests.runs import ROOT, run, train_cmd
@@ -58,7 +59,7 @@ def test_each_stage_keeps_what_the_last_instruction_tokens_attend_most_of_the_st
     batch = two_turn_batch(cfg)
     plan = build_drop_plan(batch, cfg)
     with torch.no_grad(), ExitStack() as stack:
-        probs = [stack.enter_context(captured_attention(model.decoder.layers[layer - 1].self_attention.softmax))
+        probs = [stack.enter_context(captured_outputs(model.decoder.layers[layer - 1].self_attention.softmax))
                  for layer in LAYERS]
         model(batch, plan)
     v = cfg.vision.num_visual_tokens

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from typing import TypeVar
 
 import torch
@@ -76,12 +75,6 @@ def image_slot_fill(cfg: Config, visual: torch.Tensor | None, learned: torch.Ten
     return learned
 
 
-def captured_attention(softmax: nn.Module) -> AbstractContextManager[list[torch.Tensor]]:
-    """Collect the attention probabilities [B, heads, Sq, Sk] that `softmax` (an attention's softmax module)
-    produces while the context is open."""
-    return captured_outputs(softmax)
-
-
 def run_layer(plan: DropPlan, layer_index: int, softmax: nn.Module, forward: Callable[[], T],
               reduce_heads: Callable[[torch.Tensor], torch.Tensor] = lambda mean: mean) -> T:
     """Run one decoder layer's `forward`; in a ranking layer (FastV's K-1, the layer before each PyramidDrop layer),
@@ -89,7 +82,7 @@ def run_layer(plan: DropPlan, layer_index: int, softmax: nn.Module, forward: Cal
     tensor-parallel ranks)."""
     if not plan.ranks_in(layer_index):
         return forward()
-    with captured_attention(softmax) as probs:
+    with captured_outputs(softmax) as probs:  # [B, heads, Sq, Sk] attention probabilities
         out = forward()
     plan.rank(reduce_heads(probs[0].mean(dim=1)))
     return out
