@@ -337,9 +337,23 @@ def test_bench_accuracy_sweep_over_seeds(capsys: pytest.CaptureFixture[str], dig
         assert not (tmp_path / free / "seed1234" / "stage2").exists() and by_name[free]["train_speedup"] == 1.0
     assert by_name["R8_k1"]["flop_bound"] > 1 and by_name["R0_k1"]["flop_bound"] > by_name["R8_k1"]["flop_bound"]
     assert by_name["avgpool_R4"]["flop_bound"] > by_name["R0_k1"]["flop_bound"]  # the LLM never sees the image
+    # Forward FLOPs as evaluated: a training-free pruner trains as the baseline but its LLM sees only B visual tokens
+    # from layer 0, as avgpool's R do; FastV on the baseline's checkpoints drops visual tokens at k.
+    assert by_name["divprune_B8"]["flops"] == by_name["baseline"]["flops"]
+    assert by_name["divprune_B8"]["infer_flops"] > by_name["avgpool_R4"]["infer_flops"]  # 8 tokens from layer 0, not 4
+    assert by_name["divprune_B8"]["infer_flops"] < by_name["R8_k1"]["infer_flops"] < by_name["baseline"]["infer_flops"]
+    assert by_name["fastv_free_K1"]["infer_flops"] < by_name["baseline"]["infer_flops"]
+    assert by_name["baseline"]["infer_flop_bound"] == 1.0
     assert Path(out["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from megavictor.benchmarks.accuracy import main as accuracy
     from megavictor.errors import UserError
+
+    saved = json.loads((tmp_path / "accuracy.json").read_text())
+    for r in saved["results"]:
+        del r["infer_flops"]
+    (tmp_path / "accuracy.json").write_text(json.dumps(saved))  # as written before infer_flops existed
+    with pytest.raises(UserError, match="was written before `infer_flops` existed: rerun the benchmark"):
+        accuracy(["--replot", "--run-dir", str(tmp_path)])
 
     with pytest.raises(UserError, match="its test split vqa_test holds 500 questions; the paired protocol needs at "
                                         "least 2000"):  # the session's digits hold 500: refused before any training

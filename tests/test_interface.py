@@ -344,7 +344,7 @@ BENCH_RECORD_FIELDS: dict[str, tuple[str, set[str]]] = {
     "accuracy": ("results", {
         "name", "method", "enabled", "num_registers", "drop_layer", "accuracy", "accuracy_std", "accuracies", "seeds",
         "chance", "tokens_per_s", "eval_s", "flops", "train_speedup", "infer_speedup", "flop_bound",
-        "ratio_to_bound", "questions", "train_samples", "minus_baseline"}),
+        "ratio_to_bound", "questions", "train_samples", "minus_baseline", "infer_flops", "infer_flop_bound"}),
 }
 
 

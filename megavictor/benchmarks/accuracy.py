@@ -38,8 +38,11 @@ idle machine. `flops` = analytic training FLOPs of one sample (one image + `data
 anyres the mean over images of each pinpoint's shape; the training-free FastV is trained as the baseline),
 `train_samples` = the mean number of samples stage 2 trained on (rows are packed to `data.seq_length`, so a variant
 with fewer slots per sample sees more samples in the same steps), `flop_bound` = the baseline's over the variant's, and
-`ratio_to_bound` = train_speedup / flop_bound. `wall_s` = the benchmark's wall time, data preparation included. The
-plot: accuracy against training FLOPs per sample, error bars one standard deviation (`--replot` redraws it from
+`ratio_to_bound` = train_speedup / flop_bound. `infer_flops` = analytic forward FLOPs of one sample as evaluated
+(a training-free pruner's LLM sees its B visual tokens from layer 0; the selection itself is not counted), and
+`infer_flop_bound` = the baseline's over the variant's, the bound of `infer_speedup`. `wall_s` = the benchmark's wall
+time, data preparation included. The plot: accuracy against training FLOPs per sample (trained variants) and against
+forward FLOPs per sample (every variant), error bars one standard deviation (`--replot` redraws it from
 RUN_DIR/accuracy.json).
 """
 
@@ -61,7 +64,7 @@ from megavictor.config import Config, load_config
 from megavictor.data.manifest import load_manifest
 from megavictor.demo import CONFIGS, ensure_digits, evaluate_run, train_llava_stages
 from megavictor.errors import UserError
-from megavictor.model.flops import decoder_flops, vision_flops
+from megavictor.model.flops import TRAIN_FACTOR, decoder_flops, vision_flops
 from megavictor.model.peers import removed_visual
 
 WARMUP_STEPS = 5  # stage-2 steps left out of the tokens/s median (first-step allocation, caches)
@@ -97,6 +100,7 @@ HIRES_RECIPE = "hires"  # configs/hires_stage{1,2}.yaml
 # images have 64 visual tokens, where 64 would keep them all: 8 is that 11% regime, 16 and 32 are looser budgets.
 PEER_BUDGETS = (8, 16, 32)
 PRUNE_METHODS = ("random", "divprune", "visionzip")
+TRAINING_FREE_METHODS = ("fastv_free", *PRUNE_METHODS)
 
 
 def victor(r: int, k: int, method: str = "victor") -> Variant:
@@ -145,16 +149,17 @@ def variants(k: int, quick: bool, hires: bool = False, num_layers: int = 8) -> l
             *(pyramid_drop(b, k, num_layers) for b in PEER_BUDGETS)]
 
 
-def sample_flops(cfg: Config) -> float:
-    """Training FLOPs of one sample: one image, its registers, `data.text_length` text tokens. Under anyres, the mean
-    over one image of each pinpoint's own shape (its visual tokens, its views through the ViT): the `--hires`
-    canvases are exactly the pinpoints, drawn uniformly."""
+def sample_flops(cfg: Config, train: bool = True) -> float:
+    """Training FLOPs of one sample (`train=False`: its forward FLOPs, the ViT included): one image, its registers,
+    `data.text_length` text tokens. Under anyres, the mean over one image of each pinpoint's own shape (its visual
+    tokens, its views through the ViT): the `--hires` canvases are exactly the pinpoints, drawn uniformly."""
     spec = cfg.vision.anyres()
     shapes = ([(cfg.vision.num_visual_tokens, 1)] if spec is None
               else [(layout.tokens, layout.tiles) for layout in (spec.layout(h, w) for h, w in spec.pinpoints)])
     r, t = cfg.victor.registers_per_image, cfg.data.text_length
-    return statistics.fmean(decoder_flops(cfg, v + r + t, v + r + t - removed_visual(cfg, v))
-                            + vision_flops(cfg, views, train=True) for v, views in shapes)
+    factor = TRAIN_FACTOR if train else 1.0
+    return statistics.fmean(decoder_flops(cfg, v + r + t, v + r + t - removed_visual(cfg, v), factor=factor)
+                            + vision_flops(cfg, views, train=train) for v, views in shapes)
 
 
 def stage2_metrics(run_dir: Path) -> list[dict]:
@@ -264,6 +269,8 @@ def summarise(variant: Variant, per_seed: list[dict], recipe: str, overrides: li
     seeds = [s["seed"] for s in per_seed]
     train_overrides = list(BASELINE.train if variant.trained_as else variant.train) + list(overrides)
     cfg = load_config(CONFIGS / f"{recipe}_stage2.yaml", train_overrides)
+    # Evaluated as trained plus the variant's inference settings (a training-free pruner: B tokens from layer 0).
+    infer_cfg = load_config(CONFIGS / f"{recipe}_stage2.yaml", train_overrides + list(variant.inference))
     accuracy, accuracy_std = mean_std([s["accuracy"] for s in per_seed])
     return {"name": variant.name, "method": variant.method, "enabled": variant.enabled,
             "num_registers": variant.num_registers, "drop_layer": variant.drop_layer,
@@ -271,7 +278,8 @@ def summarise(variant: Variant, per_seed: list[dict], recipe: str, overrides: li
             "seeds": seeds, "chance": per_seed[0]["chance"], "questions": per_seed[0]["n"],
             "train_samples": statistics.fmean(s["train_samples"] for s in per_seed),
             "tokens_per_s": statistics.fmean(s["tokens_per_s"] for s in per_seed),
-            "eval_s": statistics.fmean(s["eval_s"] for s in per_seed), "flops": sample_flops(cfg)}
+            "eval_s": statistics.fmean(s["eval_s"] for s in per_seed), "flops": sample_flops(cfg),
+            "infer_flops": sample_flops(infer_cfg, train=False)}
 
 
 def run_sweep(sweep: list[Variant], seeds: list[int], jobs: int, run_dir: Path, data: Path, recipe: str,
@@ -306,6 +314,7 @@ def add_speedups(results: list[dict]) -> None:
         r["train_speedup"] = r["tokens_per_s"] / base["tokens_per_s"]
         r["infer_speedup"] = base["eval_s"] / r["eval_s"]
         r["flop_bound"] = base["flops"] / r["flops"]
+        r["infer_flop_bound"] = base["infer_flops"] / r["infer_flops"]
         r["ratio_to_bound"] = r["train_speedup"] / r["flop_bound"]
 
 
@@ -315,26 +324,32 @@ COLORS = {"baseline": "tab:gray", "single_view": "tab:olive", "victor": "tab:blu
 
 
 def plot(results: list[dict], path: Path, title: str) -> None:
-    """Accuracy (mean over seeds, error bar one standard deviation) against training FLOPs per sample."""
+    """Accuracy (mean over seeds, error bar one standard deviation) against training FLOPs per sample (the trained
+    variants: a training-free one trains as the baseline and would sit on its point) and against forward FLOPs per
+    sample (every variant: where the training-free pruners, at their budgets, compare with the trained ones)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, color in COLORS.items():
-        points = [r for r in results if r["method"] == method]
-        if points:
-            ax.errorbar([r["flops"] / 1e6 for r in points], [r["accuracy"] for r in points],
-                        yerr=[r["accuracy_std"] for r in points], fmt="o", color=color, capsize=3, label=method)
-    for r in results:  # the training-free peers sit on the baseline's training FLOPs: their labels go below
-        ax.annotate(r["name"], (r["flops"] / 1e6, r["accuracy"]), textcoords="offset points",
-                    xytext=(4, -10 if r["method"] in ("fastv_free", *PRUNE_METHODS) else 4), fontsize=7)
-    ax.axhline(results[0]["chance"], color="tab:red", linestyle=":", label="chance")
-    ax.set_xlabel("training FLOPs per sample (MFLOP, analytic)")
-    ax.set_ylabel("test accuracy (exact match)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(loc="lower right", fontsize=7)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    panels = ((axes[0], "flops", "training FLOPs per sample (MFLOP, analytic)", False),
+              (axes[1], "infer_flops", "forward FLOPs per sample at evaluation (MFLOP, analytic)", True))
+    for ax, field, label, training_free in panels:
+        shown = [r for r in results if training_free or r["method"] not in TRAINING_FREE_METHODS]
+        for method, color in COLORS.items():
+            points = [r for r in shown if r["method"] == method]
+            if points:
+                ax.errorbar([r[field] / 1e6 for r in points], [r["accuracy"] for r in points],
+                            yerr=[r["accuracy_std"] for r in points], fmt="o", color=color, capsize=3, label=method)
+        for r in shown:
+            ax.annotate(r["name"], (r[field] / 1e6, r["accuracy"]), textcoords="offset points", xytext=(4, 3),
+                        fontsize=6)
+        ax.axhline(results[0]["chance"], color="tab:red", linestyle=":", label="chance")
+        ax.set_xlabel(label)
+    axes[0].set_ylabel("test accuracy (exact match)")
+    axes[1].legend(loc="lower right", fontsize=7)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -407,7 +422,11 @@ def main(argv: list[str]) -> int:
         saved = run_dir / "accuracy.json"
         if not saved.is_file():
             raise UserError(f"--replot: {saved} does not exist (run the benchmark first)")
-        plot(json.loads(saved.read_text())["results"], plot_path, title)
+        results = json.loads(saved.read_text())["results"]
+        if any("infer_flops" not in r for r in results):
+            raise UserError(f"--replot: {saved} was written before `infer_flops` existed: rerun the benchmark with "
+                            "the same --run-dir (finished training is reused; only the evaluations run again)")
+        plot(results, plot_path, title)
         print(json.dumps({"plot": str(plot_path)}))
         return 0
     n_seeds = args.seeds or (QUICK_SEEDS if args.quick else 3)
@@ -434,10 +453,11 @@ def main(argv: list[str]) -> int:
     print_table(f"{task}, {recipe} recipe, seeds {seeds}, chance {results[0]['chance']:.3f}, "
                 f"{results[0]['questions']} test questions",
                 ["variant", "R", "k", "accuracy", "std", "tokens/s", "train samples", "train speedup", "flop bound",
-                 "infer speedup"],
+                 "infer speedup", "infer flop bound"],
                 [[r["name"], "-" if r["num_registers"] is None else r["num_registers"],
                   "-" if r["drop_layer"] is None else r["drop_layer"], r["accuracy"], r["accuracy_std"],
-                  r["tokens_per_s"], r["train_samples"], r["train_speedup"], r["flop_bound"], r["infer_speedup"]]
+                  r["tokens_per_s"], r["train_samples"], r["train_speedup"], r["flop_bound"], r["infer_speedup"],
+                  r["infer_flop_bound"]]
                  for r in results])
     out = report(results, recipe_cfg, seeds, args.quick, args.hires)
     points = lambda x: "-" if x is None else f"{100 * x:+.1f}"  # noqa: E731
