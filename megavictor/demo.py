@@ -52,8 +52,9 @@ def train_llava_stages(run_dir: Path, data: Path, overrides: list[str], recipe: 
         cfg = load_config(CONFIGS / f"{recipe}_stage{llava_stage}.yaml", stage_overrides + list(overrides))
         summary = job.run(cfg)
         if summary.stopped_by_signal:  # Ctrl-C or SIGTERM: saved; the same command resumes where it stopped
+            saved = "checkpoint saved" if summary.checkpoint else "nothing trained yet, nothing saved"
             raise SystemExit(f"megavictor demo: stopped during LLaVA stage {llava_stage} at step {summary.final_step} "
-                             "(checkpoint saved); run the same command again to resume")
+                             f"({saved}); run the same command again to resume")
         fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731  (None: the stage was already complete)
         print(f"stage {llava_stage}: {summary.final_step} steps, loss {fmt(summary.final_loss)}, "
               f"val loss {fmt(summary.val_loss)}")

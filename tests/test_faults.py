@@ -88,6 +88,27 @@ def test_ctrl_c_saves_and_resumes_exactly_a_second_one_stops_at_once(reference_r
     assert "Traceback" not in err and "stopped by a second interrupt, without saving" in err
 
 
+def test_a_stop_before_step_1_saves_nothing_and_the_same_command_trains_from_step_1(reference_run, digits_data: Path,
+                                                                                     tmp_path: Path) -> None:
+    """A Ctrl-C or SIGTERM while the job starts up (here: the stop request set before `megavictor train` runs, as the
+    handler sets it) used to save a step-0 checkpoint whose optimizer had no state: every restart then failed with
+    "cannot resume from .../step_000000: it does not load". Now it saves nothing and says so, and the same command
+    trains from step 1 exactly as the reference run did."""
+    ref_dir, _ = reference_run
+    run_dir = tmp_path / "run"
+    stop_then_train = ("import sys; from megavictor.training.stop_request import request_stop; request_stop(); "
+                       "from megavictor.cli import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", stop_then_train, *train_args(digits_data, run_dir)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (summary["stopped_by_signal"], summary["final_step"], summary["checkpoint"]) == (True, 0, None)
+    assert "stopped before step 1: nothing was trained, so no checkpoint was saved" in proc.stderr
+    assert not list((run_dir / "checkpoints").glob("step_*"))
+    assert run(train_cmd(1, digits_data, run_dir))["final_step"] == 10
+    assert_close(losses(run_dir), losses(ref_dir), rel=1e-6)
+
+
 def test_a_second_ctrl_c_that_lands_where_python_drops_exceptions_still_stops_at_once(tmp_path: Path) -> None:
     """The second Ctrl-C can land in a finalizer or a fork callback (a checkpoint save forks its writer), where
     Python prints and drops an exception: seen twice under the full suite's load, where the run then saved and exited

@@ -101,9 +101,14 @@ def train(cfg: Config) -> Summary:
             if nonfinite.streak >= t.max_nonfinite_steps:
                 raise nonfinite.diverged(step, checkpoints.newest())
             checkpoints.save(step, engine.training_state, loop_state(), anomaly=nonfinite.streak > 0)
-        checkpoints.save(step, engine.training_state, loop_state(), last_step=True)
+        if step > restored.step:  # else nothing was trained since what this start loaded: nothing new to save
+            checkpoints.save(step, engine.training_state, loop_state(), last_step=True)
+        elif step == 0:  # a step-0 "checkpoint" would hold an optimizer without state, which no resume can load
+            notice("stopped before step 1: nothing was trained, so no checkpoint was saved; a restart begins at "
+                   "step 1")
     val_loss = None if stopped else validation_loss(cfg, engine, dims)
-    return Summary(step, last_loss, val_loss, stopped, str(checkpoints.saved))
+    saved = checkpoints.saved
+    return Summary(step, last_loss, val_loss, stopped, None if saved is None else str(saved))
 
 
 def train_step(engine: TrainingEngine, data: TrainData, dims: ParallelDims) -> dict[str, Any]:
