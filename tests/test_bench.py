@@ -355,6 +355,24 @@ def test_bench_accuracy_sweep_over_seeds(capsys: pytest.CaptureFixture[str], dig
     with pytest.raises(UserError, match="was written before `infer_flops` existed: rerun the benchmark"):
         accuracy(["--replot", "--run-dir", str(tmp_path)])
 
+    # A run that fails (here: its stage-2 run directory held by a live job, this process) is named at once; the other
+    # runs finish (reused here: scored again), and the sweep then stops naming it.
+    from megavictor.training.run_lock import acquire
+
+    capsys.readouterr()
+    held = acquire(tmp_path / "R0_k1" / "seed1235" / "stage2")
+    try:
+        with pytest.raises(UserError, match=r"1 of 4 runs failed: R0_k1 seed 1235 \(log .*bench.log\); fix the cause"):
+            accuracy(["--seeds", "2", "--jobs", "2", "--run-dir", str(tmp_path), "--data", str(digits_data),
+                      "--variants", "R0_k1", "--eval-limit", "48", "train.max_steps=2", "data.seq_length=128",
+                      "log.wandb=false", "model.num_layers=2"])
+    finally:
+        held.release()
+    printed = capsys.readouterr()
+    assert "R0_k1 seed 1235: failed: train.run_dir=" in printed.err and "is in use by" in printed.err, printed.err
+    scored = {line.split(":")[0] for line in printed.out.splitlines() if ": accuracy " in line}
+    assert scored == {"baseline seed 1234", "baseline seed 1235", "R0_k1 seed 1234"}, printed.out
+
     with pytest.raises(UserError, match="its test split vqa_test holds 500 questions; the paired protocol needs at "
                                         "least 2000"):  # the session's digits hold 500: refused before any training
         accuracy(["--quick", "--data", str(digits_data), "--run-dir", str(tmp_path / "small")])

@@ -54,8 +54,9 @@ import json
 import multiprocessing
 import os
 import statistics
+import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -234,19 +235,32 @@ def run_task_in_worker(task: Task, threads: int) -> dict:
 
 def run_tasks(tasks: list[Task], jobs: int) -> dict[tuple[str, int], dict]:
     """Run `tasks`, `jobs` at a time (each in a fresh process with cores / jobs threads; one job: in this process, one
-    after another); per-seed records by (variant name, seed)."""
+    after another); per-seed records by (variant name, seed).
+
+    A run that fails is reported the moment it does and the others go on: a sweep of hours learns of it at once and
+    keeps its finished runs, which the same command reuses once the cause is fixed. The call then stops, naming
+    every failed run."""
     if jobs == 1:
         return {(t.variant.name, t.seed): run_task(t) for t in tasks}
     threads = max(1, (os.cpu_count() or 1) // jobs)
     done: dict[tuple[str, int], dict] = {}
+    failed: list[str] = []
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(jobs, mp_context=context, max_tasks_per_child=1) as pool:
         futures = {pool.submit(run_task_in_worker, t, threads): t for t in tasks}
-        for future in futures:  # in submission order; a failed run raises here with its own message
+        for future in as_completed(futures):
             task = futures[future]
-            done[(task.variant.name, task.seed)] = record = future.result()
-            print(f"{task.variant.name} seed {task.seed}: accuracy {record['accuracy']:.3f} "
-                  f"(log {task.out / 'bench.log'})", flush=True)
+            log = task.out / "bench.log"
+            try:
+                done[(task.variant.name, task.seed)] = record = future.result()
+            except Exception as exc:  # the run's own error (a UserError's line); its traceback, if any, is in its log
+                failed.append(f"{task.variant.name} seed {task.seed} (log {log})")
+                print(f"{task.variant.name} seed {task.seed}: failed: {exc} (log {log})", file=sys.stderr, flush=True)
+                continue
+            print(f"{task.variant.name} seed {task.seed}: accuracy {record['accuracy']:.3f} (log {log})", flush=True)
+    if failed:
+        raise UserError(f"{len(failed)} of {len(tasks)} runs failed: {'; '.join(failed)}; fix the cause their lines "
+                        "above name and run the same command again (finished runs are reused)")
     return done
 
 

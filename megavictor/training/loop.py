@@ -101,11 +101,11 @@ def train(cfg: Config) -> Summary:
             if nonfinite.streak >= t.max_nonfinite_steps:
                 raise nonfinite.diverged(step, checkpoints.newest())
             checkpoints.save(step, engine.training_state, loop_state(), anomaly=nonfinite.streak > 0)
-        if step > restored.step:  # else nothing was trained since what this start loaded: nothing new to save
-            checkpoints.save(step, engine.training_state, loop_state(), last_step=True)
-        elif step == 0:  # a step-0 "checkpoint" would hold an optimizer without state, which no resume can load
+        if stopped and step == 0:  # a step-0 checkpoint's optimizer has no state: the restart could not load it
             notice("stopped before step 1: nothing was trained, so no checkpoint was saved; a restart begins at "
                    "step 1")
+        else:  # train.max_steps=0 saves the initial weights on purpose (a reshard at a new layout, an export)
+            checkpoints.save(step, engine.training_state, loop_state(), last_step=True)
     val_loss = None if stopped else validation_loss(cfg, engine, dims)
     saved = checkpoints.saved
     return Summary(step, last_loss, val_loss, stopped, None if saved is None else str(saved))
