@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -37,10 +38,17 @@ class ParallelDims:
         return self.pp_rank == self.pp - 1
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@contextmanager
+def local_rendezvous() -> Iterator[dict[str, str]]:
+    """Host the torch.distributed store for ranks this process starts on this machine, as torchrun's agent does: the
+    store binds a port the OS picks (no window between choosing a free port and binding it, in which another job's
+    gloo connection can take it: EADDRINUSE) and every rank connects to it as a client. Yields the environment the
+    ranks need for env:// init."""
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    try:
+        yield {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    finally:
+        del store
 
 
 def init_distributed(tp: int, pp: int, seed: int, backend: str | None = None) -> ParallelDims:
@@ -53,9 +61,9 @@ def init_distributed(tp: int, pp: int, seed: int, backend: str | None = None) ->
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         if "RANK" in os.environ:
             dist.init_process_group(backend)
-        else:  # a plain single process; no RANK/MASTER_PORT left in the environment of the processes it starts
-            port = os.environ.get("MASTER_PORT") or free_port()
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        else:  # a plain single process: an in-process store, no port (and nothing in the environment of the
+            # processes it starts)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     world = dist.get_world_size()
     if world % (tp * pp):
         raise ConfigError(f"parallel.tp={tp} x parallel.pp={pp} does not divide the world size {world}")

@@ -259,6 +259,16 @@ def test_zero3_sigterm_then_restart_resumes_exactly(zero3_run: Path, digits_data
     assert_close(losses(tmp_path), losses(zero3_run), rel=1e-6)
 
 
+def test_zero3_max_steps_0_checkpoint_resumes_as_a_fresh_run(zero3_run: Path, digits_data: Path,
+                                                             tmp_path: Path) -> None:
+    """A step-0 checkpoint (`train.max_steps=0`) saved its lr schedule decaying over 0 steps, which the resumed run
+    took over: lr at min_lr from step 3, losses off the fresh run's from step 4. The schedule is now the config's."""
+    zero3 = ("train.zero_stage=3", "train.gradient_checkpointing=true")
+    assert run(deepspeed_cmd(2, digits_data, tmp_path, *zero3, "train.max_steps=0"))["final_step"] == 0
+    assert run(deepspeed_cmd(2, digits_data, tmp_path, *zero3, *STEPS))["final_step"] == 12
+    assert_close(losses(tmp_path), losses(zero3_run), rel=1e-6)
+
+
 def test_zero3_checkpoint_exports_to_hf_with_the_same_accuracy(zero3_run: Path, digits_data: Path,
                                                               tmp_path: Path) -> None:
     """ZeRO-3 shards gathered by `convert to-hf`; `eval --checkpoint` (the DeepSpeed run) and `eval --hf` (the

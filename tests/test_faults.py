@@ -109,6 +109,30 @@ def test_a_stop_before_step_1_saves_nothing_and_the_same_command_trains_from_ste
     assert_close(losses(run_dir), losses(ref_dir), rel=1e-6)
 
 
+def test_a_max_steps_0_checkpoint_resumes_as_a_fresh_run_from_its_weights(reference_run, digits_data: Path,
+                                                                           tmp_path: Path) -> None:
+    """`train.max_steps=0` saves the initial weights (step 0) on purpose, for a reshard or an export. Its optimizer
+    never stepped and holds no Adam moments, so resuming the run with more steps failed: "cannot resume from
+    .../step_000000: it does not load (... optimizer.state.exp_avg ... not in state dict)", then "no checkpoint ...
+    verifies and loads". And its lr schedule decays over 0 steps (min_lr from step 3 on). Now it loads as the weights
+    of a fresh run: the same command with steps trains exactly as the reference did; and under bf16 with the
+    distributed optimizer (fp32 main parameters copied from the loaded weights), saved by one process and resumed on
+    two ranks, as a fresh two-rank run does. (With the distributed optimizer the step-0 save itself failed:
+    megatron's state_dict asserts one Adam `step` over parameters that have none yet.)"""
+    ref_dir, _ = reference_run
+    run_dir = tmp_path / "run"
+    assert run(train_cmd(1, digits_data, run_dir, "train.max_steps=0"))["checkpoint"].endswith("step_000000")
+    assert run(train_cmd(1, digits_data, run_dir))["final_step"] == 10
+    assert_close(losses(run_dir), losses(ref_dir), rel=1e-6)
+
+    mixed = ("train.precision=bf16", "train.distributed_optimizer=true", "train.max_steps=4")
+    resumed, fresh = tmp_path / "bf16_resumed", tmp_path / "bf16_fresh"
+    assert run(train_cmd(1, digits_data, resumed, *mixed[:2], "train.max_steps=0"))["final_step"] == 0
+    assert run(train_cmd(2, digits_data, resumed, *mixed))["final_step"] == 4
+    run(train_cmd(2, digits_data, fresh, *mixed))
+    assert losses(resumed) == losses(fresh)
+
+
 def test_a_second_ctrl_c_that_lands_where_python_drops_exceptions_still_stops_at_once(tmp_path: Path) -> None:
     """The second Ctrl-C can land in a finalizer or a fork callback (a checkpoint save forks its writer), where
     Python prints and drops an exception: seen twice under the full suite's load, where the run then saved and exited

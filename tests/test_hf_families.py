@@ -30,7 +30,6 @@ from megavictor.checkpoint import load_full_state
 from megavictor.checkpoint.hf_source import read_source
 from megavictor.cli import main as megavictor_main
 from megavictor.data.collate import IMAGE_PLACEHOLDER, Sample, collate_rows, expand_sample
-from megavictor.distributed import free_port
 from megavictor.hf.convert import current_llava_name, read_safetensors, to_hf
 from megavictor.model.batch import KIND_VISUAL
 from tests.hf_fixtures import randomise
@@ -92,7 +91,7 @@ def round_trips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str,
         jobs.append({"checkpoint": str(root / name / "imported"), "out": str(runs[name]["checkpoint"]),
                      "batch": str(batch), "logits": str(runs[name]["logits"])})
     (root / "jobs.json").write_text(json.dumps(jobs))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4", f"--master-port={free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
            "-m", "tests.families_payload", str(root / "jobs.json")]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]

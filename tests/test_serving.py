@@ -13,6 +13,8 @@ from __future__ import annotations
 import base64
 import json
 import math
+import random
+import socket
 import subprocess
 import time
 import urllib.request
@@ -34,7 +36,6 @@ from transformers import (
     Qwen2Config,
 )
 
-from megavictor.distributed import free_port
 from megavictor.hf.convert import complete_state, config_from_sections, from_hf_llava, source_of, to_hf
 from megavictor.serving import venv as serving_venv
 from tests.hf_fixtures import CLIP_LAYERS, build_sources, image, png, randomise
@@ -157,13 +158,26 @@ def test_short_group_allocates_blocks_for_short_tokens_only(exports: dict[str, P
     assert max(s["blocks"]["VictorShortManager"] for s in seen) > 1
 
 
+def unused_port() -> int:
+    """A free port below Linux's ephemeral range (32768-60999), where no process's client socket (the parallel tests'
+    gloo connections make many) can take it between this check and the server's bind."""
+    while True:
+        port = random.randrange(20000, 32768)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+
+
 def test_vllm_serve_chat_completion_over_http(exports: dict[str, Path], tmp_path: Path) -> None:
     """`vllm serve EXPORT --trust-remote-code` on 127.0.0.1; an OpenAI chat completion with an image gives HF
     `generate`'s tokens for the same turn through the export's chat template."""
     python = serving_python()
     picture = tmp_path / "image.png"
     picture.write_bytes(png(image(21)))
-    port = free_port()
+    port = unused_port()
     log = (tmp_path / "serve.log").open("w")
     server = subprocess.Popen([str(python.parent / "vllm"), "serve", str(exports["llama"]), "--trust-remote-code",
                                "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "512",

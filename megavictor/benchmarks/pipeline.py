@@ -33,11 +33,10 @@ DEFAULTS = ["model.num_layers=8", "model.hidden_size=256", "model.ffn_hidden_siz
             "data.text_length=64"]
 
 
-def _rank(rank: int, world: int, port: int, cfg_dict: dict, variants: dict, rows: int, micro_batches: int,
+def _rank(rank: int, world: int, rendezvous: dict[str, str], cfg_dict: dict, variants: dict, rows: int, micro_batches: int,
           repeats: int, warmup: int, queue) -> None:
     warnings.filterwarnings("ignore")
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), **rendezvous)
     try:
         import torch
         import torch.distributed as dist
@@ -85,24 +84,24 @@ def _rank(rank: int, world: int, port: int, cfg_dict: dict, variants: dict, rows
 def run_two_ranks(*args) -> dict[str, list[float]]:
     import torch.multiprocessing as mp
 
-    from megavictor.distributed import free_port
+    from megavictor.distributed import local_rendezvous
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_rank, args=(r, 2, port, *args, queue), daemon=True) for r in range(2)]
-    for p in procs:
-        p.start()
     results, errors = {}, []
-    try:
-        for _ in procs:
-            rank, ok, value = queue.get(timeout=1800)
-            (results.__setitem__(rank, value) if ok else errors.append(f"rank {rank}:\n{value}"))
-    finally:
+    with local_rendezvous() as rendezvous:
+        procs = [ctx.Process(target=_rank, args=(r, 2, rendezvous, *args, queue), daemon=True) for r in range(2)]
         for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
+            p.start()
+        try:
+            for _ in procs:
+                rank, ok, value = queue.get(timeout=1800)
+                (results.__setitem__(rank, value) if ok else errors.append(f"rank {rank}:\n{value}"))
+        finally:
+            for p in procs:
+                p.join(timeout=30)
+                if p.is_alive():
+                    p.kill()
     if errors:
         raise RuntimeError("\n".join(errors))
     return results[0]

@@ -91,11 +91,14 @@ class DeepSpeedTrainingState:
             write_marker(directory, step, self.cfg.train.zero_stage, self.world, self.cfg)
 
     def read(self, directory: Path) -> Restored:
-        """Continue exactly from `directory`: weights, optimizer, scheduler, RNG; the step and the loop's state."""
+        """Continue exactly from `directory`: weights, optimizer, scheduler, RNG; the step and the loop's state
+        (of a step-0 checkpoint, the schedule as built: `TrainingState.read`; DeepSpeed saves and loads an optimizer
+        that never stepped as it is)."""
         loaded, client = self.engine.load_checkpoint(str(directory.parent), tag=directory.name,
                                                      load_optimizer_states=True, load_lr_scheduler_states=False)
         if loaded is None:
             raise CheckpointError(f"DeepSpeed could not load {directory}")
-        self.scheduler.load_state_dict(client["scheduler"])
+        if client["step"] > 0:
+            self.scheduler.load_state_dict(client["scheduler"])
         set_rng_state(torch.load(rng_file(directory, dist.get_rank()), weights_only=False))
         return Restored(step=int(client["step"]), extra=client["extra"])

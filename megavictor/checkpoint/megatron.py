@@ -97,8 +97,12 @@ class MegatronTrainingState:
     gathered: Callable[[], AbstractContextManager] = nullcontext
 
     def write(self, directory: Path, step: int, extra: dict[str, Any]) -> None:
+        # Step 0: weights, RNG and loop state only (`TrainingState.read`). The distributed optimizer cannot even
+        # describe an optimizer that never stepped (torch's Adam has no per-parameter `step` yet: megatron asserts).
+        stepped = step > 0
         with self.gathered():
-            write(directory, step, self.model, self.optimizer, self.scheduler, extra, self.cfg)
+            write(directory, step, self.model, self.optimizer if stepped else None, self.scheduler if stepped else None,
+                  extra, self.cfg)
 
     def read(self, directory: Path) -> Restored:
         common = load(directory, self.model, self.optimizer, self.scheduler)
@@ -125,21 +129,30 @@ def load_model_weights(path: str | Path, model: torch.nn.Module) -> None:
 
 def load(path: str | Path, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> dict[str, Any]:
     """Resume: model, optimizer (with its fp32 main parameters), lr schedule, and the RNG states when the layout is
-    unchanged, into a (possibly differently laid out) model. Returns the common state (step, config, extra)."""
+    unchanged, into a (possibly differently laid out) model. Returns the common state (step, config, extra).
+
+    A step-0 checkpoint has no optimizer state (older ones: one without Adam moments) and its lr schedule is not
+    this run's (`TrainingState.read`): its weights load, and the optimizer just built copies its fp32 main
+    parameters from them (Megatron-LM's `--no-load-optim`)."""
     from megatron.core import dist_checkpointing
 
     common = read_common(path)
     model_sd = model.sharded_state_dict()
     template: dict[str, Any] = {"model": model_sd}
     same_layout = common.get("layout") == parallel_sizes()
-    prepare_distributed_optimizer_load(optimizer)
-    template["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIMIZER_FORMAT)
+    stepped = int(common["step"]) > 0
+    if stepped:
+        prepare_distributed_optimizer_load(optimizer)
+        template["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIMIZER_FORMAT)
     if same_layout:
         template["rng"] = _rng_object(None)
     loaded = dist_checkpointing.load(template, str(path))
     model.load_state_dict(loaded["model"])
-    optimizer.load_state_dict(loaded["optimizer"])
-    if "scheduler" in common:
+    if stepped:
+        optimizer.load_state_dict(loaded["optimizer"])
+    else:
+        optimizer.reload_model_params()
+    if "scheduler" in common and stepped:
         scheduler.load_state_dict(common["scheduler"])
     if same_layout:
         set_rng_state(loaded["rng"])

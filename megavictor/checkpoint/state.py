@@ -25,4 +25,8 @@ class TrainingState(Protocol):
         (collective: every rank calls it with the same directory)."""
 
     def read(self, directory: Path) -> Restored:
-        """Restore everything `write` wrote, into the engine as built (any layout the format allows)."""
+        """Restore everything `write` wrote, into the engine as built (any layout the format allows). A step-0
+        checkpoint (`train.max_steps=0`: the initial weights, for a reshard or an export) restores its weights,
+        RNG and loop state only: its optimizer never stepped, and its lr schedule decays over that run's 0 steps;
+        the engine keeps the optimizer and schedule it built from this run's config, as a fresh run from those
+        weights has them."""

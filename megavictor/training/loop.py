@@ -101,7 +101,7 @@ def train(cfg: Config) -> Summary:
             if nonfinite.streak >= t.max_nonfinite_steps:
                 raise nonfinite.diverged(step, checkpoints.newest())
             checkpoints.save(step, engine.training_state, loop_state(), anomaly=nonfinite.streak > 0)
-        if stopped and step == 0:  # a step-0 checkpoint's optimizer has no state: the restart could not load it
+        if stopped and step == 0:  # nothing trained, nothing to keep: the restart builds the same step 0
             notice("stopped before step 1: nothing was trained, so no checkpoint was saved; a restart begins at "
                    "step 1")
         else:  # train.max_steps=0 saves the initial weights on purpose (a reshard at a new layout, an export)
