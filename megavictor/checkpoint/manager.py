@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from megavictor.checkpoint.commit import (CheckpointError, adopt_fallback, commit_atomically, describe_failure,
                                           engine_of, first_failure, latest_checkpoint, protect, reraise_interrupts,
-                                          step_dir_name)
+                                          step_dir_name, step_of)
 from megavictor.checkpoint.hf_source import training_source
 from megavictor.checkpoint.initial_weights import (InitialWeights, WeightOrigin, checkpoints_dir,
                                                    choose_initial_weights)
@@ -131,6 +131,7 @@ class CheckpointManager:
             error = first_failure(error)
             if error is None:
                 self._check_unchanged(weights.checkpoint, saved, state)  # a user error: stops, no fallback
+                self._schedule_length(weights.checkpoint, saved, state)
                 try:
                     restored = state.read(weights.checkpoint)
                 except BaseException as exc:  # any failure to read it: named below, then the next checkpoint
@@ -165,6 +166,24 @@ class CheckpointManager:
             state.scheduler.override_opt_param_scheduler = True
             notice("the lr schedule now follows the config (train.lr, train.min_lr, train.warmup_steps, "
                    "train.weight_decay), not the checkpoint's")
+
+    def _schedule_length(self, checkpoint: Path, saved: dict[str, Any], state: TrainingState) -> None:
+        """`train.max_steps` may change on resume (a run extended), but megatron's scheduler keeps the checkpoint's
+        cosine length (Megatron-LM's --use-checkpoint-opt_param-scheduler): the steps past it run at train.min_lr.
+        Said once, rather than left silent; `train.allow_config_change=true` makes the config's length apply. (A
+        step-0 checkpoint keeps no schedule: `TrainingState.read`.)"""
+        before, after = saved["train"]["max_steps"], self.cfg.train.max_steps
+        if before == after or step_of(checkpoint) == 0:
+            return
+        if self.cfg.train.allow_config_change:
+            state.scheduler.override_opt_param_scheduler = True
+            notice(f"train.max_steps {before} -> {after} (train.allow_config_change=true): the lr schedule decays "
+                   f"over {after} steps from here, the config's length")
+        else:
+            length = max(before, saved["train"]["warmup_steps"] + 1)
+            notice(f"train.max_steps {before} -> {after}: the lr schedule keeps the checkpoint's cosine decay over "
+                   f"{length} steps (train.min_lr after step {length}); train.allow_config_change=true decays over "
+                   f"{after} steps instead")
 
     def save(self, step: int, state: TrainingState, extra: dict[str, Any], last_step: bool = False,
              anomaly: bool = False) -> Path | None:

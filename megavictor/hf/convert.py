@@ -35,18 +35,16 @@ from tokenizers import AddedToken
 from transformers import (
     AutoConfig,
     AutoTokenizer,
-    CLIPImageProcessor,
-    LlavaImageProcessor,
     CLIPVisionConfig,
     GenerationConfig,
     LlavaConfig,
     LlavaNextConfig,
-    LlavaNextImageProcessor,
     LlavaNextProcessor,
     LlavaProcessor,
     PretrainedConfig,
     PreTrainedTokenizerBase,
 )
+from transformers.image_processing_utils import BaseImageProcessor
 
 from megavictor import hf_model
 from megavictor.config import (
@@ -613,7 +611,7 @@ def victor_hf_config(cfg: Config, dtype: torch.dtype = torch.float32) -> LlavaCo
     return _hf_config(cfg, cfg.model.vocab_size, _prepare_tokenizer(None, tokens, cfg.model.vocab_size), None, dtype)
 
 
-def image_processor(cfg: Config) -> CLIPImageProcessor | LlavaImageProcessor | LlavaNextImageProcessor:
+def image_processor(cfg: Config) -> BaseImageProcessor:
     """What megavictor's loader does (`megavictor.data.images.load_image`): RGB, then with
     `data.image_aspect_ratio: pad` (LLaVA-1.5) pad to square with the mean colour, or with `crop` shortest side to
     image_size (bicubic) and centre crop; CLIP mean/std. With `anyres` (`load_anyres`), LLaVA-NeXT's base view and
@@ -622,10 +620,21 @@ def image_processor(cfg: Config) -> CLIPImageProcessor | LlavaImageProcessor | L
     common = dict(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, resample=3,
                   do_center_crop=True, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), do_convert_rgb=True)
     if cfg.data.image_aspect_ratio == ImageAspectRatio.ANYRES:
-        return LlavaNextImageProcessor(image_grid_pinpoints=cfg.vision.image_grid_pinpoints, do_pad=True, **common)
+        return _pil("LlavaNextImageProcessor")(image_grid_pinpoints=cfg.vision.image_grid_pinpoints, do_pad=True,
+                                               **common)
     if cfg.data.image_aspect_ratio == ImageAspectRatio.PAD:
-        return LlavaImageProcessor(do_pad=True, **common)
-    return CLIPImageProcessor(**common)
+        return _pil("LlavaImageProcessor")(do_pad=True, **common)
+    return _pil("CLIPImageProcessor")(**common)
+
+
+def _pil(name: str) -> type[BaseImageProcessor]:
+    """transformers 5 gives each image processor a torchvision backend (the default, which without torchvision falls
+    back to PIL with a warning whenever the name is looked up: at every `convert`) and a PIL one (`<name>Pil`), which
+    resizes as megavictor's loader does (PIL bicubic): the loader's twin. Both save `name` as `image_processor_type`,
+    so the export loads anywhere. transformers 4 has only `name`, PIL-based."""
+    import transformers
+
+    return getattr(transformers, f"{name}Pil", None) or getattr(transformers, name)
 
 
 def chat_template(cfg: Config) -> str:
