@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import traceback
+import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -49,6 +52,44 @@ def local_rendezvous() -> Iterator[dict[str, str]]:
         yield {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "TORCHELASTIC_USE_AGENT_STORE": "True"}
     finally:
         del store
+
+
+def _local_rank_entry(rank: int, world: int, rendezvous: dict[str, str], fn: Callable, args: tuple, queue) -> None:
+    warnings.filterwarnings("ignore")
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), **rendezvous)
+    try:
+        queue.put((rank, True, fn(*args)))
+    except BaseException:  # every failure goes to the parent, which raises it with the rank's traceback
+        queue.put((rank, False, traceback.format_exc()))
+
+
+def run_on_local_ranks(world: int, fn: Callable, *args: Any, timeout: float = 300) -> list[Any]:
+    """`fn(*args)` on ranks 0..world-1 of a fresh job on this machine (spawned processes, torch.distributed's env
+    vars set, `local_rendezvous`); what each returns, in rank order. For `bench pipeline` and the tests: a job
+    inside a command, without torchrun."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    results: dict[int, Any] = {}
+    errors: list[str] = []
+    with local_rendezvous() as rendezvous:
+        procs = [ctx.Process(target=_local_rank_entry, args=(r, world, rendezvous, fn, args, queue), daemon=True)
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        try:
+            for _ in procs:
+                rank, ok, value = queue.get(timeout=timeout)
+                (results.__setitem__(rank, value) if ok else errors.append(f"rank {rank}:\n{value}"))
+        finally:
+            for p in procs:
+                p.join(timeout=30)
+                if p.is_alive():
+                    p.kill()
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return [results[r] for r in range(world)]
 
 
 def init_distributed(tp: int, pp: int, seed: int, backend: str | None = None) -> ParallelDims:

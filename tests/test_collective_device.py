@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
-from tests.spawn import run_ranks
+from megavictor.distributed import run_on_local_ranks
 
 CHOSEN = "meta"  # any device type other than the CPU; `meta` exists in every torch build
 
@@ -111,7 +111,7 @@ def _loop_collectives() -> dict[str, Any]:
 
 
 def test_loop_collectives_use_the_device_the_backend_serves() -> None:
-    results = run_ranks(2, _loop_collectives, timeout=240)
+    results = run_on_local_ranks(2, _loop_collectives, timeout=240)
     for result in results:
         assert result["device"] == CHOSEN
         assert result["stop"] == (False, True)  # all ranks agree on the one rank's stop request
@@ -137,5 +137,5 @@ def _data_broadcast() -> list:
 
 def test_data_broadcast_uses_the_device_the_backend_serves() -> None:
     """Tensor-parallel rank 0 decodes a micro-batch and broadcasts it to its peers (`data.training_data`)."""
-    (sent, got0), (_, got1) = run_ranks(2, _data_broadcast, timeout=240)
+    (sent, got0), (_, got1) = run_on_local_ranks(2, _data_broadcast, timeout=240)
     assert got0 == sent and got1 == sent

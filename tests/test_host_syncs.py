@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from megavictor.distributed import run_on_local_ranks
 from tests.fixtures import samples, tiny_config
-from tests.spawn import run_ranks
 
 PATHS = {
     "victor causal": [],
@@ -126,7 +126,7 @@ def paused(counter, fn):  # noqa: ANN001, ANN201
 
 @pytest.fixture(scope="module")
 def counts(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return run_ranks(1, count_rank, str(tmp_path_factory.mktemp("syncs")), False)[0]
+    return run_on_local_ranks(1, count_rank, str(tmp_path_factory.mktemp("syncs")), False)[0]
 
 
 @pytest.mark.parametrize("path", list(PATHS))
@@ -142,7 +142,7 @@ def test_one_loss_read_and_one_grad_norm_read_per_step(counts: dict, path: str) 
 
 
 def test_an_item_in_the_forward_is_counted(tmp_path: Path) -> None:
-    counts = run_ranks(1, count_rank, str(tmp_path), True)[0]
+    counts = run_on_local_ranks(1, count_rank, str(tmp_path), True)[0]
     for path, result in counts.items():
         injected = [where for _, where in result["inside"] if where.startswith("tests/test_host_syncs.py")]
         assert len(injected) == 3, f"{path}: one per micro-batch expected: {result['inside']}"

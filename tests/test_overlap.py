@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from megavictor.distributed import run_on_local_ranks
 from tests.fixtures import packed_batches, samples, tiny_config
-from tests.spawn import run_ranks
 
 
 def overlap_rank() -> dict:
@@ -47,7 +47,7 @@ def overlap_rank() -> dict:
 
 
 def test_gradient_reduction_overlaps_backward() -> None:
-    for rank in run_ranks(2, overlap_rank):
+    for rank in run_on_local_ranks(2, overlap_rank):
         assert rank["buckets"] > 1, rank
         first, second = rank["steps"]
         # megatron counts each bucket's gradients in step 1 and reduces after backward; from step 2 every bucket's
@@ -84,5 +84,5 @@ def imageless_steps_rank(overrides: list[str]) -> list[float]:
 @pytest.mark.parametrize("overrides", [["train.llava_stage=1"], ["train.llava_stage=2", "vision.freeze=false"]],
                          ids=["stage1", "stage2-vision-trained"])
 def test_steps_without_images_under_overlapped_reduction_and_gather(overrides: list[str]) -> None:
-    for losses in run_ranks(2, imageless_steps_rank, overrides):
+    for losses in run_on_local_ranks(2, imageless_steps_rank, overrides):
         assert len(losses) == 4 and all(math.isfinite(x) for x in losses), losses

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megavictor.distributed import run_on_local_ranks
 from tests.fixtures import ANYRES, packed_batches, tiny_config
-from tests.spawn import run_ranks
 
 REL_TOL = 1e-5
 
@@ -151,7 +151,7 @@ FULL = ["train.recompute=full"]
                  VICTOR_K, id="pp2-balanced"),
 ])
 def test_parallel_matches_reference(layout: list[str], world: int, cases: list[list[str]]) -> None:
-    results = run_ranks(world, parity_rank, [layout + UNFROZEN + case for case in cases])
+    results = run_on_local_ranks(world, parity_rank, [layout + UNFROZEN + case for case in cases])
     check(results)
     if "parallel.pp_split=balanced" in layout:
         splits = {tuple(c["layers"]) for c in results[0]}
@@ -159,4 +159,4 @@ def test_parallel_matches_reference(layout: list[str], world: int, cases: list[l
 
 
 def test_single_process_matches_reference() -> None:
-    check(run_ranks(1, parity_rank, [UNFROZEN + case for case in VICTOR_K]))
+    check(run_on_local_ranks(1, parity_rank, [UNFROZEN + case for case in VICTOR_K]))

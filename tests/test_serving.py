@@ -36,6 +36,7 @@ from transformers import (
     Qwen2Config,
 )
 
+from launch.rendezvous import PORT_RANGE
 from megavictor.hf.convert import complete_state, config_from_sections, from_hf_llava, source_of, to_hf
 from megavictor.serving import venv as serving_venv
 from tests.hf_fixtures import CLIP_LAYERS, build_sources, image, png, randomise
@@ -159,10 +160,11 @@ def test_short_group_allocates_blocks_for_short_tokens_only(exports: dict[str, P
 
 
 def unused_port() -> int:
-    """A free port below Linux's ephemeral range (32768-60999), where no process's client socket (the parallel tests'
-    gloo connections make many) can take it between this check and the server's bind."""
+    """A free port in the launcher's rendezvous range, below Linux's ephemeral range (32768-60999), where no
+    process's client socket (the parallel tests' gloo connections make many) can take it between this check and the
+    server's bind."""
     while True:
-        port = random.randrange(20000, 32768)
+        port = random.randrange(*PORT_RANGE)
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))

@@ -17,13 +17,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import time
-import traceback
-import warnings
 
 from megavictor.benchmarks.common import bench_config, data_tokens, image_text_batches, median, print_table, variant
 from megavictor.config import config_from_dict, validate
+from megavictor.distributed import run_on_local_ranks
 from megavictor.model.drop_plan import short_length
 from megavictor.model.pipeline_split import split_report
 
@@ -33,78 +31,47 @@ DEFAULTS = ["model.num_layers=8", "model.hidden_size=256", "model.ffn_hidden_siz
             "data.text_length=64"]
 
 
-def _rank(rank: int, world: int, rendezvous: dict[str, str], cfg_dict: dict, variants: dict, rows: int, micro_batches: int,
-          repeats: int, warmup: int, queue) -> None:
-    warnings.filterwarnings("ignore")
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), **rendezvous)
-    try:
-        import torch
-        import torch.distributed as dist
+def _measure(cfg_dict: dict, variants: dict, rows: int, micro_batches: int, repeats: int,
+             warmup: int) -> dict[str, dict]:
+    """On each of the two ranks: both splits' stage built, then timed steps alternating between them."""
+    import torch
+    import torch.distributed as dist
 
-        torch.set_num_threads(1)
-        from megavictor.config import config_from_dict
-        from megavictor.distributed import collective_device, init_distributed, shutdown
-        from megavictor.engines.megatron import build_model, forward_backward, wrap_for_training
+    torch.set_num_threads(1)
+    from megavictor.distributed import collective_device, init_distributed, shutdown
+    from megavictor.engines.megatron import build_model, forward_backward, wrap_for_training
 
-        cfg = config_from_dict(cfg_dict)
-        dims = init_distributed(1, 2, cfg.train.seed)
-        device = collective_device()  # the timings' collectives: on the GPU under NCCL
-        batches = image_text_batches(cfg, rows, micro_batches)
-        stages = {}
-        for name, (layers, buckets) in variants.items():
-            torch.manual_seed(cfg.train.seed)
-            stage_cfg = copy.deepcopy(cfg)  # each model keeps its own config (read again at every step)
-            stage_cfg.parallel.pp_split, stage_cfg.parallel.pipeline_length_buckets = layers, buckets
-            stages[name] = wrap_for_training(stage_cfg, build_model(stage_cfg, dims))
-        times: dict[str, list[float]] = {name: [] for name in variants}
-        cpu: dict[str, list[list[float]]] = {name: [] for name in variants}
-        for i in range(warmup + repeats):
-            order = list(variants) if i % 2 == 0 else list(variants)[::-1]
-            for name in order:
-                ddp, optimizer = stages[name]
-                dist.barrier()
-                start, cpu_start = time.perf_counter(), time.process_time()
-                ddp.zero_grad_buffer()
-                optimizer.zero_grad()
-                forward_backward(ddp, batches)
-                optimizer.step()
-                elapsed = torch.tensor([time.perf_counter() - start], device=device)
-                busy = [torch.zeros(1, device=device) for _ in range(world)]
-                dist.all_gather(busy, torch.tensor([time.process_time() - cpu_start], device=device))
-                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the step ends when its slowest stage does
-                if i >= warmup:
-                    times[name].append(float(elapsed))
-                    cpu[name].append([float(b) for b in busy])
-        shutdown()
-        queue.put((rank, True, {"wall": times, "cpu": cpu}))
-    except BaseException:
-        queue.put((rank, False, traceback.format_exc()))
-
-
-def run_two_ranks(*args) -> dict[str, list[float]]:
-    import torch.multiprocessing as mp
-
-    from megavictor.distributed import local_rendezvous
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    results, errors = {}, []
-    with local_rendezvous() as rendezvous:
-        procs = [ctx.Process(target=_rank, args=(r, 2, rendezvous, *args, queue), daemon=True) for r in range(2)]
-        for p in procs:
-            p.start()
-        try:
-            for _ in procs:
-                rank, ok, value = queue.get(timeout=1800)
-                (results.__setitem__(rank, value) if ok else errors.append(f"rank {rank}:\n{value}"))
-        finally:
-            for p in procs:
-                p.join(timeout=30)
-                if p.is_alive():
-                    p.kill()
-    if errors:
-        raise RuntimeError("\n".join(errors))
-    return results[0]
+    cfg = config_from_dict(cfg_dict)
+    dims = init_distributed(1, 2, cfg.train.seed)
+    device = collective_device()  # the timings' collectives: on the GPU under NCCL
+    batches = image_text_batches(cfg, rows, micro_batches)
+    stages = {}
+    for name, (layers, buckets) in variants.items():
+        torch.manual_seed(cfg.train.seed)
+        stage_cfg = copy.deepcopy(cfg)  # each model keeps its own config (read again at every step)
+        stage_cfg.parallel.pp_split, stage_cfg.parallel.pipeline_length_buckets = layers, buckets
+        stages[name] = wrap_for_training(stage_cfg, build_model(stage_cfg, dims))
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[list[float]]] = {name: [] for name in variants}
+    for i in range(warmup + repeats):
+        order = list(variants) if i % 2 == 0 else list(variants)[::-1]
+        for name in order:
+            ddp, optimizer = stages[name]
+            dist.barrier()
+            start, cpu_start = time.perf_counter(), time.process_time()
+            ddp.zero_grad_buffer()
+            optimizer.zero_grad()
+            forward_backward(ddp, batches)
+            optimizer.step()
+            elapsed = torch.tensor([time.perf_counter() - start], device=device)
+            busy = [torch.zeros(1, device=device) for _ in range(dims.world)]
+            dist.all_gather(busy, torch.tensor([time.process_time() - cpu_start], device=device))
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the step ends when its slowest stage does
+            if i >= warmup:
+                times[name].append(float(elapsed))
+                cpu[name].append([float(b) for b in busy])
+    shutdown()
+    return {"wall": times, "cpu": cpu}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,7 +100,8 @@ def main(argv: list[str]) -> int:
         validate(config_from_dict({**cfg.to_dict(), "parallel": {**cfg.to_dict()["parallel"],
                                                                  "pipeline_length_buckets": args.length_buckets}}))
         variants["buckets"] = (splits["balanced"], args.length_buckets)
-    measured = run_two_ranks(cfg.to_dict(), variants, args.rows, args.micro_batches, args.repeats, args.warmup)
+    measured = run_on_local_ranks(2, _measure, cfg.to_dict(), variants, args.rows, args.micro_batches,
+                                  args.repeats, args.warmup, timeout=1800)[0]
     times = measured["wall"]
     # Per-stage busy time (process CPU time of each rank, one thread): what each stage costs when it is not
     # waiting, so the split's effect on dedicated cores shows even when other jobs share the machine's cores.
